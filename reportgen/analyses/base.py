@@ -1,0 +1,124 @@
+"""What every section type implements, and the run context it works in.
+
+A section runs in three phases so that the scheduler can batch work across the whole spec:
+`prepare` registers engine work (e.g. ascent jobs) without computing; the runner executes all
+registered work per model in batched passes; `build` reads results (from the store) and returns
+the section's template context and artifacts.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from reportgen.imaging import png_bytes
+from reportgen.store import Store, atomic_write
+
+
+@dataclass
+class Artifact:
+    kind: str  # e.g. "filter", "grid", "chart", "table", "heatmap"
+    path: str  # relative to the output folder
+    model: str | None = None
+    layer: str | None = None
+    filter: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def manifest(self) -> dict[str, Any]:
+        row = {"kind": self.kind, "path": self.path, "model": self.model, "layer": self.layer, "filter": self.filter}
+        row.update(self.metrics)
+        return row
+
+
+@dataclass
+class SectionResult:
+    context: dict[str, Any]  # for templates/sections/<type>.html.j2
+    artifacts: list[Artifact] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # automatic, computed from the data
+    notes: list[str] = field(default_factory=list)  # caveats (caps, skipped files)
+
+
+class SectionOutput:
+    """Where one section writes its files inside the staging output folder."""
+
+    def __init__(self, staging: Path, slug: str):
+        self.staging = staging
+        self.rel = Path("assets") / slug
+        (staging / self.rel).mkdir(parents=True, exist_ok=True)
+
+    def image(self, name: str, image: np.ndarray | Any) -> str:
+        rel = self.rel / name
+        atomic_write(self.staging / rel, png_bytes(image))
+        return rel.as_posix()
+
+    def bytes(self, name: str, data: bytes) -> str:
+        rel = self.rel / name
+        atomic_write(self.staging / rel, data)
+        return rel.as_posix()
+
+    def copy(self, name: str, source: Path) -> str:
+        rel = self.rel / name
+        shutil.copyfile(source, self.staging / rel)
+        return rel.as_posix()
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "section"
+
+
+class Analysis:
+    """Base class of a section type; subclasses set `type` and implement `build` (and maybe `prepare`)."""
+
+    type: ClassVar[str]
+    version: ClassVar[str] = "1"  # bump when results change, so cached results are recomputed
+
+    def default_title(self, section: Any) -> str:
+        return self.type.replace("_", " ").capitalize()
+
+    def prepare(self, section: Any, ctx: RunContext, index: int) -> None:
+        """Register batched engine work with ctx; default: nothing to batch across sections."""
+
+    def build(self, section: Any, ctx: RunContext, out: SectionOutput, index: int) -> SectionResult:
+        raise NotImplementedError
+
+
+@dataclass
+class RunContext:
+    """Shared state of one run: spec, loaded models, datasets, the store and the batched engines."""
+
+    spec: Any
+    spec_path: Path
+    store: Store
+    staging: Path
+    models: Any  # reportgen.runner.ModelRegistry
+    datasets: Any  # reportgen.datasets.DatasetRegistry
+    ascent: Any  # reportgen.engine.scheduler.AscentScheduler
+    progress: Any  # reportgen.progress.Progress
+    batch_size: int = 16
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def where(self, index: int, *field_path: Any) -> str:
+        from reportgen.spec.load import locate
+
+        return locate(self.spec, ("sections", index, *field_path))
+
+    def timed(self, label: str) -> _Timer:
+        return _Timer(self.timings, label)
+
+
+class _Timer:
+    def __init__(self, sink: dict[str, float], label: str):
+        self.sink, self.label = sink, label
+
+    def __enter__(self) -> _Timer:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sink[self.label] = self.sink.get(self.label, 0.0) + time.perf_counter() - self.t0

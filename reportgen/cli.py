@@ -1,0 +1,159 @@
+"""Command line: run · validate · layers · schema.
+
+Exit codes (for cron): 0 success; 1 the run failed (one-line reason on stderr); 2 the spec or the
+command line is wrong; 3 another run of the same output is in progress; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from reportgen import __version__
+from reportgen.errors import ReportgenError, SpecError
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    fmt = "%(asctime)s %(levelname)s %(message)s" if not sys.stderr.isatty() else "%(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%dT%H:%M:%S"))
+    logger = logging.getLogger("reportgen")  # only ours: fontTools/WeasyPrint chatter stays out of cron logs
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from reportgen.runner import run
+
+    summary = run(args.spec, quiet=args.quiet, dry_run=args.dry_run)
+    if args.dry_run:
+        print("plan:" if summary.plan else "plan: nothing to compute, every result is in the store")
+        for line in summary.plan:
+            print(f"  {line}")
+        return 0
+    if not args.quiet:
+        print(f"report: {summary.output / 'report.html'}"
+              + (f" and report.pdf ({summary.pages} pages)" if summary.pages else "")
+              + f"; {summary.computed} results computed, {summary.reused} reused, {summary.seconds:.1f} s")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from reportgen.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.models:
+        from reportgen.analyses.base import RunContext  # noqa: F401 - imports TF only when asked
+        from reportgen.runner import ModelRegistry
+
+        registry = ModelRegistry(spec)
+        from reportgen.spec.load import locate
+
+        for i, section in enumerate(spec.sections):
+            model = getattr(section, "model", None)
+            if model is None:
+                continue
+            lm = registry.get(model)
+            for field in ("layers", "layer"):
+                value = getattr(section, field, None)
+                names = value if isinstance(value, list) else [value] if value else []
+                for j, name in enumerate(names):
+                    path = ("sections", i, field, j) if isinstance(value, list) else ("sections", i, field)
+                    lm.layer(name, locate(spec, path))
+    print(f"{args.spec}: ok ({len(spec.sections)} sections, {len(spec.models)} models)")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from reportgen.models import load_model, model_spec_from_reference
+
+    if args.model_key:
+        from reportgen.spec import load_spec
+
+        spec = load_spec(args.model)
+        if args.model_key not in spec.models:
+            import difflib
+
+            close = difflib.get_close_matches(args.model_key, list(spec.models), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(spec.models)}"
+            raise ReportgenError(f"{args.model}: no model {args.model_key!r}{hint}")
+        lm = load_model(args.model_key, spec.models[args.model_key])
+    else:
+        lm = load_model(args.model, model_spec_from_reference(args.model))
+    rows = lm.layer_table()
+    if args.json:
+        print(json.dumps(rows, indent=1, default=list))
+        return 0
+    print(f"{lm.key}: {lm.description}; input {lm.model.input_shape}")
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'layer':<{width}}  {'type':<22} {'output shape':<24} {'channels':>8}")
+    for r in rows:
+        shape = "(" + ", ".join("?" if d is None else str(d) for d in r["output_shape"]) + ")"
+        print(f"{r['name']:<{width}}  {r['type']:<22} {shape:<24} {r['channels'] if r['channels'] else '':>8}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from reportgen.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reportgen", description="Reports of what convolutional networks learn.")
+    parser.add_argument("--version", action="version", version=f"reportgen {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="compute (or reuse) every result of a spec and render its report")
+    p.add_argument("spec")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and what the store already holds")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a spec; with --models also load models and check layer names")
+    p.add_argument("spec")
+    p.add_argument("--models", action="store_true", help="load the models and check every layer name")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("layers", help="list a model's layers: name, type, output shape, channels")
+    p.add_argument("model", help="builtin name (vgg16-hed), keras.applications name, .keras/.h5 file, or a spec")
+    p.add_argument("model_key", nargs="?", help="with a spec: the key of the model under `models:`")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False), args.verbose)
+    from reportgen.runner import EXIT_FAILED, EXIT_LOCKED, EXIT_SPEC, LockedError
+
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return EXIT_SPEC
+    except LockedError as exc:
+        print(f"reportgen: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except ReportgenError as exc:
+        print(f"reportgen: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("reportgen: interrupted; results computed so far are kept in the store", file=sys.stderr)
+        return 130

