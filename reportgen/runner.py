@@ -224,8 +224,8 @@ def run(spec_path: str | Path, *, quiet: bool = False, dry_run: bool = False,
                     "observations": render_markdown(section.observations), "artifacts": result.artifacts,
                     "seconds": ctx.timings.get(sid, 0.0),
                 })
-            summary.computed = ctx.ascent.computed + getattr(ctx, "computed_other", 0)
-            summary.reused = ctx.ascent.reused
+            summary.computed = ctx.ascent.computed + ctx.computed
+            summary.reused = ctx.ascent.reused + ctx.reused
             finished = _now()
             meta = {
                 "spec_path": str(spec_path.resolve()), "spec_name": spec_path.name,

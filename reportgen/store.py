@@ -88,6 +88,19 @@ class Store:
         self._count(True)
         return np.load(path, allow_pickle=False)
 
+    def put_arrays(self, key: str, arrays: dict[str, np.ndarray]) -> Path:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return self.put_bytes(key, "npz", buf.getvalue())
+
+    def get_arrays(self, key: str) -> dict[str, np.ndarray] | None:
+        path = self.path(key, "npz")
+        if not path.exists():
+            return None
+        self._count(True)
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
     def put_png(self, key: str, image: np.ndarray) -> Path:
         from reportgen.imaging import png_bytes
 

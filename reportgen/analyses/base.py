@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,6 +103,23 @@ class RunContext:
     progress: Any  # reportgen.progress.Progress
     batch_size: int = 16
     timings: dict[str, float] = field(default_factory=dict)
+    computed: int = 0  # results computed by analyses outside the ascent scheduler
+    reused: int = 0
+
+    def cached(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Arrays stored under a content key: computed once, reused by every later run with that key.
+
+        Build the key with `reportgen.store.content_key(analysis type, version, model digest,
+        dataset digest, every parameter that changes the result)`.
+        """
+        found = self.store.get_arrays(key)
+        if found is not None:
+            self.reused += 1
+            return found
+        arrays = compute()
+        self.store.put_arrays(key, arrays)
+        self.computed += 1
+        return arrays
 
     def where(self, index: int, *field_path: Any) -> str:
         from reportgen.spec.load import locate
