@@ -88,6 +88,19 @@ def _gaussian_kernel(sigma: float, channels: int) -> tf.Tensor:
     return tf.constant(np.tile(k2[:, :, None, None], (1, 1, channels, 1)))
 
 
+def _objective_output(layer, pre_relu: bool):
+    """The layer's symbolic output, or with `pre_relu` its output before a fused ReLU: a clone of the
+    layer with a linear activation and the same weights, applied to the layer's own input."""
+    act = getattr(layer, "activation", None)
+    if not pre_relu or getattr(act, "__name__", "") != "relu":
+        return layer.output
+    config = dict(layer.get_config(), activation="linear", name=f"{layer.name}_pre_relu")
+    clone = type(layer).from_config(config)
+    clone.build(layer.input.shape)
+    clone.set_weights(layer.get_weights())
+    return clone(layer.input)
+
+
 class AscentProgram:
     """The compiled ascent loop for one model, layer set, size and recipe."""
 
@@ -96,7 +109,7 @@ class AscentProgram:
 
         self.model, self.layers, self.recipe = model, tuple(layers), recipe
         self.size = ascent_size(model, recipe)
-        outputs = [model.layer(name).output for name in self.layers]
+        outputs = [_objective_output(model.layer(name), recipe.pre_relu) for name in self.layers]
         self.extractor = keras.Model(model.model.inputs, outputs)
         self.channels = [int(o.shape[-1]) for o in outputs]
         self.dtype = tf.as_dtype(dtype)

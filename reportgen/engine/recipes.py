@@ -38,6 +38,7 @@ class Recipe:
     tv: float = 0.0  # total-variation weight in the objective
     clip_weak: float = 0.0  # zero pixels whose norm is below this percentile (0-100), every blur step
     dead_threshold: float = 1e-6  # a filter whose final activation stays below this is "dead"
+    pre_relu: bool = False  # maximise the conv output before its ReLU: gradients exist even where it is 0
 
     def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
         return dataclasses.replace(self, **{k: type(getattr(self, k))(v) for k, v in overrides.items()})
@@ -66,10 +67,11 @@ RECIPES: dict[str, RecipeInfo] = {
     "regularized": RecipeInfo(
         Recipe(
             steps=64, lr=10.0, jitter=8, rotate=5.0, scale=0.05, blur_every=4, blur_sigma=0.5, decay=0.0005,
-            tv=0.0, clip_weak=0.0, crop=16,
+            tv=0.0, clip_weak=0.0, crop=16, pre_relu=True,
         ),
         "Yosinski et al. (2015)-style regularised ascent: random jitter, rotation and zoom each step "
-        "(transform robustness), periodic Gaussian blur and L2 decay towards gray; 64 steps.",
+        "(transform robustness), periodic Gaussian blur and L2 decay towards gray; 64 steps; the objective "
+        "is the conv output before its ReLU, so filters that are silent on a gray start still get a gradient.",
     ),
 }
 
