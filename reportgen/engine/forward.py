@@ -1,0 +1,127 @@
+"""Batched forward passes over image lists: every channel of every requested layer in one streamed pass.
+
+Analyses that rank classes or images by a filter need one number per (image, channel): the spatial
+mean of the channel's map. One multi-output extractor `keras.Model(inputs, [layer outputs..., model
+output])` runs inside a `tf.function` with a fixed input signature, so the graph is traced once per
+(model, layers, input size) and reused for every batch and every section; the maps are reduced to
+channel means on the device, batch by batch, so full activation maps never accumulate on the host.
+Images stream through `datasets.stream` (parallel decode/resize, prefetch); files that fail to decode
+never arrive and are reported by index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from reportgen.datasets import ImageItem, missing_indices, stream
+from reportgen.errors import ReportgenError
+from reportgen.models import LoadedModel
+
+BATCH_SIZE = 8
+# A model output is taken as a probability vector when every row is >= 0 and sums to 1 within this.
+PROBABILITY_TOLERANCE = 1e-3
+
+
+@dataclass
+class ForwardResult:
+    """Rows follow the order of the items; rows of files that failed to decode are NaN."""
+
+    means: dict[str, np.ndarray]  # layer -> (N, C) float32 spatial mean of each channel
+    outputs: np.ndarray | None  # (N, K) float32 model outputs as the model returns them, if requested
+    missing: list[int]  # indices of items that could not be decoded
+
+
+def channel_means(tensor: tf.Tensor) -> tf.Tensor:
+    """(B, ..., C) -> (B, C): mean over every axis between batch and channels (H, W for conv maps)."""
+    axes = list(range(1, len(tensor.shape) - 1))
+    return tf.reduce_mean(tensor, axis=axes) if axes else tensor
+
+
+class ForwardProgram:
+    """The compiled pass for one model, layer set and optional class output, traced once."""
+
+    def __init__(self, model: LoadedModel, layers: Sequence[str], with_outputs: bool):
+        import keras
+
+        self.model, self.layers, self.with_outputs = model, tuple(layers), with_outputs
+        outputs = [model.layer(name).output for name in self.layers]
+        if with_outputs:
+            if len(model.model.outputs) != 1 or len(model.model.outputs[0].shape) != 2:
+                shapes = ", ".join(str(tuple(o.shape)) for o in model.model.outputs)
+                raise ReportgenError(
+                    f"model {model.key!r} returns {shapes}, not one (batch, classes) vector; class scores need "
+                    "a classifier (for keras_app models set `include_top: true`)"
+                )
+            outputs.append(model.model.outputs[0])
+        if not outputs:
+            raise ValueError("a forward pass needs at least one layer or the model output")
+        self.extractor = keras.Model(model.model.inputs, outputs)
+        self.size = model.input_size
+        self.trace_count = 0
+        spec = [tf.TensorSpec((None, *self.size, model.channels), tf.float32)]
+        self._run = tf.function(self._forward, input_signature=spec)
+
+    def _forward(self, pixels: tf.Tensor) -> list[tf.Tensor]:
+        self.trace_count += 1  # runs only while tracing
+        outs = self.extractor(self.model.preprocess(pixels), training=False)
+        if not isinstance(outs, list | tuple):
+            outs = [outs]
+        n_layers = len(self.layers)
+        reduced = [tf.cast(channel_means(o), tf.float32) for o in outs[:n_layers]]
+        return reduced + [tf.cast(o, tf.float32) for o in outs[n_layers:]]
+
+    def run(self, items: Sequence[ImageItem], batch_size: int = BATCH_SIZE,
+            on_batch: Callable[[int], None] | None = None) -> ForwardResult:
+        """Stream the items once; write each batch's reduced results into preallocated rows."""
+        n = len(items)
+        width = [int(self.model.layer(name).output.shape[-1]) for name in self.layers]
+        if self.with_outputs:
+            width.append(int(self.model.model.outputs[0].shape[-1]))
+        rows = [np.full((n, w), np.nan, np.float32) for w in width]
+        seen: list[np.ndarray] = []
+        batches = stream(list(items), self.size, self.model.channels, batch_size) if n else []
+        for pixels, index in batches:
+            idx = index.numpy()
+            for target, value in zip(rows, self._run(pixels), strict=True):
+                target[idx] = value.numpy()
+            seen.append(idx)
+            if on_batch:
+                on_batch(len(idx))
+        missing = missing_indices(n, np.concatenate(seen) if seen else [])
+        if on_batch and missing:
+            on_batch(len(missing))
+        means = dict(zip(self.layers, rows[: len(self.layers)], strict=True))
+        return ForwardResult(means, rows[-1] if self.with_outputs else None, missing)
+
+
+def program_for(model: LoadedModel, layers: Sequence[str], with_outputs: bool = False) -> ForwardProgram:
+    """Programs are cached on the model, so sections over the same layers share one trace."""
+    key = ("forward", tuple(layers), with_outputs)
+    if key not in model.extractors:
+        model.extractors[key] = ForwardProgram(model, layers, with_outputs)
+    return model.extractors[key]
+
+
+def forward(model: LoadedModel, items: Sequence[ImageItem], layers: Sequence[str], *, outputs: bool = False,
+            batch_size: int = BATCH_SIZE, on_batch: Callable[[int], None] | None = None) -> ForwardResult:
+    """Channel means of all channels of `layers` (and the model outputs) for every item, in one pass."""
+    return program_for(model, layers, outputs).run(items, batch_size, on_batch)
+
+
+def to_probabilities(scores: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Model outputs -> class probabilities, and whether softmax had to be applied.
+
+    Outputs are probabilities already when every (decoded) row is non-negative and sums to 1: checking
+    the values, not the last layer's type, also covers softmax in a Lambda or a custom layer. Otherwise
+    they are logits and get a (numerically stable) softmax. NaN rows (undecodable files) stay NaN.
+    """
+    s = np.asarray(scores, np.float64)
+    valid = s[~np.isnan(s).any(axis=1)]
+    if not len(valid) or (valid >= 0).all() and np.allclose(valid.sum(axis=1), 1.0, atol=PROBABILITY_TOLERANCE):
+        return s.astype(np.float32), False
+    shifted = np.exp(s - s.max(axis=1, keepdims=True))
+    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32), True
