@@ -149,6 +149,14 @@ def _faces() -> dict[str, np.ndarray]:
     return faces
 
 
+def _lfw_classes() -> dict[str, np.ndarray]:
+    """scikit-image's lfw_subset as two class folders: 100 faces and 100 non-faces (25x25 gray)."""
+    from skimage import data
+
+    lfw = (np.clip(data.lfw_subset(), 0, 1) * 255).astype(np.uint8)
+    return {f"{'face' if i < 100 else 'non_face'}/{i:03d}": lfw[i] for i in range(len(lfw))}
+
+
 def builtin_folder(name: str) -> Path:
     from reportgen.models import reportgen_home
 
@@ -158,6 +166,8 @@ def builtin_folder(name: str) -> Path:
         return _export(home / "sample-photos", _sample_photos())
     if name == "faces":
         return _export(home / "faces", _faces())
+    if name == "lfw-faces":
+        return _export(home / "lfw-faces", _lfw_classes())
     if name == "fashion-mnist-test":
         from reportgen.fashion import ensure_fashion_folder
 

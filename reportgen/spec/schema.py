@@ -22,7 +22,7 @@ KERAS_APPS = (
 ).split()
 
 BUILTIN_MODELS = ("vgg16-hed", "fer-emotion", "fashion-cnn")
-BUILTIN_DATASETS = ("sample-photos", "faces", "fashion-mnist-test")
+BUILTIN_DATASETS = ("sample-photos", "faces", "lfw-faces", "fashion-mnist-test")
 PREPROCESS_PRESETS = ("caffe", "tf", "torch", "unit", "none")
 
 _RANGE = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
@@ -107,7 +107,10 @@ class ModelSpec(Strict):
 
 class DatasetSpec(Strict):
     path: str | None = Field(None, description="Image folder: flat, or one subfolder per class.")
-    builtin: Literal["sample-photos", "faces", "fashion-mnist-test"] | None = None
+    builtin: Literal["sample-photos", "faces", "lfw-faces", "fashion-mnist-test"] | None = Field(
+        None, description="Photos that ship offline: sample-photos, faces, lfw-faces (face / non_face "
+        "class folders), fashion-mnist-test (one folder per class)."
+    )
     labels: Literal["folders", "imagenet", "none"] = Field(
         "folders", description="How subfolder names become class names (`imagenet`: synset ids to names)."
     )
