@@ -142,7 +142,13 @@ def _faces() -> dict[str, np.ndarray]:
     from skimage import data
 
     photos = _sample_photos()
-    faces = {"astronaut": photos["astronaut"], "grace_hopper": photos["grace_hopper"]}
+    faces = {
+        "astronaut": photos["astronaut"],
+        "grace_hopper": photos["grace_hopper"],
+        # square face crops, for models trained on faces (FER-2013 is 48x48 face crops)
+        "astronaut_face": photos["astronaut"][30:190, 150:310],
+        "grace_hopper_face": photos["grace_hopper"][100:380, 130:410],
+    }
     lfw = data.lfw_subset()  # 200 images 25x25 float: the first 100 are faces
     for i in range(0, 100, 10):
         faces[f"lfw_face_{i:03d}"] = (np.clip(lfw[i], 0, 1) * 255).astype(np.uint8)
