@@ -41,6 +41,18 @@ def channel_means(tensor: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tensor, axis=axes) if axes else tensor
 
 
+def class_count(model: LoadedModel) -> int:
+    """Number of classes of a classifier; a clear error for models without one (batch, classes) output."""
+    outs = model.model.outputs
+    if len(outs) != 1 or len(outs[0].shape) != 2:
+        shapes = ", ".join(str(tuple(o.shape)) for o in outs)
+        raise ReportgenError(
+            f"model {model.key!r} returns {shapes}, not one (batch, classes) vector; class scores need "
+            "a classifier (for keras_app models set `include_top: true`)"
+        )
+    return int(outs[0].shape[-1])
+
+
 class ForwardProgram:
     """The compiled pass for one model, layer set and optional class output, traced once."""
 
@@ -50,12 +62,7 @@ class ForwardProgram:
         self.model, self.layers, self.with_outputs = model, tuple(layers), with_outputs
         outputs = [model.layer(name).output for name in self.layers]
         if with_outputs:
-            if len(model.model.outputs) != 1 or len(model.model.outputs[0].shape) != 2:
-                shapes = ", ".join(str(tuple(o.shape)) for o in model.model.outputs)
-                raise ReportgenError(
-                    f"model {model.key!r} returns {shapes}, not one (batch, classes) vector; class scores need "
-                    "a classifier (for keras_app models set `include_top: true`)"
-                )
+            class_count(model)
             outputs.append(model.model.outputs[0])
         if not outputs:
             raise ValueError("a forward pass needs at least one layer or the model output")
@@ -80,7 +87,7 @@ class ForwardProgram:
         n = len(items)
         width = [int(self.model.layer(name).output.shape[-1]) for name in self.layers]
         if self.with_outputs:
-            width.append(int(self.model.model.outputs[0].shape[-1]))
+            width.append(class_count(self.model))
         rows = [np.full((n, w), np.nan, np.float32) for w in width]
         seen: list[np.ndarray] = []
         batches = stream(list(items), self.size, self.model.channels, batch_size) if n else []
@@ -99,8 +106,9 @@ class ForwardProgram:
 
 
 def program_for(model: LoadedModel, layers: Sequence[str], with_outputs: bool = False) -> ForwardProgram:
-    """Programs are cached on the model, so sections over the same layers share one trace."""
-    key = ("forward", tuple(layers), with_outputs)
+    """Programs are cached on the model, so sections over the same layers share one trace; the input size
+    is part of the key because the traced signature fixes it."""
+    key = ("forward", tuple(layers), with_outputs, model.input_size)
     if key not in model.extractors:
         model.extractors[key] = ForwardProgram(model, layers, with_outputs)
     return model.extractors[key]
@@ -121,7 +129,8 @@ def to_probabilities(scores: np.ndarray) -> tuple[np.ndarray, bool]:
     """
     s = np.asarray(scores, np.float64)
     valid = s[~np.isnan(s).any(axis=1)]
-    if not len(valid) or (valid >= 0).all() and np.allclose(valid.sum(axis=1), 1.0, atol=PROBABILITY_TOLERANCE):
+    sums_to_one = np.allclose(valid.sum(axis=1), 1.0, atol=PROBABILITY_TOLERANCE)
+    if not len(valid) or (valid >= 0).all() and sums_to_one:
         return s.astype(np.float32), False
     shifted = np.exp(s - s.max(axis=1, keepdims=True))
     return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32), True

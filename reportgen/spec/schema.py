@@ -41,6 +41,9 @@ def check_filter_selection(value: FilterSelection) -> FilterSelection:
         raise ValueError(f"filter selection {value!r} is not 'all', a range like '0:64', or a list of indices")
     if isinstance(value, int) and value < 0 or isinstance(value, list) and any(v < 0 for v in value):
         raise ValueError("filter indices must be >= 0")
+    m = _RANGE.match(value) if isinstance(value, str) else None
+    if m and m.group(1) and m.group(2) and int(m.group(2)) <= int(m.group(1)):
+        raise ValueError(f"filter range {value!r} is empty; the stop must be larger than the start")
     return value
 
 
@@ -141,10 +144,29 @@ class FiltersSection(SectionBase):
     layers: list[str] = Field(min_length=1)
     filters: FilterSelection = "0:64"
     recipe: str = "keras-example"
+    compare: list[str] = Field(
+        default_factory=list, description="More recipes, shown side by side with `recipe` for each layer."
+    )
     params: dict[str, float | int | bool] = Field(default_factory=dict, description="Recipe overrides.")
     columns: int | None = Field(None, ge=1, description="Grid columns (default: square grid).")
 
     _f = field_validator("filters")(check_filter_selection)
+
+    @field_validator("compare")
+    @classmethod
+    def _known_recipes(cls, value: list[str]) -> list[str]:
+        from reportgen.engine.recipes import RECIPES
+
+        for name in value:
+            if name not in RECIPES:
+                close = difflib.get_close_matches(name, list(RECIPES), n=1)
+                raise ValueError(f"unknown recipe {name!r}; " + (f"did you mean {close[0]!r}?" if close else
+                                 f"choose one of {', '.join(RECIPES)}"))
+        return value
+
+    @property
+    def recipes(self) -> list[str]:
+        return [self.recipe, *[r for r in self.compare if r != self.recipe]]
 
 
 class ActivationsSection(SectionBase, ImagesMixin):
@@ -154,6 +176,12 @@ class ActivationsSection(SectionBase, ImagesMixin):
     channels: FilterSelection = "all"
     max_channels: int = Field(64, ge=1, description="Cap of maps shown per layer and image.")
     colormap: str = "viridis"
+    map_size: int = Field(64, ge=4, description="Maps larger than this (pixels a side) are downsampled for display.")
+    zero_tolerance: float = Field(
+        1e-3, ge=0, lt=1,
+        description="A channel stays ~0 for an image when its peak |activation| is at most this share of the "
+        "layer's peak for that image (ReLU channels that never fire are exactly 0).",
+    )
 
     _f = field_validator("channels")(check_filter_selection)
 
@@ -194,6 +222,7 @@ class OcclusionMask(Strict):
 class SlidingPatch(Strict):
     patch: int = Field(32, ge=1, description="Patch size in model-input pixels.")
     stride: int = Field(16, ge=1)
+    fill: Literal["gray", "black", "blur", "mean"] = Field("gray", description="What the patch shows.")
 
 
 class OcclusionSection(SectionBase, ImagesMixin):

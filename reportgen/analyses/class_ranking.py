@@ -1,0 +1,265 @@
+"""`class_ranking`: which classes, and which images, of a dataset drive a filter the most.
+
+One streamed forward pass computes the spatial mean of every channel of the layer for every image; it
+is cached for the whole layer, so any other filter of that layer (in this section, another section or a
+later run) is ranked from the same (N, C) array without touching the model again. A class's value is
+the mean over its decodable images of the filter's per-image mean activation (per-class running sums);
+an image's value is its own mean activation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult, slugify
+from reportgen.datasets import Dataset, ImageItem, load_image
+from reportgen.engine.forward import forward
+from reportgen.errors import ReportgenError
+from reportgen.imaging import upscale_for_print
+from reportgen.models import LoadedModel
+from reportgen.spec.schema import ClassRankingSection, expand_filters
+from reportgen.store import content_key
+
+THUMB_SIDE = 192  # thumbnails are fitted into this square; smaller images are upscaled to stay sharp
+TABLE_ROWS_SHOWN = 25  # rows printed in the report; the CSV artifact has every class
+NAMES_IN_NOTE = 8
+
+
+def thumbnail(path: Path, side: int = THUMB_SIDE) -> np.ndarray:
+    """Display copy of an image: fitted into side x side, tiny images upscaled (nearest) for print."""
+    from PIL import Image
+
+    image = Image.fromarray(load_image(path))
+    image.thumbnail((side, side), Image.BILINEAR)
+    return np.asarray(upscale_for_print(image, side))
+
+
+def skipped_note(items: list[ImageItem], missing: list[int]) -> str | None:
+    """The caveat listing files that could not be decoded (they are left out, not fatal)."""
+    if not missing:
+        return None
+    names = [items[i].name for i in missing]
+    shown = ", ".join(names[:NAMES_IN_NOTE])
+    if len(names) > NAMES_IN_NOTE:
+        shown += f" and {len(names) - NAMES_IN_NOTE} more"
+    return f"{len(names)} unreadable image{'s' if len(names) != 1 else ''} skipped (not decodable): {shown}."
+
+
+def class_means(means: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) per-image channel means -> (K, C) per-class means and (K,) image counts.
+
+    Rows of undecodable images (NaN) are left out; classes without any image get NaN means.
+    """
+    valid = ~np.isnan(means).any(axis=1)
+    sums = np.zeros((n_classes, means.shape[1]), np.float64)
+    np.add.at(sums, labels[valid], means[valid].astype(np.float64))
+    counts = np.bincount(labels[valid], minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts[:, None], counts
+
+
+def bar_chart(names: list[str], values: list[float], title: str, xlabel: str) -> bytes:
+    """Horizontal bars, highest at the top; a Figure without pyplot so no global backend state changes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 1.1 + 0.3 * len(names)), dpi=150)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ys = np.arange(len(names))[::-1]
+    ax.barh(ys, values, color="#3b78c2")
+    ax.set_yticks(ys, [n if len(n) <= 32 else n[:31] + "…" for n in names], fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    for y, v in zip(ys, values, strict=True):
+        ax.annotate(f"{v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.margins(x=0.12)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _csv(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return value / reference if reference > 0 else None
+
+
+def _means_key(lm: LoadedModel, ds: Dataset, layer: str) -> str:
+    return content_key("class_ranking", ClassRankingAnalysis.version, lm.digest,
+                       lm.preprocessing.model_dump(), lm.channels, ds.digest, layer, lm.input_size)
+
+
+def layer_means(section: ClassRankingSection, ctx: RunContext, lm: LoadedModel,
+                ds: Dataset) -> dict[str, np.ndarray]:
+    """(N, C) means of every channel of the layer over the dataset, plus the undecodable indices; cached.
+
+    When the pass has to run, it also covers the layers of every other class_ranking section of the spec
+    on the same model and dataset that is not stored yet: one pass over the images serves them all, and
+    those sections then find their layer in the store.
+    """
+    def compute() -> dict[str, np.ndarray]:
+        layers = [section.layer]
+        for j, other in enumerate(ctx.spec.sections):
+            if (other.type == ClassRankingAnalysis.type and other.model == section.model
+                    and other.dataset == section.dataset and other.layer not in layers):
+                lm.layer(other.layer, ctx.where(j, "layer"))
+                if not ctx.store.has(_means_key(lm, ds, other.layer), "npz"):
+                    layers.append(other.layer)
+        label = f"{section.model} {', '.join(layers)}: channel means over {ds.key}"
+        with ctx.timed("engine: forward"), ctx.progress.task(label, len(ds.items)) as advance:
+            result = forward(lm, ds.items, layers, on_batch=advance)
+        missing = np.asarray(result.missing, np.int64)
+        for layer in layers[1:]:
+            arrays = {"means": result.means[layer], "missing": missing}
+            ctx.store.put_arrays(_means_key(lm, ds, layer), arrays)
+            ctx.computed += 1
+        return {"means": result.means[section.layer], "missing": missing}
+
+    return ctx.cached(_means_key(lm, ds, section.layer), compute)
+
+
+class ClassRankingAnalysis(Analysis):
+    type = "class_ranking"
+    version = "1"
+
+    def default_title(self, section: ClassRankingSection) -> str:
+        return f"Classes that drive {section.layer}"
+
+    def _filters(self, section: ClassRankingSection, ctx: RunContext, lm: LoadedModel,
+                 index: int) -> list[int]:
+        lm.layer(section.layer, ctx.where(index, "layer"))
+        channels = lm.layer_channels(section.layer)
+        filters = expand_filters(section.filters, channels)
+        bad = [f for f in filters if f >= channels]
+        if bad or not filters:
+            what = f"filter {bad[0]} does not exist" if bad else f"{section.filters!r} selects no filter"
+            raise ReportgenError(f"{ctx.where(index, 'filters')}: {what}; layer {section.layer!r} of model "
+                                 f"{section.model!r} has {channels} channels (0..{channels - 1})")
+        return list(dict.fromkeys(filters))
+
+    def build(self, section: ClassRankingSection, ctx: RunContext, out: SectionOutput,
+              index: int) -> SectionResult:
+        lm = ctx.models.get(section.model)
+        filters = self._filters(section, ctx, lm, index)
+        ds = ctx.datasets.get(section.dataset)
+        data = layer_means(section, ctx, lm, ds)
+        means, missing = data["means"], [int(i) for i in data["missing"]]
+        items, n_classes = ds.items, len(ds.class_names)
+        labelled = n_classes > 0
+        valid = ~np.isnan(means).any(axis=1)
+        notes = [n for n in [skipped_note(items, missing)] if n]
+        if labelled:
+            per_class, counts = class_means(means, np.asarray([it.label for it in items]), n_classes)
+            empty = [ds.class_names[k] for k in range(n_classes) if counts[k] == 0]
+            if empty:
+                notes.append(f"{len(empty)} class(es) without a readable image, not ranked: "
+                             f"{', '.join(empty[:NAMES_IN_NOTE])}.")
+            if min(section.top, n_classes) > TABLE_ROWS_SHOWN:
+                notes.append(f"Tables show the top {TABLE_ROWS_SHOWN} classes; the linked CSV files list "
+                             f"all {n_classes}.")
+        else:
+            notes.append(f"Dataset {section.dataset!r} has no class subfolders: images are ranked, "
+                         "classes are not.")
+
+        layer_slug = slugify(section.layer)
+        thumbs_written: dict[int, str] = {}
+        rows_out, artifacts, findings, peaks = [], [], [], {}
+        for f in filters:
+            values = means[:, f]
+            order = [int(i) for i in np.argsort(-np.where(valid, values, -np.inf), kind="stable") if valid[i]]
+            top_idx = order[: section.top_images]
+            thumbs = []
+            for rank, i in enumerate(top_idx, 1):
+                if i not in thumbs_written:
+                    thumbs_written[i] = out.image(f"image_{i:05d}.png", thumbnail(items[i].path))
+                thumbs.append({"rank": rank, "path": thumbs_written[i], "file": items[i].name,
+                               "name": items[i].class_name or items[i].stem, "value": float(values[i])})
+            entry: dict[str, Any] = {"filter": f, "thumbs": thumbs, "rows": [], "chart": None, "csv": None}
+            if not order:
+                rows_out.append(entry)
+                continue
+            if float(values[order[0]]) <= 0.0:
+                findings.append(f"Filter {f} never activates on {section.dataset!r} (mean activation <= 0 on "
+                                "every image): its ranking carries no information.")
+            if labelled:
+                entry.update(self._rank_classes(section, ds, f, per_class[:, f], counts, out, layer_slug))
+                top = entry["rows"][0]
+                peaks[f] = top["name"]
+                ratio = (f", {top['ratio']:.1f}x the median class ({entry['median']:.3g})"
+                         if top["ratio"] is not None else f" (median class: {entry['median']:.3g})")
+                findings.append(f"Filter {f} peaks on class {top['name']} at {top['mean']:.4g}{ratio}.")
+                share = sum(1 for t in thumbs if t["name"] == top["name"])
+                if len(thumbs) > 1 and share * 2 >= len(thumbs):
+                    findings.append(f"Filter {f}: {share} of its {len(thumbs)} most activating images "
+                                    f"are {top['name']}.")
+                metrics = {"dataset": section.dataset, "top_class": top["name"], "value": top["mean"],
+                           "ratio_to_median": top["ratio"], "images": int(valid.sum())}
+                artifacts.append(Artifact("chart", entry["chart"], section.model, section.layer, f, metrics))
+                artifacts.append(Artifact("table", entry["csv"], section.model, section.layer, f, metrics))
+            else:
+                best = thumbs[0]
+                ratio = _ratio(best["value"], float(np.median(values[valid])))
+                tail = f", {ratio:.1f}x the median image" if ratio is not None else ""
+                findings.append(f"Filter {f} responds most to {best['file']} at {best['value']:.4g}{tail}.")
+            for t in thumbs:
+                metrics = {"rank": t["rank"], "image": t["file"], "value": t["value"],
+                           "class": t["name"] if labelled else None}
+                artifacts.append(Artifact("image", t["path"], section.model, section.layer, f, metrics))
+            rows_out.append(entry)
+
+        shared = Counter(peaks.values())
+        for name, n in shared.items():
+            if n > 1:
+                which = ", ".join(str(f) for f, c in peaks.items() if c == name)
+                findings.append(f"Filters {which} all peak on class {name}.")
+        return SectionResult(
+            context={"model": section.model, "layer": section.layer, "dataset": section.dataset,
+                     "channels": lm.layer_channels(section.layer), "images": int(valid.sum()),
+                     "total": len(items), "classes": n_classes, "filters": rows_out},
+            artifacts=artifacts, findings=findings, notes=notes,
+        )
+
+    def _rank_classes(self, section: ClassRankingSection, ds: Dataset, f: int, values: np.ndarray,
+                      counts: np.ndarray, out: SectionOutput, layer_slug: str) -> dict[str, Any]:
+        """Class table (capped), full CSV and bar chart of one filter."""
+        order = np.argsort(-np.where(counts > 0, values, -np.inf), kind="stable")
+        ranked = [int(k) for k in order if counts[k] > 0]
+        med = float(np.median(values[ranked]))
+        rows = [{"rank": r, "name": ds.class_names[k], "label": k, "mean": float(values[k]),
+                 "images": int(counts[k]), "ratio": _ratio(float(values[k]), med)}
+                for r, k in enumerate(ranked, 1)]
+        full = [{"rank": r["rank"], "class": r["name"], "label": r["label"],
+                 "mean_activation": f"{r['mean']:.6g}", "images": r["images"],
+                 "ratio_to_median": "" if r["ratio"] is None else f"{r['ratio']:.4f}"}
+                for r in rows]
+        full += [{"rank": "", "class": ds.class_names[k], "label": k, "mean_activation": "", "images": 0,
+                  "ratio_to_median": ""} for k in range(len(ds.class_names)) if counts[k] == 0]
+        stem = f"{layer_slug}_f{f:04d}_classes"
+        csv_rel = out.bytes(f"{stem}.csv", _csv(full, list(full[0])))
+        top = rows[: section.top]
+        chart = bar_chart([r["name"] for r in top], [r["mean"] for r in top],
+                          f"{section.layer} filter {f}: top {len(top)} of {len(rows)} classes",
+                          f"mean activation of filter {f} over the class's images")
+        chart_rel = out.bytes(f"{stem}.png", chart)
+        return {"rows": top[:TABLE_ROWS_SHOWN], "ranked": len(rows), "median": med, "chart": chart_rel,
+                "csv": csv_rel, "csv_name": Path(csv_rel).name}
+
+
+ANALYSIS = ClassRankingAnalysis()

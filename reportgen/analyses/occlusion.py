@@ -1,0 +1,269 @@
+"""`occlusion`: hide parts of each image and watch the prediction move (named masks, sliding patch).
+
+Named masks answer "does the model need this part?" for regions the author chose; the sliding patch
+(Zeiler & Fergus) maps the drop of the class probability at every position without any prior choice.
+The Grad-CAMs of the original and the occluded image, side by side, show where the evidence went.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.gradcam import (
+    as_uint8,
+    check_conv_layer,
+    csv_bytes,
+    explained,
+    for_print,
+    image_sizes,
+    load_inputs,
+    region_word,
+    resolve_target,
+    result_key,
+    select_images,
+    skipped_note,
+)
+from reportgen.datasets import ImageItem
+from reportgen.engine.gradients import engine_for, fill_source, occlude, scale_box
+from reportgen.errors import ReportgenError
+from reportgen.models import LoadedModel
+from reportgen.spec.schema import OcclusionSection
+
+NEGLIGIBLE = 0.02  # a probability change below this is reported as "barely moves"
+
+
+def _matches(item: ImageItem, name: str) -> bool:
+    return name in (item.name, item.path.name, item.stem)
+
+
+Box = tuple[int, int, int, int]
+Plan = tuple[list[tuple[int, int, Box]], list[str]]
+
+
+def plan_masks(section: OcclusionSection, ctx: RunContext, index: int, lm: LoadedModel,
+               items: list[ImageItem], sizes: list[tuple[int, int]]) -> Plan:
+    """(item index, mask index, box in model-input pixels) for every mask and image it applies to."""
+    pairs, notes = [], []
+    for j, mask in enumerate(section.masks):
+        x0, y0, x1, y1 = mask.box
+        if x1 <= x0 or y1 <= y0:
+            raise ReportgenError(
+                f"{ctx.where(index, 'masks', j, 'box')}: mask {mask.name!r} box {list(mask.box)} is empty; "
+                "give [x0, y0, x1, y1] with x1 > x0 and y1 > y0, in the image's own pixels"
+            )
+        targets = list(range(len(items)))
+        if mask.image is not None:
+            targets = [i for i, it in enumerate(items) if _matches(it, mask.image)]
+            if not targets:
+                shown = ", ".join(it.name for it in items[:8])
+                raise ReportgenError(
+                    f"{ctx.where(index, 'masks', j, 'image')}: mask {mask.name!r} is for image "
+                    f"{mask.image!r}, which is not among this section's images ({shown}); fix the name or "
+                    "add it to `images:`"
+                )
+        for i in targets:
+            if not sizes[i][0]:
+                continue  # unreadable file: reported once by the loader
+            box = scale_box(mask.box, sizes[i], lm.input_size)
+            if box[2] <= box[0] or box[3] <= box[1]:
+                msg = (f"mask {mask.name!r} box {list(mask.box)} lies outside {items[i].name} "
+                       f"({sizes[i][0]}x{sizes[i][1]} px)")
+                if mask.image is not None:
+                    raise ReportgenError(f"{ctx.where(index, 'masks', j, 'box')}: {msg}; "
+                                         "use the image's own pixels")
+                notes.append(f"Skipped: {msg}.")
+                continue
+            pairs.append((i, j, box))
+    return pairs, notes
+
+
+def _outlined(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The occluded image for print, with the occluded box outlined (a blur fill is otherwise hard to see)."""
+    big = Image.fromarray(for_print(image))
+    f = big.width / image.shape[1]
+    x0, y0, x1, y1 = box
+    ImageDraw.Draw(big).rectangle([x0 * f, y0 * f, x1 * f - 1, y1 * f - 1], outline=(0, 220, 255),
+                                  width=max(1, round(f / 2)))
+    return np.asarray(big)
+
+
+def _to_image_px(box: np.ndarray, original: tuple[int, int], size: tuple[int, int]) -> list[int]:
+    """A model-input box back in the original image's pixels."""
+    (w0, h0), (h, w) = original, size
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return [round(x0 * w0 / w), round(y0 * h0 / h), round(x1 * w0 / w), round(y1 * h0 / h)]
+
+
+class OcclusionAnalysis(Analysis):
+    type = "occlusion"
+
+    def default_title(self, section: OcclusionSection) -> str:
+        return f"Occlusion on {section.model}"
+
+    def build(self, section: OcclusionSection, ctx: RunContext, out: SectionOutput,
+              index: int) -> SectionResult:
+        if not section.masks and section.sliding is None:
+            raise ReportgenError(f"{ctx.where(index, 'type')}: an occlusion section needs `masks:` (named "
+                                 "boxes) and/or `sliding:` (e.g. sliding: {patch: 32, stride: 16})")
+        lm = ctx.models.get(section.model)
+        check_conv_layer(lm, section.layer, ctx.where(index, "layer"))
+        target = resolve_target(lm, section.target, ctx.where(index, "target"))
+        ds, items, notes = select_images(section, ctx, index)
+        sizes = image_sizes(items)
+        pairs, plan_notes = plan_masks(section, ctx, index, lm, items, sizes)
+        notes += plan_notes
+        params = {"layer": section.layer, "target": target, "masks": [m.model_dump() for m in section.masks],
+                  "sliding": section.sliding.model_dump() if section.sliding else None}
+        key = result_key(self.type, self.version, lm, ds, items, params)
+
+        def compute() -> dict[str, np.ndarray]:
+            pixels, kept = load_inputs(lm, ds, items, ctx.where(index, "dataset"))
+            pos = {int(i): k for k, i in enumerate(kept)}
+            live = [(pos[i], j, box) for i, j, box in pairs if i in pos]
+            eng = engine_for(lm, ctx.batch_size)
+            with ctx.timed("engine: gradients"):
+                base = eng.gradcam(pixels, section.layer, target)
+                sources: dict[tuple[int, str], np.ndarray] = {}
+                occluded = []
+                for k, j, box in live:
+                    fill = section.masks[j].fill
+                    if (k, fill) not in sources:
+                        sources[k, fill] = fill_source(pixels[k:k + 1], fill)[0]
+                    occluded.append(occlude(pixels[k], sources[k, fill], box))
+                h, w = lm.input_size
+                occ_px = np.stack(occluded) if occluded else np.zeros((0, h, w, lm.channels), np.float32)
+                # The occluded image explains the class its original explained, whatever it predicts now.
+                occ_targets = base.classes[[k for k, _, _ in live]].astype(np.int32)
+                occ = eng.gradcam(occ_px, section.layer, occ_targets)
+                arrays = {
+                    "images": as_uint8(pixels), "kept": kept, "heatmaps": base.heatmaps,
+                    "classes": base.classes, "probability": base.probability, "top": base.top,
+                    "top_probability": base.probs[np.arange(len(base.top)), base.top],
+                    "pair_image": np.asarray([k for k, _, _ in live], np.int32).reshape(-1),
+                    "pair_mask": np.asarray([j for _, j, _ in live], np.int32).reshape(-1),
+                    "pair_box": np.asarray([box for _, _, box in live], np.int32).reshape(-1, 4),
+                    "occluded": as_uint8(occ_px), "occ_heatmaps": occ.heatmaps,
+                    "occ_probability": occ.probability, "occ_top": occ.top,
+                    "occ_top_probability": occ.probs[np.arange(len(occ.top)), occ.top],
+                }
+                if section.sliding is not None:
+                    sl = eng.sliding(pixels, base.classes, section.sliding.patch, section.sliding.stride,
+                                     section.sliding.fill)
+                    arrays.update({"drops": sl.drops, "sensitivity": sl.sensitivity, "patch_boxes": sl.boxes,
+                                   "sliding_base": sl.base})
+            return arrays
+
+        res = ctx.cached(key, compute)
+        notes += skipped_note(items, res["kept"])
+        return self._present(section, lm, items, sizes, res, out, target, notes)
+
+    def _present(self, section: OcclusionSection, lm: LoadedModel, items: list[ImageItem],
+                 sizes: list[tuple[int, int]], res: dict[str, np.ndarray], out: SectionOutput, target: int,
+                 notes: list[str]) -> SectionResult:
+        images, rows, artifacts, findings, slides = [], [], [], [], []
+        for k, i in enumerate(res["kept"].tolist()):
+            item = items[i]
+            cls = int(res["classes"][k])
+            before = float(res["probability"][k])
+            top_before = int(res["top"][k])
+            stem = f"{k:03d}_{item.stem}"
+            orig = out.image(f"{stem}_original.png", for_print(res["images"][k]))
+            cam = out.image(f"{stem}_gradcam.png", for_print(res["images"][k], res["heatmaps"][k]))
+            artifacts.append(Artifact("heatmap", cam, section.model, section.layer, None,
+                                      {"image": item.name, "class": lm.class_name(cls),
+                                       "probability": before}))
+            entry: dict[str, Any] = {"name": item.name, "cls": lm.class_name(cls), "probability": before,
+                                     "original": orig, "gradcam": cam, "masks": [], "sliding": None,
+                                     "empty": not res["heatmaps"][k].any()}
+            for p in np.flatnonzero(res["pair_image"] == k).tolist():
+                mask = section.masks[int(res["pair_mask"][p])]
+                box = tuple(int(v) for v in res["pair_box"][p])
+                after = float(res["occ_probability"][p])
+                top_after = int(res["occ_top"][p])
+                name = f"{stem}_{int(res['pair_mask'][p]):02d}"
+                occ_rel = out.image(f"{name}_occluded.png", _outlined(res["occluded"][p], box))
+                occ_cam = out.image(f"{name}_occluded_gradcam.png",
+                                    for_print(res["occluded"][p], res["occ_heatmaps"][p]))
+                row = {"image": item.name, "mask": mask.name, "fill": mask.fill, "box": list(mask.box),
+                       "class": lm.class_name(cls), "before": round(before, 4), "after": round(after, 4),
+                       "change": round(after - before, 4), "top_before": lm.class_name(top_before),
+                       "top_after": lm.class_name(top_after),
+                       "top_after_probability": round(float(res["occ_top_probability"][p]), 4)}
+                rows.append(row)
+                entry["masks"].append({**row, "occluded": occ_rel, "gradcam": occ_cam,
+                                       "new_top": top_after != top_before,
+                                       "empty": not res["occ_heatmaps"][p].any()})
+                artifacts.append(Artifact("occluded", occ_rel, section.model, section.layer, None,
+                                          {"image": item.name, "mask": mask.name}))
+                artifacts.append(Artifact("heatmap", occ_cam, section.model, section.layer, None,
+                                          {k2: v for k2, v in row.items() if k2 != "box"}))
+            if "drops" in res:
+                entry["sliding"] = self._sliding(section, lm, item, sizes[i], res, k, stem, out, artifacts,
+                                                 slides)
+            images.append(entry)
+        if rows:
+            csv_rel = out.bytes("occlusion.csv", csv_bytes(rows))
+            artifacts.append(Artifact("table", csv_rel, section.model, section.layer, None,
+                                      {"rows": len(rows)}))
+            findings += self._mask_findings(rows)
+        else:
+            csv_rel = None
+        findings += slides
+        return SectionResult(
+            context={"layer": section.layer, "model": section.model, "explains": explained(lm, target),
+                     "images": images, "total_rows": len(rows), "csv": csv_rel,
+                     "sliding": section.sliding.model_dump() if section.sliding else None},
+            artifacts=artifacts, findings=findings, notes=notes,
+        )
+
+    @staticmethod
+    def _sliding(section: OcclusionSection, lm: LoadedModel, item: ImageItem, original: tuple[int, int],
+                 res: dict[str, np.ndarray], k: int, stem: str, out: SectionOutput, artifacts: list[Artifact],
+                 findings: list[str]) -> dict[str, Any]:
+        """One image's sensitivity overlay (drops clipped at 0, scaled by the largest) and its finding."""
+        drops, sens = res["drops"][k], res["sensitivity"][k]
+        peak = float(sens.max())
+        heat = np.clip(sens, 0, None) / peak if peak > 0 else np.zeros_like(sens)
+        rel = out.image(f"{stem}_sliding.png", for_print(res["images"][k], heat))
+        best = np.unravel_index(int(np.argmax(drops)), drops.shape)
+        max_drop = float(drops[best])
+        box = _to_image_px(res["patch_boxes"][best], original if original[0] else lm.input_size[::-1],
+                           lm.input_size)
+        h, w = lm.input_size
+        cx = (res["patch_boxes"][best][0] + res["patch_boxes"][best][2]) / 2 / w
+        cy = (res["patch_boxes"][best][1] + res["patch_boxes"][best][3]) / 2 / h
+        artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None,
+                                  {"image": item.name, "method": "sliding", "max_drop": round(max_drop, 4),
+                                   "max_drop_box": box}))
+        cls = lm.class_name(int(res["classes"][k]))
+        if max_drop > NEGLIGIBLE:
+            findings.append(f"{item.name}: the sliding patch lowers {cls!r} most, by {max_drop:.2f} (from "
+                            f"{float(res['sliding_base'][k]):.2f}), where it covers x {box[0]}-{box[2]}, "
+                            f"y {box[1]}-{box[3]} of the image ({region_word(cx, cy)}).")
+        else:
+            findings.append(f"{item.name}: no position of the sliding patch lowers {cls!r} by more than "
+                            f"{NEGLIGIBLE}; the evidence is spread out or redundant.")
+        return {"src": rel, "max_drop": max_drop, "box": box, "base": float(res["sliding_base"][k])}
+
+    @staticmethod
+    def _mask_findings(rows: list[dict[str, Any]]) -> list[str]:
+        best = max(rows, key=lambda r: abs(r["change"]))
+        moved = (f"new top class: {best['top_after']}" if best["top_after"] != best["top_before"]
+                 else f"the top class stays {best['top_after']}")
+        out = [f"Occluding {best['mask']!r} on {best['image']} moves the prediction most: {best['class']} "
+               f"{best['before']:.2f} -> {best['after']:.2f} ({best['change']:+.2f}); {moved}."]
+        idle = sorted({r["mask"] for r in rows if abs(r["change"]) < NEGLIGIBLE}
+                      - {r["mask"] for r in rows if abs(r["change"]) >= NEGLIGIBLE})
+        if idle and len(rows) > 1:
+            out.append(f"Masks that barely move the prediction (|change| < {NEGLIGIBLE}): {', '.join(idle)}.")
+        flips = [r for r in rows if r["top_after"] != r["top_before"]]
+        if flips:
+            out.append(f"{len(flips)} of {len(rows)} occlusions change the top class.")
+        return out
+
+
+ANALYSIS = OcclusionAnalysis()
