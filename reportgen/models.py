@@ -236,7 +236,7 @@ def _load_keras_app(name: str, weights: str, include_top: bool, size: int | None
             return ctor(weights="imagenet", **kwargs), None
         except Exception as exc:  # noqa: BLE001 - keras raises bare Exception on URL fetch failure
             text = str(exc)
-            m = re.search(r"URL fetch failure on (\S+?):", text)
+            m = re.search(r"URL fetch failure on (\S+):\s", text)  # the URL itself contains ":"
             if not m:
                 raise
             url = m.group(1)

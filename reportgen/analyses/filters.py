@@ -11,6 +11,7 @@ from PIL import Image
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.engine.recipes import RECIPES, resolve_recipe
+from reportgen.errors import ReportgenError
 from reportgen.engine.scheduler import AscentRequest
 from reportgen.imaging import grid
 from reportgen.spec.schema import FiltersSection, expand_filters
@@ -29,7 +30,12 @@ def layer_filters(section: FiltersSection, ctx: RunContext, index: int) -> dict[
     out = {}
     for j, layer in enumerate(section.layers):
         channels = int(lm.layer(layer, ctx.where(index, "layers", j)).output.shape[-1])
-        out[layer] = [f for f in expand_filters(section.filters, channels) if f < channels]
+        chosen = expand_filters(section.filters, channels)
+        beyond = [f for f in chosen if f >= channels]
+        if beyond and not isinstance(section.filters, str):  # a range is clipped; an explicit index is a typo
+            raise ReportgenError(f"{ctx.where(index, 'filters')}: filter {beyond[0]} does not exist in {layer!r}, "
+                                 f"which has {channels} filters (0..{channels - 1})")
+        out[layer] = [f for f in chosen if f < channels]
     return out
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from reportgen.engine.recipes import resolve_recipe
+from reportgen.engine.recipes import recipe_field_names, resolve_recipe
 from reportgen.errors import SpecError
 from reportgen.spec import schema
 from reportgen.spec.yaml_lines import Located, parse
@@ -48,7 +49,8 @@ def _model_for_loc(loc: tuple[Any, ...], data: Any) -> type[BaseModel] | None:
             node = node.get(part) if isinstance(node, dict) else None
             model = _unwrap(model[1], node)
         elif isinstance(model, tuple) and model[0] == "list":
-            node = node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+            in_range = isinstance(node, list) and isinstance(part, int) and part < len(node)
+            node = node[part] if in_range else None
             model = _unwrap(model[1], node)
         else:
             return None
@@ -70,7 +72,8 @@ def _unwrap(ann: Any, node: Any) -> Any:
         models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
         if isinstance(node, dict) and "type" in node:
             for m in models:
-                if node["type"] in typing.get_args(m.model_fields.get("type").annotation if "type" in m.model_fields else ()):
+                tag = m.model_fields.get("type")
+                if tag is not None and node["type"] in typing.get_args(tag.annotation):
                     return m
         return models[0] if len(models) == 1 else None
     return ann
@@ -83,7 +86,14 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> str:
     loc = tuple(err["loc"])
-    # pydantic inserts the discriminator tag / union member name into locs; drop non-data parts.
+    # A section's discriminator tag follows its index in the loc: ("sections", 0, "filters", "titel").
+    # The tag can equal a field name (`filters`), so drop it before walking the data.
+    sections = located.data.get("sections") if isinstance(located.data, dict) else None
+    if len(loc) > 2 and loc[0] == "sections" and isinstance(loc[1], int) and isinstance(sections, list):
+        section = sections[loc[1]] if loc[1] < len(sections) else None
+        if isinstance(section, dict) and section.get("type") == loc[2]:
+            loc = loc[:2] + loc[3:]
+    # pydantic inserts union member names into locs too; drop non-data parts.
     data_loc: list[Any] = []
     node = located.data
     for part in loc:
@@ -93,8 +103,8 @@ def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> st
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             data_loc.append(part)
             node = node[part]
-        elif err["type"] == "extra_forbidden" and part == loc[-1]:
-            data_loc.append(part)
+        elif err["type"] in ("extra_forbidden", "missing") and part == loc[-1]:
+            data_loc.append(part)  # the key is absent from the data: name it, locate its parent
     line, col = located.where(tuple(data_loc))
     field = _dotted(tuple(data_loc))
     etype = err["type"]
@@ -112,34 +122,60 @@ def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> st
         msg = f"a section needs `type:` (one of {', '.join(schema.SECTION_TYPES)})"
     else:
         msg = err["msg"].removeprefix("Value error, ")
-        if err.get("input") is not None and not isinstance(err["input"], dict | list):
-            msg += f" (got {err['input']!r})"
+        value = err.get("input")
+        if value is not None and not isinstance(value, dict | list) and repr(value) not in msg:
+            msg += f" (got {value!r})"
     return f"{filename}:{line}:{col}: {field}: {msg}"
 
 
-def _cross_check(spec: schema.Spec, located: Located, filename: str) -> list[str]:
-    """References between parts of the spec: model and dataset keys, recipes and their parameters."""
+def _recipe_defaults() -> dict[str, str]:
+    """Section type -> its default recipe, for the section types that run the ascent engine."""
+    import typing
+
+    members = typing.get_args(typing.get_args(schema.Section)[0])
+    return {typing.get_args(m.model_fields["type"].annotation)[0]: m.model_fields["recipe"].default
+            for m in members if "recipe" in m.model_fields}
+
+
+def _cross_check(located: Located, filename: str) -> list[str]:
+    """References between parts of the spec: model and dataset keys, recipes and their parameters.
+
+    Works on the parsed data, not the validated spec, so that it also runs when validation failed and
+    a typo elsewhere does not hide these problems until the next attempt.
+    """
     problems: list[str] = []
-    models, datasets = list(spec.models), list(spec.datasets)
+    data = located.data
+    models = data.get("models") if isinstance(data.get("models"), dict) else None
+    datasets = list(data["datasets"]) if isinstance(data.get("datasets"), dict) else []
+    sections = data.get("sections") if isinstance(data.get("sections"), list) else []
+    recipes = _recipe_defaults()
 
     def at(path: tuple[Any, ...], msg: str) -> None:
         line, col = located.where(path)
         problems.append(f"{filename}:{line}:{col}: {_dotted(path)}: {msg}")
 
-    for i, sec in enumerate(spec.sections):
-        model = getattr(sec, "model", None)
-        if model is not None and model not in spec.models:
-            at(("sections", i, "model"), f"unknown model {model!r}; {_suggest(model, models)}")
-        dataset = getattr(sec, "dataset", None)
-        if dataset is not None and dataset not in spec.datasets:
+    for i, sec in enumerate(sections):
+        if not isinstance(sec, dict):
+            continue
+        model = sec.get("model")
+        if isinstance(model, str) and models is not None and model not in models:
+            at(("sections", i, "model"), f"unknown model {model!r}; {_suggest(model, list(models))}")
+        dataset = sec.get("dataset")
+        if isinstance(dataset, str) and dataset not in datasets:
             hint = _suggest(dataset, datasets) if datasets else "declare it under `datasets:`"
             at(("sections", i, "dataset"), f"unknown dataset {dataset!r}; {hint}")
-        if hasattr(sec, "recipe"):
+        recipe = sec.get("recipe", recipes.get(sec.get("type")))
+        params = sec.get("params") or {}
+        if isinstance(recipe, str) and sec.get("type") in recipes and isinstance(params, dict):
+            # values of the wrong type are schema errors, reported by validation
+            numeric = {k: v for k, v in params.items() if isinstance(v, int | float | bool)}
             try:
-                resolve_recipe(sec.recipe, sec.params)
+                resolve_recipe(recipe, numeric)
             except ValueError as exc:
-                key = "recipe" if "unknown recipe " in str(exc) else "params"
-                at(("sections", i, key), str(exc))
+                unknown = [k for k in numeric if k not in recipe_field_names()]
+                bad_param = str(exc).startswith("unknown recipe parameter") and unknown
+                path = ("sections", i, "params", unknown[0]) if bad_param else ("sections", i, "recipe")
+                at(path, str(exc))
     return problems
 
 
@@ -162,8 +198,15 @@ def _resolve_paths(spec: schema.Spec, base: Path) -> schema.Spec:
         models[key] = m.model_copy(update=upd)
     datasets = {k: d.model_copy(update={"path": absolute(d.path)}) for k, d in spec.datasets.items()}
     return spec.model_copy(
-        update={"output": absolute(spec.output), "cache": absolute(spec.cache), "models": models, "datasets": datasets}
+        update={"output": absolute(spec.output), "cache": absolute(spec.cache), "models": models,
+                "datasets": datasets}
     )
+
+
+def _position(problem: str, filename: str) -> tuple[int, int]:
+    """(line, col) of a `file:line:col: ...` problem, to list problems in file order."""
+    m = re.match(re.escape(filename) + r":(\d+):(\d+): ", problem)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def load_spec(path: str | Path) -> schema.Spec:
@@ -182,14 +225,14 @@ def load_spec(path: str | Path) -> schema.Spec:
         raise SpecError([f"{where}: invalid YAML: {exc.problem}"]) from None
     if not isinstance(located.data, dict):
         raise SpecError([f"{filename}:1:1: the spec must be a mapping with title, output, models, sections"])
+    problems: list[str] = []
     try:
         spec = schema.Spec.model_validate(located.data)
     except ValidationError as exc:
         problems = [_format_pydantic(e, located, filename) for e in exc.errors()]
-        raise SpecError(list(dict.fromkeys(problems))) from None
-    problems = _cross_check(spec, located, filename)
+    problems += _cross_check(located, filename)
     if problems:
-        raise SpecError(problems)
+        raise SpecError(sorted(dict.fromkeys(problems), key=lambda p: _position(p, filename)))
     spec = _resolve_paths(spec, path.resolve().parent)
     spec._located = located
     spec._filename = filename

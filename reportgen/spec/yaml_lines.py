@@ -12,7 +12,8 @@ Path_ = tuple[Any, ...]
 class Located:
     """Parsed YAML data plus a map from each value's path (keys / indices) to its (line, col), 1-based."""
 
-    def __init__(self, data: Any, marks: dict[Path_, tuple[int, int]], key_marks: dict[Path_, tuple[int, int]]):
+    def __init__(self, data: Any, marks: dict[Path_, tuple[int, int]],
+                 key_marks: dict[Path_, tuple[int, int]]):
         self.data = data
         self.marks = marks
         self.key_marks = key_marks
@@ -45,6 +46,11 @@ def parse(text: str, filename: str = "<spec>") -> Located:
             out: dict[Any, Any] = {}
             for k, v in n.value:
                 key = constructor.construct_object(k, deep=True)
+                if key in out:  # PyYAML keeps the last silently: an edit would be lost without a word
+                    first = key_marks[path + (key,)][0]
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first}); keep one", k.start_mark
+                    )
                 key_marks[path + (key,)] = (k.start_mark.line + 1, k.start_mark.column + 1)
                 out[key] = build(v, path + (key,))
             return out
