@@ -2,6 +2,10 @@
 
 Exit codes (for cron): 0 success; 1 the run failed (one-line reason on stderr); 2 the spec or the
 command line is wrong; 3 another run of the same output is in progress; 130 interrupted.
+
+`run --jobs N` runs independent passes on N local processes; `run --backend dask --scheduler ADDRESS`
+on a Dask cluster whose workers see the spec, the model files and the result store at the same paths
+(the address may also come from DASK_SCHEDULER_ADDRESS).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +35,11 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from reportgen.runner import run
 
-    summary = run(args.spec, quiet=args.quiet, dry_run=args.dry_run)
+    summary = run(args.spec, quiet=args.quiet, dry_run=args.dry_run, jobs=args.jobs, backend=args.backend,
+                  scheduler=args.scheduler, batch_size=args.batch_size)
     if args.dry_run:
-        print("plan:" if summary.plan else "plan: nothing to compute, every result is in the store")
+        done = "plan: nothing to compute, every planned result is in the store"
+        print("plan:" if summary.to_compute else done)
         for line in summary.plan:
             print(f"  {line}")
         return 0
@@ -94,7 +101,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
     print(f"{'layer':<{width}}  {'type':<22} {'output shape':<24} {'channels':>8}")
     for r in rows:
         shape = "(" + ", ".join("?" if d is None else str(d) for d in r["output_shape"]) + ")"
-        print(f"{r['name']:<{width}}  {r['type']:<22} {shape:<24} {r['channels'] if r['channels'] else '':>8}")
+        channels = r["channels"] if r["channels"] else ""
+        print(f"{r['name']:<{width}}  {r['type']:<22} {shape:<24} {channels:>8}")
     return 0
 
 
@@ -110,7 +118,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reportgen", description="Reports of what convolutional networks learn.")
+    parser = argparse.ArgumentParser(prog="reportgen",
+                                     description="Reports of what convolutional networks learn.")
     parser.add_argument("--version", action="version", version=f"reportgen {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,7 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="compute (or reuse) every result of a spec and render its report")
     p.add_argument("spec")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and what the store already holds")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (passes, batch sizes, estimated FLOPs) and what the store holds")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="local worker processes for independent passes (default 1: this process)")
+    p.add_argument("--backend", choices=("loky", "dask"), default="loky",
+                   help="loky: local processes; dask: the Dask cluster at --scheduler")
+    p.add_argument("--scheduler", default=os.environ.get("DASK_SCHEDULER_ADDRESS"),
+                   help="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: $DASK_SCHEDULER_ADDRESS)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per chunk (default: what fits the device's free memory)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a spec; with --models also load models and check layer names")
@@ -127,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("layers", help="list a model's layers: name, type, output shape, channels")
-    p.add_argument("model", help="builtin name (vgg16-hed), keras.applications name, .keras/.h5 file, or a spec")
+    p.add_argument("model",
+                   help="builtin name (vgg16-hed), keras.applications name, .keras/.h5 file, or a spec")
     p.add_argument("model_key", nargs="?", help="with a spec: the key of the model under `models:`")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_layers)
@@ -139,7 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        if args.backend == "dask" and not args.scheduler:
+            parser.error("--backend dask needs --scheduler ADDRESS (or DASK_SCHEDULER_ADDRESS)")
+        if args.jobs < 1:
+            parser.error(f"--jobs must be at least 1 (got {args.jobs})")
+        if args.batch_size is not None and args.batch_size < 1:
+            parser.error(f"--batch-size must be at least 1 (got {args.batch_size})")
     _setup_logging(getattr(args, "quiet", False), args.verbose)
     from reportgen.runner import EXIT_FAILED, EXIT_LOCKED, EXIT_SPEC, LockedError
 

@@ -3,6 +3,10 @@
 Nothing is written to the output folder until the whole report is built: the run works in a staging
 folder beside it and swaps it in at the end, so a failed or killed run leaves the previous report in
 place; the store keeps every result already computed, so the next run resumes from there.
+
+All sections register their work first (`prepare`); the scheduler then plans the whole spec's ascent
+passes (`reportgen.plan`) and runs them here, on local processes or on a Dask cluster
+(`reportgen.parallel`). A dry run stops after planning and takes no lock.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import os
 import platform
 import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,6 +87,29 @@ def run_lock(output: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def store_root(spec: Spec) -> Path:
+    """The result store's folder: `cache:` of the spec, or .reportgen-cache beside the output."""
+    output = Path(spec.output)
+    cache = Path(spec.cache) if spec.cache else output.parent / ".reportgen-cache"
+    return cache / "results"
+
+
+def select_cpu_kernels(spec: Spec) -> None:
+    """bfloat16 on CPU is only fast with oneDNN's AVX512-BF16/AMX kernels (Eigen's bfloat16 convolutions
+    run ~7x slower than float32 on these machines), and reportgen turns oneDNN off by default (see
+    reportgen/__init__). So a bfloat16 spec turns it back on, before TensorFlow is imported, unless the
+    user set TF_ENABLE_ONEDNN_OPTS themselves or the spec uses the FER model, whose gradients segfault
+    with oneDNN."""
+    import reportgen
+
+    if spec.precision != "bfloat16" or "tensorflow" in sys.modules or reportgen.ONEDNN_FROM_USER:
+        return
+    if any(m.builtin == "fer-emotion" for m in spec.models.values()):
+        log.warning("precision bfloat16 without oneDNN (the FER model crashes with it): slow on CPU")
+        return
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = os.environ["REPORTGEN_ONEDNN_SET"] = "1"
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -152,6 +181,9 @@ class RunSummary:
     reused: int = 0
     seconds: float = 0.0
     plan: list[str] = field(default_factory=list)
+    to_compute: int = 0  # ascent results the plan had to compute (0: everything was stored)
+    sections: dict[str, dict[str, int]] = field(default_factory=dict)  # title -> computed, reused
+    device: str = ""
 
 
 def _now() -> str:
@@ -159,106 +191,35 @@ def _now() -> str:
 
 
 def run(spec_path: str | Path, *, quiet: bool = False, dry_run: bool = False,
-        progress: Progress | None = None) -> RunSummary:
-    from reportgen.analyses import analysis_for
-    from reportgen.analyses.base import RunContext, SectionOutput, slugify
-    from reportgen.engine.scheduler import AscentScheduler
-    from reportgen.report.markdown import render_markdown
-    from reportgen.report.render import render_html, render_pdf
-    from reportgen.store import Store
+        progress: Progress | None = None, jobs: int = 1, backend: str = "loky",
+        scheduler: str | None = None, batch_size: int | None = None) -> RunSummary:
+    """Run a spec. `jobs`/`backend`/`scheduler`: where independent passes run (reportgen.parallel);
+    `batch_size`: samples per chunk instead of sizing chunks from free memory."""
+    from reportgen.parallel import Backend
 
     t_start = time.perf_counter()
-    started = _now()
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
+    engine = Backend(backend, jobs, scheduler)
+    select_cpu_kernels(spec)
     progress = progress or Progress(quiet=quiet)
     output = Path(spec.output)
-    cache = Path(spec.cache) if spec.cache else output.parent / ".reportgen-cache"
     summary = RunSummary(output=output)
-
+    if dry_run:  # reads the store, writes nothing: no lock, so it works while a run is going
+        with tempfile.TemporaryDirectory(prefix="reportgen-dry-run-") as tmp:
+            root = store_root(spec)  # not created if absent: then nothing is stored yet
+            ctx, _ = _prepare(spec, spec_path, Path(tmp), progress, batch_size,
+                              root if root.exists() else Path(tmp) / "store")
+            plan = ctx.ascent.plan(memory_share=engine.memory_share)
+            summary.plan, summary.to_compute = plan.lines(), plan.pending
+        summary.seconds = time.perf_counter() - t_start
+        return summary
     with run_lock(output):
         _clean_stale(output)
-        store = Store(cache / "results")
-        models = ModelRegistry(spec)
         staging = output.parent / f".{output.name}.staging-{os.getpid()}"
         staging.mkdir(parents=True)
         try:
-            from reportgen.datasets import DatasetRegistry
-
-            datasets = DatasetRegistry(spec)
-        except ImportError:  # datasets arrive with the image-folder analyses
-            datasets = None
-        ctx = RunContext(
-            spec=spec, spec_path=spec_path, store=store, staging=staging, models=models, datasets=datasets,
-            ascent=AscentScheduler(store, models, spec.precision), progress=progress,
-        )
-        try:
-            titled = []
-            for i, section in enumerate(spec.sections):
-                analysis = analysis_for(section.type)
-                title = section.title or analysis.default_title(section)
-                sid = f"s{i + 1}-{slugify(title)}"
-                with ctx.timed(sid):
-                    analysis.prepare(section, ctx, i)
-                titled.append((section, analysis, title, sid))
-            pending = ctx.ascent.pending()
-            summary.plan = [
-                f"ascent {m}: {len(reqs)} filters over {len({r.layer for r in reqs})} layers, "
-                f"{recipe.steps} steps, batch {ctx.ascent.batch_size}"
-                for (m, recipe), reqs in pending.items()
-            ]
-            if dry_run:
-                shutil.rmtree(staging, ignore_errors=True)
-                return summary
-            with ctx.timed("engine: ascent"):
-                ctx.ascent.execute(progress)
-
-            sections = []
-            for i, (section, analysis, title, sid) in enumerate(titled):
-                progress.info(f"section {i + 1}/{len(titled)}: {title}")
-                with ctx.timed(sid):
-                    result = analysis.build(section, ctx, SectionOutput(staging, sid), i)
-                sections.append({
-                    "id": sid, "type": section.type, "title": title, "model": getattr(section, "model", None),
-                    "context": result.context, "findings": result.findings, "notes": result.notes,
-                    "observations": render_markdown(section.observations), "artifacts": result.artifacts,
-                    "seconds": ctx.timings.get(sid, 0.0),
-                })
-            summary.computed = ctx.ascent.computed + ctx.computed
-            summary.reused = ctx.ascent.reused + ctx.reused
-            finished = _now()
-            meta = {
-                "spec_path": str(spec_path.resolve()), "spec_name": spec_path.name,
-                "spec_sha256": spec_sha256(spec_path), "seed": spec.seed, "precision": spec.precision,
-                "device": device_description(), "versions": versions(), "started": started,
-                "finished": finished, "finished_human": finished.replace("T", " "),
-                "computed": summary.computed, "reused": summary.reused,
-                "timings": {**{s["title"]: s["seconds"] for s in sections},
-                            **{k: v for k, v in ctx.timings.items() if k.startswith("engine")}},
-            }
-            context = {
-                "title": spec.title, "author": spec.author, "introduction": render_markdown(spec.introduction),
-                "sections": sections, "meta": meta,
-                "models": [{"key": m.key, "description": m.description, "input_size": m.input_size,
-                            "channels": m.channels, "digest": m.digest} for m in models.loaded()],
-            }
-            with ctx.timed("render: html"):
-                render_html(context, staging / "report.html")
-            if "pdf" in spec.formats:
-                with ctx.timed("render: pdf"):
-                    summary.pages = render_pdf(staging / "report.html", staging / "report.pdf")
-            if "html" not in spec.formats:
-                (staging / "report.html").unlink()
-            manifest = {
-                "title": spec.title,
-                "sections": [{"type": s["type"], "title": s["title"], "findings": s["findings"],
-                              "artifacts": [a.manifest() for a in s["artifacts"]]} for s in sections],
-                "spec_sha256": meta["spec_sha256"], "started": started, "finished": _now(),
-                "versions": meta["versions"], "device": meta["device"], "seed": spec.seed,
-                "computed": summary.computed, "reused": summary.reused,
-                "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
-            }
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary)
             publish(staging, output)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -266,3 +227,127 @@ def run(spec_path: str | Path, *, quiet: bool = False, dry_run: bool = False,
     summary.seconds = time.perf_counter() - t_start
     log.debug("run finished in %.1fs", summary.seconds)
     return summary
+
+
+def _prepare(spec: Spec, spec_path: Path, staging: Path, progress: Progress, batch_size: int | None,
+             root: Path | None = None) -> tuple[Any, list[tuple[Any, Any, str, str, dict[str, int]]]]:
+    """The run context, and every section's (section, analysis, title, id, result counts) after `prepare`
+    registered its batched work."""
+    from reportgen.analyses import analysis_for
+    from reportgen.analyses.base import RunContext, slugify
+    from reportgen.engine.scheduler import AscentScheduler
+    from reportgen.store import Store
+
+    store = Store(root or store_root(spec))
+    models = ModelRegistry(spec)
+    try:
+        from reportgen.datasets import DatasetRegistry
+
+        datasets = DatasetRegistry(spec)
+    except ImportError:  # datasets arrive with the image-folder analyses
+        datasets = None
+    ctx = RunContext(
+        spec=spec, spec_path=spec_path, store=store, staging=staging, models=models, datasets=datasets,
+        ascent=AscentScheduler(store, models, spec.precision, batch_size), progress=progress,
+    )
+    titled = []
+    for i, section in enumerate(spec.sections):
+        analysis = analysis_for(section.type)
+        title = section.title or analysis.default_title(section)
+        sid = f"s{i + 1}-{slugify(title)}"
+        counts = {"computed": 0, "reused": 0}
+        with ctx.timed(sid), ctx.ascent.section(sid), _counting(ctx, counts):
+            analysis.prepare(section, ctx, i)
+        titled.append((section, analysis, title, sid, counts))
+    return ctx, titled
+
+
+@contextmanager
+def _counting(ctx: Any, counts: dict[str, int]) -> Iterator[None]:
+    """Add the results an analysis computes or reuses through `ctx.cached` meanwhile to `counts`."""
+    computed, reused = ctx.computed, ctx.reused
+    try:
+        yield
+    finally:
+        counts["computed"] += ctx.computed - computed
+        counts["reused"] += ctx.reused - reused
+
+
+def _run_locked(spec: Spec, spec_path: Path, staging: Path, progress: Progress, engine: Any,
+                batch_size: int | None, summary: RunSummary) -> None:
+    from reportgen.analyses.base import SectionOutput
+    from reportgen.report.markdown import render_markdown
+    from reportgen.report.render import render_html, render_pdf
+
+    started = _now()
+    ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size)
+    plan = ctx.ascent.plan(memory_share=engine.memory_share)
+    summary.plan, summary.to_compute = plan.lines(), plan.pending
+    for line in summary.plan:
+        progress.info(f"plan: {line}")
+    with ctx.timed("engine: ascent"):
+        ctx.ascent.execute(progress, engine, spec_path)
+    ascent_counts = ctx.ascent.section_counts()
+
+    sections, steps = [], []
+    for i, (section, analysis, title, sid, counts) in enumerate(titled):
+        progress.info(f"section {i + 1}/{len(titled)}: {title}")
+        with ctx.timed(sid), _counting(ctx, counts):
+            result = analysis.build(section, ctx, SectionOutput(staging, sid), i)
+        a_computed, a_reused = ascent_counts.get(sid, (0, 0))
+        results = {"computed": counts["computed"] + a_computed, "reused": counts["reused"] + a_reused}
+        summary.sections[title] = results
+        sections.append({
+            "id": sid, "type": section.type, "title": title, "model": getattr(section, "model", None),
+            "context": result.context, "findings": result.findings, "notes": result.notes,
+            "observations": render_markdown(section.observations), "artifacts": result.artifacts,
+            "seconds": ctx.timings.get(sid, 0.0), "results": results,
+        })
+        steps.append({"name": title, "seconds": ctx.timings.get(sid, 0.0), **results})
+    for name, seconds in ctx.timings.items():
+        if name.startswith("engine"):
+            row: dict[str, Any] = {"name": name, "seconds": seconds, "computed": None, "reused": None}
+            if name == "engine: ascent":
+                row.update(computed=ctx.ascent.computed, reused=ctx.ascent.reused)
+            steps.append(row)
+    summary.computed = ctx.ascent.computed + ctx.computed
+    summary.reused = ctx.ascent.reused + ctx.reused
+    here = device_description()
+    summary.device = here if engine.in_process or not ctx.ascent.devices else (
+        f"{here} (planning and rendering); ascent passes on {engine.describe()}: "
+        + "; ".join(sorted(ctx.ascent.devices)))
+    finished = _now()
+    meta = {
+        "spec_path": str(spec_path.resolve()), "spec_name": spec_path.name,
+        "spec_sha256": spec_sha256(spec_path), "seed": spec.seed, "precision": spec.precision,
+        "device": summary.device, "versions": versions(), "started": started,
+        "finished": finished, "finished_human": finished.replace("T", " "),
+        "computed": summary.computed, "reused": summary.reused, "plan": summary.plan, "steps": steps,
+        "timings": {**{s["title"]: s["seconds"] for s in sections},
+                    **{k: v for k, v in ctx.timings.items() if k.startswith("engine")}},
+    }
+    context = {
+        "title": spec.title, "author": spec.author, "introduction": render_markdown(spec.introduction),
+        "sections": sections, "meta": meta,
+        "models": [{"key": m.key, "description": m.description, "input_size": m.input_size,
+                    "channels": m.channels, "digest": m.digest} for m in ctx.models.loaded()],
+    }
+    with ctx.timed("render: html"):
+        render_html(context, staging / "report.html")
+    if "pdf" in spec.formats:
+        with ctx.timed("render: pdf"):
+            summary.pages = render_pdf(staging / "report.html", staging / "report.pdf")
+    if "html" not in spec.formats:
+        (staging / "report.html").unlink()
+    manifest = {
+        "title": spec.title,
+        "sections": [{"type": s["type"], "title": s["title"], "findings": s["findings"],
+                      "results": s["results"], "artifacts": [a.manifest() for a in s["artifacts"]]}
+                     for s in sections],
+        "spec_sha256": meta["spec_sha256"], "started": started, "finished": _now(),
+        "versions": meta["versions"], "device": meta["device"], "seed": spec.seed,
+        "precision": spec.precision,
+        "computed": summary.computed, "reused": summary.reused,
+        "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))

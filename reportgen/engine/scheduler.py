@@ -3,13 +3,19 @@
 Sections only register what they need. Before anything runs, requests from all sections are merged per
 model and recipe, de-duplicated by content key, and those already in the store are dropped; the rest
 run in one program per group, whose layer set is the union of the group's layers (one extractor with an
-output at each layer; each sample's objective picks its own layer and channel).
+output at each layer; each sample's objective picks its own layer and channel). See `reportgen.plan`.
+
+Every result is stored under a content key of everything that determines it (model weights digest,
+preprocessing, layer, filter, recipe, seed, input size, precision, code version), chunk by chunk as the
+pass goes, so an unchanged rerun computes nothing and a killed run resumes from its last finished chunk.
+The scheduler also remembers which section asked for which key, for the report's per-section counts.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +24,9 @@ import numpy as np
 from reportgen.engine.recipes import Recipe
 from reportgen.store import Store, content_key
 
-ASCENT_CODE_VERSION = "ascent-1"
+# Bump when the ascent's numbers change, so that stored results are recomputed. ascent-2: host-side
+# augmentation transforms and exact-sqrt gradient normalisation (batch-invariant), channel picked first.
+ASCENT_CODE_VERSION = "ascent-2"
 
 
 @dataclass(frozen=True)
@@ -30,63 +38,130 @@ class AscentRequest:
     seed: int
 
 
+def ascent_key(lm: Any, layer: str, filt: int, recipe: Recipe, seed: int, precision: str) -> str:
+    """Content key of one ascent result; cluster workers recompute it to check they see the same model."""
+    from reportgen.engine.ascent import ascent_size
+
+    return content_key(
+        ASCENT_CODE_VERSION, lm.digest, lm.preprocessing.model_dump(), layer, filt,
+        recipe.as_dict(), seed, ascent_size(lm, recipe), precision,
+    )
+
+
+def store_result(store: Store, key: str, res: Any) -> None:
+    """PNG, raw array, then the metrics JSON: the JSON is what marks the result as present."""
+    store.put_png(key, res.image)
+    store.put_npy(key, res.raw.astype(np.float16))
+    store.put_json(key, {
+        "activation": res.activation, "initial_activation": res.initial_activation, "dead": res.dead,
+    })
+
+
 class AscentScheduler:
-    def __init__(self, store: Store, models: Any, precision: str = "float32", batch_size: int = 16):
+    """Collects ascent requests of all sections, plans them (`plan`) and runs them (`execute`).
+
+    `batch_size`: samples per chunk; None sizes chunks from the device's free memory (`reportgen.plan`)."""
+
+    def __init__(self, store: Store, models: Any, precision: str = "float32", batch_size: int | None = None):
         self.store, self.models, self.precision, self.batch_size = store, models, precision, batch_size
         self.requests: dict[AscentRequest, str] = {}
+        self.owners: dict[str, list[str]] = {}  # section id -> keys it asked for
         self.computed = 0
         self.reused = 0
         self.seconds = 0.0
+        self.computed_keys: set[str] = set()
+        self.devices: set[str] = set()  # where passes ran (cluster workers report theirs)
+        self._section: str | None = None
 
     def key(self, req: AscentRequest) -> str:
         lm = self.models.get(req.model)
-        from reportgen.engine.ascent import ascent_size
+        return ascent_key(lm, req.layer, req.filter, req.recipe, req.seed, self.precision)
 
-        return content_key(
-            ASCENT_CODE_VERSION, lm.digest, lm.preprocessing.model_dump(), req.layer, req.filter,
-            req.recipe.as_dict(), req.seed, ascent_size(lm, req.recipe), self.precision,
-        )
+    @contextmanager
+    def section(self, sid: str) -> Iterator[None]:
+        """Requests made inside are counted for section `sid` in the report's metadata."""
+        previous, self._section = self._section, sid
+        try:
+            yield
+        finally:
+            self._section = previous
 
     def request(self, req: AscentRequest) -> None:
         if req not in self.requests:
             self.requests[req] = self.key(req)
+        if self._section is not None:
+            self.owners.setdefault(self._section, []).append(self.requests[req])
 
     def pending(self) -> dict[tuple[str, Recipe], list[AscentRequest]]:
         """Requests not in the store, grouped by (model, recipe): one compiled program per group."""
-        groups: dict[tuple[str, Recipe], dict[str, AscentRequest]] = defaultdict(dict)
+        seen: set[str] = set()
+        groups: dict[tuple[str, Recipe], list[AscentRequest]] = {}
         for req, key in self.requests.items():
-            if not self.store.has(key, "json"):
-                groups[(req.model, req.recipe)].setdefault(key, req)
-        return {g: list(reqs.values()) for g, reqs in groups.items()}
+            if key not in seen and not self.store.has(key, "json"):
+                groups.setdefault((req.model, req.recipe), []).append(req)
+            seen.add(key)
+        return groups
 
-    def execute(self, progress: Any) -> None:
+    def plan(self, memory_share: float = 1.0) -> Any:
+        """The passes that `execute` would run now (reportgen.plan.Plan)."""
+        from reportgen.plan import build_plan, device_budget
+
+        return build_plan(self.requests, self.owners, self.store, self.models, self.precision,
+                          self.batch_size, device_budget(memory_share))
+
+    def execute(self, progress: Any, backend: Any = None, spec_path: Any = None) -> None:
+        """Run every pending pass: here, or with a `reportgen.parallel.Backend` on local processes or a
+        Dask cluster (workers load the model from `spec_path` themselves and write to the same store)."""
+        parallel = backend is not None and not backend.in_process
+        plan = self.plan(memory_share=backend.memory_share if parallel else 1.0)
+        self.reused = plan.stored
+        t0 = time.perf_counter()
+        todo = [p for p in plan.passes if p.pending]
+        for p in plan.passes:
+            if not p.pending:
+                progress.info(f"{p.describe()}; nothing to compute")
+        if parallel:
+            from reportgen.parallel import run_passes
+
+            done, devices = run_passes(todo, spec_path, self.precision, backend, progress, self.batch_size)
+            self.computed_keys |= done
+            self.devices |= devices
+        else:
+            for p in todo:
+                self._run_pass(p, progress)
+            if todo:
+                from reportgen.runner import device_description
+
+                self.devices.add(device_description())
+        self.computed = len(self.computed_keys)
+        self.seconds = time.perf_counter() - t0
+
+    def _run_pass(self, p: Any, progress: Any) -> None:
         from reportgen.engine.ascent import AscentJob, program_for
 
-        todo = self.pending()
-        total = sum(len(v) for v in todo.values())
-        self.reused = len(set(self.requests.values())) - total
-        t0 = time.perf_counter()
-        for (model_key, recipe), reqs in todo.items():
-            lm = self.models.get(model_key)
-            layers = sorted({r.layer for r in reqs}, key=[ly.name for ly in lm.model.layers].index)
-            program = program_for(lm, layers, recipe, self.precision)
-            jobs = [AscentJob(r.layer, r.filter, r.seed) for r in reqs]
-            with progress.task(f"ascent {model_key} ({len(layers)} layers)", len(jobs)) as advance:
-                # store each chunk as it finishes, so a killed run resumes from it
-                for start in range(0, len(jobs), self.batch_size):
-                    chunk = jobs[start : start + self.batch_size]
-                    for req, res in zip(reqs[start : start + self.batch_size], program.run(chunk, self.batch_size),
-                                        strict=True):
-                        key = self.requests[req]
-                        self.store.put_png(key, res.image)
-                        self.store.put_npy(key, res.raw.astype(np.float16))
-                        self.store.put_json(key, {
-                            "activation": res.activation, "initial_activation": res.initial_activation,
-                            "dead": res.dead,
-                        })
-                    advance(len(chunk))
-            self.computed += len(jobs)
-        self.seconds = time.perf_counter() - t0
+        lm = self.models.get(p.model)
+        program = program_for(lm, p.layers, p.recipe, self.precision)
+        jobs = [AscentJob(r.layer, r.filter, r.seed) for r in p.requests]
+        layers = f"{len(p.layers)} layer{'s' if len(p.layers) != 1 else ''}"
+        label = f"ascent {p.model} ({layers}, {p.recipe.steps} steps)"
+        with progress.task(label, len(jobs)) as advance:
+            # store each chunk as it finishes, so a killed run resumes from it
+            for start in range(0, len(jobs), p.batch_size):
+                keys = p.keys[start : start + p.batch_size]
+                results = program.run(jobs[start : start + p.batch_size], p.batch_size, on_chunk=advance)
+                for key, res in zip(keys, results, strict=True):
+                    store_result(self.store, key, res)
+                    self.computed_keys.add(key)
+
+    def section_counts(self) -> dict[str, tuple[int, int]]:
+        """Section id -> (results computed in this run, results taken from the store). A result that
+        two sections share counts for both; the run's totals count it once."""
+        out = {}
+        for sid, keys in self.owners.items():
+            unique = set(keys)
+            computed = len(unique & self.computed_keys)
+            out[sid] = (computed, len(unique) - computed)
+        return out
 
     def result(self, req: AscentRequest) -> tuple[Any, dict[str, Any]]:
         """(path of the PNG in the store, metrics) of a request after `execute`."""

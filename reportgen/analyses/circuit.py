@@ -1,0 +1,378 @@
+"""`circuit`: which input channels one filter of a Conv2D layer is built from, read off its kernel.
+
+Input channel c contributes to filter f through the kxk slice kernel[:, :, c, f]: its L2 norm says how
+much the filter draws on that channel, the sign of its sum whether the channel excites (+) or inhibits
+(-) the filter on a uniform response. The strongest input channels are visualised where they are made,
+in the layer that produces this layer's input (found by following the graph back through pooling,
+activations, normalisation and the like), with the batched ascent engine, like `filters`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.filters import filter_requests
+from reportgen.engine.recipes import RECIPES, resolve_recipe
+from reportgen.engine.scheduler import AscentRequest
+from reportgen.errors import ReportgenError
+from reportgen.imaging import colormap
+from reportgen.models import LoadedModel
+from reportgen.spec.schema import CircuitSection
+from reportgen.store import content_key
+
+HEATMAP_SIDE = 96  # kxk weights are upscaled (nearest) to about this many pixels a side
+DIVERGING = "RdBu_r"  # red = positive weight, blue = negative, white = 0
+
+
+def conv_layer(lm: LoadedModel, name: str, where: str) -> Any:
+    """The named layer if it is a Conv2D, else a located error listing the model's Conv2D layers."""
+    import keras
+
+    layer = lm.layer(name, where)
+    if not isinstance(layer, keras.layers.Conv2D):
+        convs = [ly.name for ly in lm.model.layers if isinstance(ly, keras.layers.Conv2D)]
+        listing = ", ".join(convs[:12]) + (", ..." if len(convs) > 12 else "")
+        raise ReportgenError(
+            f"{where}: layer {name!r} is a {type(layer).__name__}, not a Conv2D; a circuit reads a Conv2D "
+            f"kernel. Conv2D layers of model {lm.key!r}: {listing or 'none'}"
+        )
+    return layer
+
+
+def kernel_slices(layer: Any, filt: int) -> dict[str, np.ndarray]:
+    """kernel[:, :, c, filt] for every input channel c the filter reads (a group's channels for grouped
+    convolutions), their model-wide input channel indices, and the filter's bias."""
+    kernel = np.asarray(layer.kernel.numpy(), np.float32)  # (kh, kw, in_channels / groups, filters)
+    per_group_in = kernel.shape[2]
+    group = filt // (kernel.shape[3] // layer.groups)
+    bias = np.asarray(layer.bias.numpy()[filt], np.float32) if layer.use_bias else np.float32(0.0)
+    return {
+        "slices": kernel[:, :, :, filt],
+        "channels": np.arange(group * per_group_in, (group + 1) * per_group_in, dtype=np.int32),
+        "bias": np.asarray(bias, np.float32),
+    }
+
+
+def channel_stats(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L2 norm, sum) of each input channel's kxk slice: slices is (kh, kw, channels)."""
+    return np.sqrt((slices.astype(np.float64) ** 2).sum(axis=(0, 1))), slices.astype(np.float64).sum(
+        axis=(0, 1)
+    )
+
+
+def sign_word(total: float) -> str:
+    return "excitatory" if total > 0 else "inhibitory" if total < 0 else "zero"
+
+
+def _has_kernel(op: Any) -> bool:
+    return any(hasattr(op, a) for a in ("kernel", "depthwise_kernel", "pointwise_kernel"))
+
+
+def previous_layer(model: Any, name: str) -> tuple[str | None, list[str]]:
+    """The layer whose output channels are this layer's input channels, and the layers passed on the way.
+
+    Walks back from the layer's input through single-input layers without a kernel that keep the channel
+    count (pooling, activations, batch norm, dropout, padding); stops at the first layer with a kernel,
+    a merge (Add, Concatenate: its outputs are what the kernel reads) or a channel-changing layer.
+    None when the input channels are the model's own input (e.g. RGB).
+    """
+    import keras
+
+    tensor = model.get_layer(name).input
+    passed: list[str] = []
+    while True:
+        history = tensor._keras_history
+        op = history.operation
+        if isinstance(op, keras.layers.InputLayer):
+            return None, passed
+        inputs = op._inbound_nodes[history.node_index].input_tensors
+        if len(inputs) != 1 or _has_kernel(op) or inputs[0].shape[-1] != tensor.shape[-1]:
+            return op.name, passed
+        passed.append(op.name)
+        tensor = inputs[0]
+
+
+def _bar_chart(
+    norms: np.ndarray, sums: np.ndarray, channels: np.ndarray, top: list[int], title: str
+) -> bytes:
+    """All input-channel norms, coloured by sign, the shown ones labelled; matplotlib Agg, 150 dpi."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 2.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = np.where(sums > 0, "#c0392b", np.where(sums < 0, "#2e6fb0", "#999999"))
+    ax.bar(np.arange(len(norms)), norms, color=colors, width=0.85)
+    for i in top:
+        ax.annotate(
+            str(int(channels[i])),
+            (i, norms[i]),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            xytext=(0, 1),
+            textcoords="offset points",
+        )
+    if len(norms) <= 32:
+        ax.set_xticks(np.arange(len(norms)), [str(int(c)) for c in channels], fontsize=6)
+    else:
+        ax.set_xticks([])
+    ax.set_xlabel("input channel (red: excitatory, blue: inhibitory)", fontsize=8)
+    ax.set_ylabel("L2 norm of kernel slice", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.set_xlim(-0.8, len(norms) - 0.2)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _heatmap(weights: np.ndarray, limit: float) -> np.ndarray:
+    """kxk weights -> RGB on a diverging scale symmetric around 0, upscaled nearest to ~HEATMAP_SIDE."""
+    rgb = (
+        colormap(weights, DIVERGING, -limit, limit) if limit > 0 else colormap(weights * 0, DIVERGING, -1, 1)
+    )
+    factor = max(1, math.ceil(HEATMAP_SIDE / max(weights.shape)))
+    img = Image.fromarray(rgb).resize((weights.shape[1] * factor, weights.shape[0] * factor), Image.NEAREST)
+    return np.asarray(img)
+
+
+class CircuitAnalysis(Analysis):
+    type = "circuit"
+    version = "1"
+
+    def default_title(self, section: CircuitSection) -> str:
+        return f"Circuit of {section.layer} filter {section.filter}"
+
+    # -- shared by prepare and build ----------------------------------------------------------
+    def _kernel(
+        self, section: CircuitSection, ctx: RunContext, index: int
+    ) -> tuple[LoadedModel, dict[str, Any]]:
+        lm = ctx.models.get(section.model)
+        layer = conv_layer(lm, section.layer, ctx.where(index, "layer"))
+        filters = int(layer.kernel.shape[-1])
+        if section.filter >= filters:
+            raise ReportgenError(
+                f"{ctx.where(index, 'filter')}: layer {section.layer!r} has {filters} filters "
+                f"(0 to {filters - 1}); filter {section.filter} does not exist"
+            )
+        key = content_key("circuit", self.version, lm.digest, section.layer, section.filter)
+        return lm, ctx.cached(key, lambda: kernel_slices(layer, section.filter))
+
+    def _plan(self, section: CircuitSection, ctx: RunContext, index: int) -> dict[str, Any]:
+        lm, arrays = self._kernel(section, ctx, index)
+        norms, sums = channel_stats(arrays["slices"])
+        top = [int(i) for i in np.argsort(-norms, kind="stable")[: section.top]]
+        prev, passed = previous_layer(lm.model, section.layer)
+        return {
+            "lm": lm,
+            "arrays": arrays,
+            "norms": norms,
+            "sums": sums,
+            "top": top,
+            "prev": prev,
+            "passed": passed,
+        }
+
+    def _requests(
+        self, section: CircuitSection, ctx: RunContext, plan: dict[str, Any]
+    ) -> tuple[AscentRequest, list[AscentRequest]]:
+        own = filter_requests(section, ctx, section.layer, [section.filter], section.recipe, section.params)
+        inputs = []
+        if plan["prev"] is not None:
+            channels = [int(plan["arrays"]["channels"][i]) for i in plan["top"]]
+            inputs = filter_requests(section, ctx, plan["prev"], channels, section.recipe, section.params)
+        return own[0], inputs
+
+    # -- phases -------------------------------------------------------------------------------
+    def prepare(self, section: CircuitSection, ctx: RunContext, index: int) -> None:
+        if not section.visualize:
+            self._kernel(section, ctx, index)  # validate the layer and filter before anything runs
+            return
+        own, inputs = self._requests(section, ctx, self._plan(section, ctx, index))
+        for req in [own, *inputs]:
+            ctx.ascent.request(req)
+
+    def build(
+        self, section: CircuitSection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
+        plan = self._plan(section, ctx, index)
+        arrays, norms, sums, top, prev = (
+            plan["arrays"],
+            plan["norms"],
+            plan["sums"],
+            plan["top"],
+            plan["prev"],
+        )
+        slices, channels = arrays["slices"], arrays["channels"]
+        energy = float((norms**2).sum())
+        layer, f, model = section.layer, section.filter, section.model
+        artifacts: list[Artifact] = []
+        notes: list[str] = []
+
+        chart = out.bytes(
+            f"{layer}_f{f:04d}_norms.png",
+            _bar_chart(norms, sums, channels, top, f"{layer} filter {f}: input-channel norms"),
+        )
+        artifacts.append(Artifact("chart", chart, model, layer, f, {"input_channels": len(norms)}))
+        limit = float(np.abs(slices[:, :, top]).max()) if top else 0.0
+
+        own_vis, vis = None, {}
+        if section.visualize:
+            own_req, input_reqs = self._requests(section, ctx, plan)
+            path, meta = ctx.ascent.result(own_req)
+            own_vis = {"path": out.copy(f"{layer}_f{f:04d}.png", path), **meta}
+            artifacts.append(
+                Artifact(
+                    "filter",
+                    own_vis["path"],
+                    model,
+                    layer,
+                    f,
+                    {"activation": meta["activation"], "dead": meta["dead"]},
+                )
+            )
+            for req in input_reqs:
+                path, meta = ctx.ascent.result(req)
+                rel = out.copy(f"{prev}_f{req.filter:04d}.png", path)
+                vis[req.filter] = {"path": rel, **meta}
+                artifacts.append(
+                    Artifact(
+                        "filter",
+                        rel,
+                        model,
+                        prev,
+                        req.filter,
+                        {"activation": meta["activation"], "dead": meta["dead"], "feeds": f"{layer}/{f}"},
+                    )
+                )
+            if prev is None:
+                notes.append(
+                    f"{layer} reads the model's input channels directly; there is no earlier layer "
+                    "whose channels could be visualised."
+                )
+
+        rows = []
+        for rank, i in enumerate(top, 1):
+            c = int(channels[i])
+            heat = out.image(f"{layer}_f{f:04d}_in{c:04d}_weights.png", _heatmap(slices[:, :, i], limit))
+            row = {
+                "rank": rank,
+                "channel": c,
+                "norm": float(norms[i]),
+                "sum": float(sums[i]),
+                "sign": "+" if sums[i] > 0 else "-" if sums[i] < 0 else "0",
+                "effect": sign_word(sums[i]),
+                "share": float(norms[i] ** 2 / energy) if energy else 0.0,
+                "heatmap": heat,
+                "vis": vis.get(c),
+            }
+            rows.append(row)
+            artifacts.append(
+                Artifact(
+                    "heatmap",
+                    heat,
+                    model,
+                    layer,
+                    f,
+                    {"input_channel": c, "norm": row["norm"], "sum": row["sum"], "effect": row["effect"]},
+                )
+            )
+        csv_rel = out.bytes(f"{layer}_f{f:04d}_inputs.csv", self._csv(norms, sums, channels, energy))
+        artifacts.append(Artifact("table", csv_rel, model, layer, f, {"rows": len(norms)}))
+        if plan["passed"] and prev is not None:
+            notes.append(
+                f"Input channels are the outputs of {prev}, passed through "
+                f"{', '.join(reversed(plan['passed']))} on the way to {layer}."
+            )
+        kh, kw = slices.shape[:2]
+        return SectionResult(
+            context={
+                "model": model,
+                "layer": layer,
+                "filter": f,
+                "kernel": [kh, kw],
+                "inputs": len(norms),
+                "bias": float(arrays["bias"]),
+                "rows": rows,
+                "chart": chart,
+                "csv": csv_rel,
+                "limit": limit,
+                "prev": prev,
+                "own": own_vis,
+                "visualize": section.visualize,
+                "recipe": section.recipe,
+                "recipe_description": RECIPES[section.recipe].description,
+                "params": resolve_recipe(section.recipe, section.params).as_dict(),
+            },
+            artifacts=artifacts,
+            findings=self._findings(f, norms, sums, channels, top, energy, own_vis),
+            notes=notes,
+        )
+
+    @staticmethod
+    def _findings(
+        f: int,
+        norms: np.ndarray,
+        sums: np.ndarray,
+        channels: np.ndarray,
+        top: list[int],
+        energy: float,
+        own_vis: dict[str, Any] | None,
+    ) -> list[str]:
+        out = []
+        exc = [i for i in np.argsort(-norms, kind="stable") if sums[i] > 0]
+        inh = [i for i in np.argsort(-norms, kind="stable") if sums[i] < 0]
+        strongest = [(exc[0], "+, excitatory")] if exc else []
+        strongest += [(inh[0], "-, inhibitory")] if inh else []
+        strongest.sort(key=lambda pair: -norms[pair[0]])
+        parts = [f"{int(channels[i])} ({word})" for i, word in strongest]
+        if parts:
+            out.append(
+                f"filter {f} draws most on input channel{'s' if len(parts) > 1 else ''} "
+                f"{' and '.join(parts)}."
+            )
+        if energy:
+            share = float((norms[top] ** 2).sum() / energy)
+            out.append(
+                f"the top {len(top)} of {len(norms)} input channels carry {100 * share:.0f}% of the "
+                f"filter's squared weight; {len(exc)} of {len(norms)} excite it, {len(inh)} inhibit it."
+            )
+        else:
+            out.append(f"filter {f} has an all-zero kernel: it ignores its input.")
+        if own_vis is not None and own_vis["dead"]:
+            out.append(
+                f"filter {f} stays dead under activation maximization (activation "
+                f"{own_vis['activation']:.3g})."
+            )
+        return out
+
+    @staticmethod
+    def _csv(norms: np.ndarray, sums: np.ndarray, channels: np.ndarray, energy: float) -> bytes:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["input_channel", "l2_norm", "sum", "effect", "share_of_squared_weight"])
+        for i in np.argsort(-norms, kind="stable"):
+            writer.writerow(
+                [
+                    int(channels[i]),
+                    f"{norms[i]:.6g}",
+                    f"{sums[i]:.6g}",
+                    sign_word(sums[i]),
+                    f"{norms[i] ** 2 / energy if energy else 0:.6g}",
+                ]
+            )
+        return buf.getvalue().encode()
+
+
+ANALYSIS = CircuitAnalysis()

@@ -1,0 +1,214 @@
+"""`class_model`: images that maximise a class's pre-softmax score, and how confident the model is on them.
+
+All requested classes are optimised in one batch by `reportgen.engine.class_model`; each class's result is
+cached on its own (it depends only on model, class, recipe and seed), so adding a class to a spec computes
+only that class.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import numpy as np
+
+from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.engine.recipes import RECIPES, resolve_recipe
+from reportgen.errors import ReportgenError
+from reportgen.imaging import to_pil, upscale_for_print
+from reportgen.spec.schema import ClassModelSection
+from reportgen.store import content_key
+
+TABLE_ROWS = 25
+LISTED_FINDINGS = 6  # classes named one by one in the findings; more are summarised
+
+
+def target_classes(
+    section: ClassModelSection, ctx: RunContext, index: int, lm: Any, n_classes: int
+) -> list[int]:
+    """Class indices in spec order without duplicates; names and out-of-range indices are located errors."""
+    out: list[int] = []
+    for j, target in enumerate(section.classes):
+        where = ctx.where(index, "classes", j)
+        idx = lm.class_index(target, where)
+        if not 0 <= idx < n_classes:
+            raise ReportgenError(
+                f"{where}: class index {idx} is out of range; model {section.model!r} "
+                f"has {n_classes} classes (0 to {n_classes - 1})"
+            )
+        if idx not in out:
+            out.append(idx)
+    return out
+
+
+class ClassModelAnalysis(Analysis):
+    type = "class_model"
+    version = "1"
+
+    def default_title(self, section: ClassModelSection) -> str:
+        return f"Class models ({section.recipe})"
+
+    def _plan(self, section: ClassModelSection, ctx: RunContext, index: int) -> tuple[Any, Any, list[int]]:
+        """Model, recipe and class indices, with located errors for a model without classes or bad names."""
+        lm = ctx.models.get(section.model)
+        recipe = resolve_recipe(section.recipe, section.params)
+        shape = tuple(lm.logits_output.shape)
+        if len(shape) != 2:
+            raise ReportgenError(
+                f"{ctx.where(index, 'model')}: model {section.model!r} has no classifier output "
+                f"(output shape {shape}); class models need one score per class"
+            )
+        return lm, recipe, target_classes(section, ctx, index, lm, int(shape[-1]))
+
+    def prepare(self, section: ClassModelSection, ctx: RunContext, index: int) -> None:
+        """The classes run in build (one batch per section); checks the fields before any ascent runs."""
+        self._plan(section, ctx, index)
+
+    def build(
+        self, section: ClassModelSection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
+        from reportgen.engine.ascent import ascent_size
+        from reportgen.engine.class_model import class_model_program
+
+        lm, recipe, targets = self._plan(section, ctx, index)
+        size = ascent_size(lm, recipe)
+        keys = {
+            t: content_key(
+                "class_model",
+                self.version,
+                lm.digest,
+                lm.preprocessing.model_dump(),
+                t,
+                recipe.as_dict(),
+                ctx.spec.seed,
+                size,
+                ctx.spec.precision,
+            )
+            for t in targets
+        }
+        todo = [t for t in targets if not ctx.store.has(keys[t], "npz")]
+        fresh = {}
+        if todo:
+            with ctx.timed("engine: class_model"):
+                program = class_model_program(lm, recipe, ctx.spec.precision)
+                with ctx.progress.task(f"class models {section.model}", len(todo)) as advance:
+                    fresh = {r.target: r for r in program.run(todo, ctx.spec.seed, on_chunk=advance)}
+
+        def compute(t: int) -> dict[str, np.ndarray]:
+            r = fresh[t]
+            return {
+                "image": r.image,
+                "probs": r.probs.astype(np.float32),
+                "logits": np.array([r.logit_start, r.logit_final], np.float32),
+            }
+
+        rows, artifacts = [], []
+        for t in targets:
+            arrays = ctx.cached(keys[t], lambda t=t: compute(t))
+            probs = arrays["probs"]
+            order = np.argsort(-probs, kind="stable")[:3]
+            top = int(order[0])
+            name = lm.class_name(t)
+            rel = out.image(f"class_{t:04d}.png", np.asarray(upscale_for_print(to_pil(arrays["image"]))))
+            row = {
+                "class": t,
+                "name": name,
+                "logit_start": float(arrays["logits"][0]),
+                "logit_final": float(arrays["logits"][1]),
+                "confidence": float(probs[t]),
+                "top_class": top,
+                "top_name": lm.class_name(top),
+                "top_prob": float(probs[top]),
+                "top3": "; ".join(f"{lm.class_name(int(k))} {probs[k]:.3f}" for k in order),
+            }
+            rows.append({**row, "image": rel})
+            artifacts.append(
+                Artifact(
+                    "class_model",
+                    rel,
+                    section.model,
+                    None,
+                    None,
+                    {
+                        k: row[k]
+                        for k in (
+                            "class",
+                            "name",
+                            "confidence",
+                            "top_class",
+                            "top_name",
+                            "logit_start",
+                            "logit_final",
+                        )
+                    },
+                )
+            )
+        csv_rel = out.bytes("class_models.csv", self._csv(rows))
+        artifacts.append(Artifact("table", csv_rel, section.model, None, None, {"rows": len(rows)}))
+        notes = [
+            f"Optimised in {size[0]}x{size[1]} canonical input space for {recipe.steps} steps; pixels are "
+            "clipped to the valid range every step and each image is shown exactly as the model scored it "
+            "(uint8, no contrast stretch or crop), so its confidence is the model's softmax on the picture "
+            "shown.",
+        ]
+        if len(rows) > TABLE_ROWS:
+            notes.append(f"The table shows {TABLE_ROWS} of {len(rows)} classes; all are in class_models.csv.")
+        return SectionResult(
+            context={
+                "model": section.model,
+                "recipe": section.recipe,
+                "recipe_description": RECIPES[section.recipe].description,
+                "params": recipe.as_dict(),
+                "overrides": dict(section.params),
+                "classes": rows,
+                "table": rows[:TABLE_ROWS],
+                "csv": csv_rel,
+                "size": size,
+            },
+            artifacts=artifacts,
+            findings=self._findings(rows),
+            notes=notes,
+        )
+
+    @staticmethod
+    def _findings(rows: list[dict[str, Any]]) -> list[str]:
+        out = []
+        for r in rows[:LISTED_FINDINGS]:
+            text = f"class model of {r['name']!r} reaches {r['confidence']:.2f} confidence"
+            if r["top_class"] != r["class"]:
+                text += f", but the model's top class for it is {r['top_name']!r} ({r['top_prob']:.2f})"
+            out.append(text + f"; logit {r['logit_start']:.3g} -> {r['logit_final']:.3g}.")
+        if len(rows) > LISTED_FINDINGS:
+            own = sum(r["top_class"] == r["class"] for r in rows)
+            best = max(rows, key=lambda r: r["confidence"])
+            worst = min(rows, key=lambda r: r["confidence"])
+            out.append(
+                f"{own} of {len(rows)} class models are classified as their own class; confidence ranges "
+                f"from {worst['confidence']:.2f} ({worst['name']!r}) to {best['confidence']:.2f} "
+                f"({best['name']!r})."
+            )
+        return out
+
+    @staticmethod
+    def _csv(rows: list[dict[str, Any]]) -> bytes:
+        fields = [
+            "class",
+            "name",
+            "confidence",
+            "top_class",
+            "top_name",
+            "top_prob",
+            "logit_start",
+            "logit_final",
+            "top3",
+            "image",
+        ]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue().encode()
+
+
+ANALYSIS = ClassModelAnalysis()

@@ -1,0 +1,83 @@
+"""class_model: a tiny model whose logits are the mean of each colour channel (hand-set 1x1 conv + global
+average pooling), so maximising "red" must make the image red; the reported confidence is checked against
+the model's own softmax on the returned image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from reportgen.engine.class_model import ClassModelProgram  # noqa: E402
+from reportgen.engine.recipes import resolve_recipe  # noqa: E402
+from reportgen.models import LoadedModel  # noqa: E402
+from reportgen.spec.schema import Preprocess  # noqa: E402
+
+SIDE = 16
+GAIN = 4.0  # logits in [0, 4]: softmax is not saturated, so confidences are informative
+
+
+@pytest.fixture(scope="module")
+def lm() -> LoadedModel:
+    inp = keras.Input((SIDE, SIDE, 3))
+    x = keras.layers.Conv2D(3, 1, use_bias=False, name="colour")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Activation("softmax", name="probs")(x))
+    model.get_layer("colour").set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3) * GAIN])
+    return LoadedModel("rgb", model, Preprocess(scale=1 / 255.0), (SIDE, SIDE), ["red", "green", "blue"],
+                       "digest", "test")
+
+
+@pytest.fixture(scope="module")
+def program(lm) -> ClassModelProgram:
+    return ClassModelProgram(lm, resolve_recipe("regularized", {"steps": 12}))
+
+
+def test_logits_are_pre_softmax(lm):
+    pixels = np.zeros((1, SIDE, SIDE, 3), np.float32)
+    pixels[..., 0] = 255
+    logits = keras.Model(lm.model.inputs, lm.logits_output)(pixels / 255.0).numpy()
+    np.testing.assert_allclose(logits, [[GAIN, 0, 0]], atol=1e-5)
+
+
+def test_maximising_red_and_blue_in_one_batch(lm, program):
+    red, blue = lm.class_index("red"), lm.class_index("Blue")
+    results = program.run([red, blue], seed=0)
+    assert program.trace_count == 1
+    by_class = {r.target: r for r in results}
+
+    img = by_class[red].image.astype(np.float64)
+    means = img.mean(axis=(0, 1))
+    assert means[0] > means[1] + 50 and means[0] > means[2] + 50
+    assert by_class[red].top_class == red and by_class[red].logit_final > by_class[red].logit_start
+    img = by_class[blue].image.astype(np.float64).mean(axis=(0, 1))
+    assert img[2] > img[0] + 50 and img[2] > img[1] + 50
+
+    for r in results:
+        assert r.image.dtype == np.uint8 and r.image.shape == (SIDE, SIDE, 3)
+        own = lm.model(r.image[None].astype(np.float32) / 255.0).numpy()[0]  # the model's own softmax
+        np.testing.assert_allclose(r.probs, own, rtol=1e-5, atol=1e-6)
+        assert r.confidence == pytest.approx(float(own[r.target]), rel=1e-5)
+        np.testing.assert_allclose(r.logit_final, GAIN * r.image[..., r.target].mean() / 255.0, rtol=1e-4)
+        # the logit objective saturates the target channel and leaves the others near gray (it does not
+        # push other classes down as maximising the probability would): softmax([4, 2, 2]) ~ 0.79
+        assert r.confidence > 0.75
+
+
+def test_new_classes_do_not_retrace_and_results_are_seeded_per_class(lm, program):
+    together = {r.target: r.image for r in program.run([0, 2], seed=5)}
+    alone = program.run([2], seed=5)[0].image
+    assert program.trace_count == 1
+    np.testing.assert_array_equal(together[2], alone)  # batch-invariant: cacheable per class
+    other_seed = program.run([2], seed=6)[0].image
+    assert not np.array_equal(other_seed, alone)
+
+
+def test_bfloat16_optimisation_reports_the_float32_models_confidence(lm):
+    program = ClassModelProgram(lm, resolve_recipe("regularized", {"steps": 6}), "bfloat16")
+    r = program.run([lm.class_index("green")], seed=0)[0]
+    means = r.image.astype(np.float64).mean(axis=(0, 1))
+    assert means[1] > means[0] + 50 and means[1] > means[2] + 50
+    own = lm.model(r.image[None].astype(np.float32) / 255.0).numpy()[0]
+    np.testing.assert_allclose(r.probs, own, rtol=1e-5, atol=1e-6)

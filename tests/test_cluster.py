@@ -1,0 +1,111 @@
+"""Scale-out: passes run on a local Dask cluster (two worker processes on loopback) or on local loky
+processes give the same report artifacts and the same pixels as a run in one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import keras
+import pytest
+import yaml
+
+from reportgen.errors import ReportgenError
+from reportgen.parallel import AscentWork, Backend, run_ascent_work
+from reportgen.runner import run
+
+SECTIONS = [
+    {"type": "filters", "title": "classic", "model": "tiny", "layers": ["conv_a", "conv_b"], "filters": "0:6",
+     "params": {"steps": 8, "size": 32, "crop": 2}},
+    {"type": "filters", "title": "regularized", "model": "tiny", "layers": ["conv_b"], "filters": "0:5",
+     "recipe": "regularized", "params": {"steps": 8, "size": 32, "crop": 2}},
+]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((None, None, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inp)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv_a")(x)
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="conv_b")(x)
+    path = tmp_path_factory.mktemp("model") / "tiny.keras"
+    keras.Model(inp, x, name="tiny").save(path)
+    return path
+
+
+def write_spec(folder: Path, model_file: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "title": "cluster", "output": f"{name}/report", "cache": f"{name}-cache", "formats": ["html"],
+        "models": {"tiny": {"path": str(model_file)}}, "sections": SECTIONS,
+    }))
+    return path
+
+
+def assets(report: Path) -> tuple[list[list[dict[str, Any]]], dict[str, bytes]]:
+    manifest = json.loads((report / "manifest.json").read_text())
+    artifacts = [s["artifacts"] for s in manifest["sections"]]
+    files = {a["path"]: (report / a["path"]).read_bytes() for arts in artifacts for a in arts}
+    return artifacts, files
+
+
+@pytest.fixture(scope="module")
+def local_report(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Path:
+    spec = write_spec(tmp_path_factory.mktemp("local"), model_file, "local")
+    summary = run(spec, quiet=True)
+    assert summary.computed == 17
+    return summary.output
+
+
+def test_dask_cluster_run_matches_a_local_run(tmp_path: Path, model_file: Path, local_report: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    spec = write_spec(tmp_path, model_file, "dask")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        summary = run(spec, quiet=True, backend="dask", scheduler=cluster.scheduler_address)
+        assert (summary.computed, summary.reused) == (17, 0)
+        assert f"dask cluster at {cluster.scheduler_address}" in summary.device
+        with Client(cluster) as client:  # both workers loaded the model from the spec and got pieces
+            loaded = client.run(lambda: len(__import__("reportgen.parallel").parallel._WORKER_MODELS))
+        assert sorted(loaded.values()) == [1, 1]
+        again = run(spec, quiet=True, backend="dask", scheduler=cluster.scheduler_address)
+        assert (again.computed, again.reused) == (0, 17)  # the workers' results are in the shared store
+    local_artifacts, local_files = assets(local_report)
+    dask_artifacts, dask_files = assets(summary.output)
+    assert dask_artifacts == local_artifacts  # same files, layers, filters, activations
+    assert dask_files == local_files  # identical PNG bytes
+
+
+def test_local_processes_match_a_local_run(tmp_path: Path, model_file: Path, local_report: Path,
+                                           run_cli: Any) -> None:
+    spec = write_spec(tmp_path, model_file, "loky")
+    done = run_cli("run", "--jobs", "2", spec)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "17 results computed" in done.stdout
+    report = tmp_path / "loky" / "report"
+    assert json.loads((report / "manifest.json").read_text())["device"].count("2 local processes (loky)") == 1
+    assert assets(report) == assets(local_report)
+
+
+def test_worker_refuses_a_model_that_differs_from_the_plan(tmp_path: Path, model_file: Path) -> None:
+    spec = write_spec(tmp_path, model_file, "w")
+    work = AscentWork(str(spec), "tiny", {"steps": 2, "size": 32}, "float32", ("conv_a",),
+                      (("conv_a", 0, 0, "0" * 64),), batch_size=1)
+    with pytest.raises(ReportgenError, match="is not the model the run planned with"):
+        run_ascent_work(work)
+
+
+def test_backend_arguments_are_checked(run_cli: Any) -> None:
+    with pytest.raises(ReportgenError, match="needs --scheduler"):
+        Backend("dask")
+    with pytest.raises(ReportgenError, match="unknown backend"):
+        Backend("spark")
+    result = run_cli("run", "--backend", "dask", "spec.yaml", env={"DASK_SCHEDULER_ADDRESS": ""})
+    assert result.returncode == 2 and "--backend dask needs --scheduler" in result.stderr
+    result = run_cli("run", "--jobs", "0", "spec.yaml")
+    assert result.returncode == 2 and "--jobs must be at least 1" in result.stderr
