@@ -35,8 +35,15 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from reportgen.runner import run
 
-    summary = run(args.spec, quiet=args.quiet, dry_run=args.dry_run, jobs=args.jobs, backend=args.backend,
-                  scheduler=args.scheduler, batch_size=args.batch_size)
+    summary = run(
+        args.spec,
+        quiet=args.quiet,
+        dry_run=args.dry_run,
+        jobs=args.jobs,
+        backend=args.backend,
+        scheduler=args.scheduler,
+        batch_size=args.batch_size,
+    )
     if args.dry_run:
         done = "plan: nothing to compute, every planned result is in the store"
         print("plan:" if summary.to_compute else done)
@@ -44,9 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {line}")
         return 0
     if not args.quiet:
-        print(f"report: {summary.output / 'report.html'}"
-              + (f" and report.pdf ({summary.pages} pages)" if summary.pages else "")
-              + f"; {summary.computed} results computed, {summary.reused} reused, {summary.seconds:.1f} s")
+        print(
+            f"report: {summary.output / 'report.html'}"
+            + (f" and report.pdf ({summary.pages} pages)" if summary.pages else "")
+            + f"; {summary.computed} results computed, {summary.reused} reused, {summary.seconds:.1f} s"
+        )
     return 0
 
 
@@ -118,8 +127,9 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reportgen",
-                                     description="Reports of what convolutional networks learn.")
+    parser = argparse.ArgumentParser(
+        prog="reportgen", description="Reports of what convolutional networks learn."
+    )
     parser.add_argument("--version", action="version", version=f"reportgen {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,16 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="compute (or reuse) every result of a spec and render its report")
     p.add_argument("spec")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (passes, batch sizes, estimated FLOPs) and what the store holds")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="local worker processes for independent passes (default 1: this process)")
-    p.add_argument("--backend", choices=("loky", "dask"), default="loky",
-                   help="loky: local processes; dask: the Dask cluster at --scheduler")
-    p.add_argument("--scheduler", default=os.environ.get("DASK_SCHEDULER_ADDRESS"),
-                   help="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: $DASK_SCHEDULER_ADDRESS)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="samples per chunk (default: what fits the device's free memory)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (passes, batch sizes, estimated FLOPs) and what the store holds",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="local worker processes for independent passes (default 1: this process)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("loky", "dask"),
+        default="loky",
+        help="loky: local processes; dask: the Dask cluster at --scheduler",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=os.environ.get("DASK_SCHEDULER_ADDRESS"),
+        help="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: $DASK_SCHEDULER_ADDRESS)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per chunk (default: what fits the device's free memory)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check a spec; with --models also load models and check layer names")
@@ -145,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("layers", help="list a model's layers: name, type, output shape, channels")
-    p.add_argument("model",
-                   help="builtin name (vgg16-hed), keras.applications name, .keras/.h5 file, or a spec")
+    p.add_argument(
+        "model", help="builtin name (vgg16-hed), keras.applications name, .keras/.h5 file, or a spec"
+    )
     p.add_argument("model_key", nargs="?", help="with a spec: the key of the model under `models:`")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_layers)

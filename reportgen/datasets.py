@@ -45,7 +45,9 @@ class Dataset:
     digest: str  # changes when any file is added, removed or modified
     notes: list[str] = field(default_factory=list)
 
-    def select(self, names: list[str] | None = None, limit: int | None = None, where: str = "") -> list[ImageItem]:
+    def select(
+        self, names: list[str] | None = None, limit: int | None = None, where: str = ""
+    ) -> list[ImageItem]:
         """Items picked by file name / stem / relative path (in the order given), then capped by `limit`."""
         items = self.items
         if names:
@@ -77,7 +79,9 @@ def _digest(items: list[ImageItem]) -> str:
 def scan_folder(key: str, root: Path, spec: DatasetSpec, seed: int = 0) -> Dataset:
     """Flat folder -> unlabelled items; subfolders -> one class each (sorted names = label order)."""
     if not root.is_dir():
-        raise ReportgenError(f"dataset {key!r}: folder {root} does not exist; fix `path:` (relative to the spec)")
+        raise ReportgenError(
+            f"dataset {key!r}: folder {root} does not exist; fix `path:` (relative to the spec)"
+        )
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     items: list[ImageItem] = []
     class_names: list[str] = []
@@ -240,7 +244,9 @@ def load_pixels(items: list[ImageItem], size: tuple[int, int], channels: int) ->
     return np.stack(arrays), bad
 
 
-def stream(items: list[ImageItem], size: tuple[int, int], channels: int, batch_size: int = 8) -> tf.data.Dataset:
+def stream(
+    items: list[ImageItem], size: tuple[int, int], channels: int, batch_size: int = 8
+) -> tf.data.Dataset:
     """Batches of (pixels float32 0..255 (B, H, W, C), index int32 (B,)) decoded and resized in parallel.
 
     Files that fail to decode are dropped by `ignore_errors`; callers find them as the indices that never

@@ -89,7 +89,9 @@ def grid(
     return canvas
 
 
-def colormap(values: np.ndarray, name: str = "viridis", vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+def colormap(
+    values: np.ndarray, name: str = "viridis", vmin: float | None = None, vmax: float | None = None
+) -> np.ndarray:
     """2-D float array -> uint8 RGB through a matplotlib colormap."""
     from matplotlib import colormaps
 

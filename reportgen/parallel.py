@@ -136,15 +136,22 @@ def run_ascent_work(work: AscentWork) -> dict[str, Any]:
     store = Store(store_root(spec))
     todo = [item for item in work.items if not store.has(item[3], "json")]  # a retried piece may have some
     program = program_for(lm, work.layers, recipe, work.precision)
-    batch = work.batch_size or batch_size_for(sample_cost(lm, work.layers, program.size, work.precision),
-                                              device_budget(work.memory_share))
+    batch = work.batch_size or batch_size_for(
+        sample_cost(lm, work.layers, program.size, work.precision), device_budget(work.memory_share)
+    )
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         results = program.run([AscentJob(layer, filt, seed) for layer, filt, seed, _ in chunk], batch)
         for (_, _, _, key), res in zip(chunk, results, strict=True):
             store_result(store, key, res)
-    return {"index": work.index, "keys": [item[3] for item in todo], "items": len(work.items),
-            "device": f"{host}: {device_description()}", "seconds": time.perf_counter() - t0, "batch": batch}
+    return {
+        "index": work.index,
+        "keys": [item[3] for item in todo],
+        "items": len(work.items),
+        "device": f"{host}: {device_description()}",
+        "seconds": time.perf_counter() - t0,
+        "batch": batch,
+    }
 
 
 @contextmanager
@@ -156,8 +163,9 @@ def _joblib_backend(backend: Backend) -> Iterator[int]:
         try:
             from distributed import Client
         except ImportError:
-            raise ReportgenError("--backend dask needs dask.distributed: pip install 'reportgen[cluster]'"
-                                 ) from None
+            raise ReportgenError(
+                "--backend dask needs dask.distributed: pip install 'reportgen[cluster]'"
+            ) from None
         try:
             client = Client(backend.scheduler, timeout="30s", set_as_default=True)
         except (OSError, TimeoutError) as exc:
@@ -176,8 +184,9 @@ def _joblib_backend(backend: Backend) -> Iterator[int]:
         yield backend.jobs
 
 
-def run_passes(passes: list[Any], spec_path: Any, precision: str, backend: Backend, progress: Any,
-               batch_size: int | None) -> tuple[set[str], set[str]]:
+def run_passes(
+    passes: list[Any], spec_path: Any, precision: str, backend: Backend, progress: Any, batch_size: int | None
+) -> tuple[set[str], set[str]]:
     """Run the pending passes' pieces on the backend; returns (keys stored, worker devices)."""
     from joblib import Parallel, delayed
 
@@ -190,15 +199,33 @@ def run_passes(passes: list[Any], spec_path: Any, precision: str, backend: Backe
     with _joblib_backend(backend) as workers, progress.board() as board:
         works, advances = [], []
         for index, p in enumerate(passes):
-            advances.append(board.add(f"ascent {p.model} ({len(p.layers)} layers, {p.recipe.steps} steps) "
-                                      f"on {backend.describe()}", p.pending))
+            advances.append(
+                board.add(
+                    f"ascent {p.model} ({len(p.layers)} layers, {p.recipe.steps} steps) "
+                    f"on {backend.describe()}",
+                    p.pending,
+                )
+            )
             for piece in split_pass(p, workers):
-                items = tuple((p.requests[i].layer, p.requests[i].filter, p.requests[i].seed, p.keys[i])
-                              for i in piece)
+                items = tuple(
+                    (p.requests[i].layer, p.requests[i].filter, p.requests[i].seed, p.keys[i]) for i in piece
+                )
                 # the planner's chunk size, unless dask workers may size their own (no --batch-size)
                 chunk = batch_size if backend.name == "dask" else min(p.batch_size, len(items))
-                works.append(AscentWork(spec_path, p.model, p.recipe.as_dict(), precision, p.layers, items,
-                                        chunk, backend.memory_share, threads, index))
+                works.append(
+                    AscentWork(
+                        spec_path,
+                        p.model,
+                        p.recipe.as_dict(),
+                        precision,
+                        p.layers,
+                        items,
+                        chunk,
+                        backend.memory_share,
+                        threads,
+                        index,
+                    )
+                )
         results = Parallel(batch_size=1, return_as="generator_unordered")(
             delayed(run_ascent_work)(w) for w in works
         )

@@ -50,8 +50,9 @@ def _kernel_flops(layer: Any, out_shape: tuple[int | None, ...]) -> int:
     return total
 
 
-def sample_cost(model: Any, layers: list[str] | tuple[str, ...], size: tuple[int, int],
-                precision: str = "float32") -> SampleCost:
+def sample_cost(
+    model: Any, layers: list[str] | tuple[str, ...], size: tuple[int, int], precision: str = "float32"
+) -> SampleCost:
     """Cost of one sample of a pass whose extractor has outputs at `layers`, at input `size` (h, w).
 
     Shapes come from Keras' symbolic shape inference at that size (models with a free input size get the
@@ -66,8 +67,12 @@ def sample_cost(model: Any, layers: list[str] | tuple[str, ...], size: tuple[int
         specs = probe.compute_output_spec(keras.KerasTensor((1, h, w, model.channels)))
         shapes = [tuple(s.shape) for s in (specs if isinstance(specs, list | tuple) else [specs])]
     except (AttributeError, ValueError, TypeError):  # a layer used twice has no single output
-        shapes = [(1, *[h if i == 0 else w if i == 1 else d for i, d in enumerate(ly.output.shape[1:])])
-                  if len(ly.output.shape) == 4 else tuple(ly.output.shape) for ly in ops]
+        shapes = [
+            (1, *[h if i == 0 else w if i == 1 else d for i, d in enumerate(ly.output.shape[1:])])
+            if len(ly.output.shape) == 4
+            else tuple(ly.output.shape)
+            for ly in ops
+        ]
     flops = sum(_kernel_flops(ly, shape) for ly, shape in zip(ops, shapes, strict=True))
     elements = sum(math.prod(int(d or 1) for d in shape[1:]) for shape in shapes)
     return SampleCost(flops=flops, activation_bytes=elements * BYTES.get(precision, 4))
@@ -239,13 +244,22 @@ class Plan:
         )
         lines = [head]
         lines += [f"pass {i + 1}: {p.describe()}" for i, p in enumerate(self.passes)]
-        lines += [f"section {sid}: {stored} of {n} ascent results stored"
-                  for sid, (n, stored) in self.sections.items()]
+        lines += [
+            f"section {sid}: {stored} of {n} ascent results stored"
+            for sid, (n, stored) in self.sections.items()
+        ]
         return lines
 
 
-def build_plan(requests: dict[Any, str], owners: dict[str, list[str]], store: Any, models: Any,
-               precision: str, batch_size: int | None = None, budget: DeviceBudget | None = None) -> Plan:
+def build_plan(
+    requests: dict[Any, str],
+    owners: dict[str, list[str]],
+    store: Any,
+    models: Any,
+    precision: str,
+    batch_size: int | None = None,
+    budget: DeviceBudget | None = None,
+) -> Plan:
     """Group requests (AscentRequest -> content key) per (model, recipe), drop the stored, size batches.
 
     A key requested twice (two sections, or two model entries with the same weights) is computed once,
@@ -268,8 +282,16 @@ def build_plan(requests: dict[Any, str], owners: dict[str, list[str]], store: An
         order = [ly.name for ly in lm.model.layers]
         layers = tuple(sorted({r.layer for r, _ in todo}, key=order.index))
         size = ascent_size(lm, recipe)
-        p = AscentPass(model_key, recipe, size, layers, [r for r, _ in todo], [k for _, k in todo],
-                       total=len(items), stored=len(items) - len(todo))
+        p = AscentPass(
+            model_key,
+            recipe,
+            size,
+            layers,
+            [r for r, _ in todo],
+            [k for _, k in todo],
+            total=len(items),
+            stored=len(items) - len(todo),
+        )
         if todo:
             p.cost = sample_cost(lm, layers, size, precision)
             p.batch_size = batch_size_for(p.cost, budget, batch_size)

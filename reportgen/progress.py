@@ -42,9 +42,15 @@ class _LogTask:
         if self.done >= self.next_report or self.done >= self.total:
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
             eta = (self.total - self.done) / rate if rate else 0.0
-            log.info("progress task=%s done=%d total=%d pct=%d rate=%.2f/s eta=%.0fs",
-                     _quote(self.description), self.done, self.total, 100 * self.done // max(self.total, 1),
-                     rate, max(eta, 0.0))
+            log.info(
+                "progress task=%s done=%d total=%d pct=%d rate=%.2f/s eta=%.0fs",
+                _quote(self.description),
+                self.done,
+                self.total,
+                100 * self.done // max(self.total, 1),
+                rate,
+                max(eta, 0.0),
+            )
             self.next_report = self.done + max(1, self.total // 10)
 
     def close(self) -> None:
@@ -52,8 +58,13 @@ class _LogTask:
             return
         self.closed = True
         seconds = time.perf_counter() - self.t0
-        log.info("done task=%s items=%d seconds=%.1f rate=%.2f/s", _quote(self.description), self.done,
-                 seconds, self.done / max(seconds, 1e-9))
+        log.info(
+            "done task=%s items=%d seconds=%.1f rate=%.2f/s",
+            _quote(self.description),
+            self.done,
+            seconds,
+            self.done / max(seconds, 1e-9),
+        )
 
 
 class Board:
@@ -71,9 +82,15 @@ class Board:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
-            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=False)
+            self._bar = Bar(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
             self._bar.__enter__()
         return self
 

@@ -47,9 +47,7 @@ class ModelRegistry:
     def __init__(self, spec: Spec):
         self.spec = spec
         self._loaded: dict[str, Any] = {}
-        self.need_top = {
-            getattr(s, "model", None) for s in spec.sections if s.type in NEEDS_TOP
-        }
+        self.need_top = {getattr(s, "model", None) for s in spec.sections if s.type in NEEDS_TOP}
 
     def get(self, key: str) -> Any:
         if key not in self._loaded:
@@ -190,9 +188,17 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run(spec_path: str | Path, *, quiet: bool = False, dry_run: bool = False,
-        progress: Progress | None = None, jobs: int = 1, backend: str = "loky",
-        scheduler: str | None = None, batch_size: int | None = None) -> RunSummary:
+def run(
+    spec_path: str | Path,
+    *,
+    quiet: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    jobs: int = 1,
+    backend: str = "loky",
+    scheduler: str | None = None,
+    batch_size: int | None = None,
+) -> RunSummary:
     """Run a spec. `jobs`/`backend`/`scheduler`: where independent passes run (reportgen.parallel);
     `batch_size`: samples per chunk instead of sizing chunks from free memory."""
     from reportgen.parallel import Backend
@@ -208,8 +214,14 @@ def run(spec_path: str | Path, *, quiet: bool = False, dry_run: bool = False,
     if dry_run:  # reads the store, writes nothing: no lock, so it works while a run is going
         with tempfile.TemporaryDirectory(prefix="reportgen-dry-run-") as tmp:
             root = store_root(spec)  # not created if absent: then nothing is stored yet
-            ctx, _ = _prepare(spec, spec_path, Path(tmp), progress, batch_size,
-                              root if root.exists() else Path(tmp) / "store")
+            ctx, _ = _prepare(
+                spec,
+                spec_path,
+                Path(tmp),
+                progress,
+                batch_size,
+                root if root.exists() else Path(tmp) / "store",
+            )
             plan = ctx.ascent.plan(memory_share=engine.memory_share)
             summary.plan, summary.to_compute = plan.lines(), plan.pending
         summary.seconds = time.perf_counter() - t_start
@@ -229,8 +241,14 @@ def run(spec_path: str | Path, *, quiet: bool = False, dry_run: bool = False,
     return summary
 
 
-def _prepare(spec: Spec, spec_path: Path, staging: Path, progress: Progress, batch_size: int | None,
-             root: Path | None = None) -> tuple[Any, list[tuple[Any, Any, str, str, dict[str, int]]]]:
+def _prepare(
+    spec: Spec,
+    spec_path: Path,
+    staging: Path,
+    progress: Progress,
+    batch_size: int | None,
+    root: Path | None = None,
+) -> tuple[Any, list[tuple[Any, Any, str, str, dict[str, int]]]]:
     """The run context, and every section's (section, analysis, title, id, result counts) after `prepare`
     registered its batched work."""
     from reportgen.analyses import analysis_for
@@ -247,8 +265,14 @@ def _prepare(spec: Spec, spec_path: Path, staging: Path, progress: Progress, bat
     except ImportError:  # datasets arrive with the image-folder analyses
         datasets = None
     ctx = RunContext(
-        spec=spec, spec_path=spec_path, store=store, staging=staging, models=models, datasets=datasets,
-        ascent=AscentScheduler(store, models, spec.precision, batch_size), progress=progress,
+        spec=spec,
+        spec_path=spec_path,
+        store=store,
+        staging=staging,
+        models=models,
+        datasets=datasets,
+        ascent=AscentScheduler(store, models, spec.precision, batch_size),
+        progress=progress,
     )
     titled = []
     for i, section in enumerate(spec.sections):
@@ -273,8 +297,15 @@ def _counting(ctx: Any, counts: dict[str, int]) -> Iterator[None]:
         counts["reused"] += ctx.reused - reused
 
 
-def _run_locked(spec: Spec, spec_path: Path, staging: Path, progress: Progress, engine: Any,
-                batch_size: int | None, summary: RunSummary) -> None:
+def _run_locked(
+    spec: Spec,
+    spec_path: Path,
+    staging: Path,
+    progress: Progress,
+    engine: Any,
+    batch_size: int | None,
+    summary: RunSummary,
+) -> None:
     from reportgen.analyses.base import SectionOutput
     from reportgen.report.markdown import render_markdown
     from reportgen.report.render import render_html, render_pdf
@@ -297,12 +328,21 @@ def _run_locked(spec: Spec, spec_path: Path, staging: Path, progress: Progress, 
         a_computed, a_reused = ascent_counts.get(sid, (0, 0))
         results = {"computed": counts["computed"] + a_computed, "reused": counts["reused"] + a_reused}
         summary.sections[title] = results
-        sections.append({
-            "id": sid, "type": section.type, "title": title, "model": getattr(section, "model", None),
-            "context": result.context, "findings": result.findings, "notes": result.notes,
-            "observations": render_markdown(section.observations), "artifacts": result.artifacts,
-            "seconds": ctx.timings.get(sid, 0.0), "results": results,
-        })
+        sections.append(
+            {
+                "id": sid,
+                "type": section.type,
+                "title": title,
+                "model": getattr(section, "model", None),
+                "context": result.context,
+                "findings": result.findings,
+                "notes": result.notes,
+                "observations": render_markdown(section.observations),
+                "artifacts": result.artifacts,
+                "seconds": ctx.timings.get(sid, 0.0),
+                "results": results,
+            }
+        )
         steps.append({"name": title, "seconds": ctx.timings.get(sid, 0.0), **results})
     for name, seconds in ctx.timings.items():
         if name.startswith("engine"):
@@ -313,24 +353,51 @@ def _run_locked(spec: Spec, spec_path: Path, staging: Path, progress: Progress, 
     summary.computed = ctx.ascent.computed + ctx.computed
     summary.reused = ctx.ascent.reused + ctx.reused
     here = device_description()
-    summary.device = here if engine.in_process or not ctx.ascent.devices else (
-        f"{here} (planning and rendering); ascent passes on {engine.describe()}: "
-        + "; ".join(sorted(ctx.ascent.devices)))
+    summary.device = (
+        here
+        if engine.in_process or not ctx.ascent.devices
+        else (
+            f"{here} (planning and rendering); ascent passes on {engine.describe()}: "
+            + "; ".join(sorted(ctx.ascent.devices))
+        )
+    )
     finished = _now()
     meta = {
-        "spec_path": str(spec_path.resolve()), "spec_name": spec_path.name,
-        "spec_sha256": spec_sha256(spec_path), "seed": spec.seed, "precision": spec.precision,
-        "device": summary.device, "versions": versions(), "started": started,
-        "finished": finished, "finished_human": finished.replace("T", " "),
-        "computed": summary.computed, "reused": summary.reused, "plan": summary.plan, "steps": steps,
-        "timings": {**{s["title"]: s["seconds"] for s in sections},
-                    **{k: v for k, v in ctx.timings.items() if k.startswith("engine")}},
+        "spec_path": str(spec_path.resolve()),
+        "spec_name": spec_path.name,
+        "spec_sha256": spec_sha256(spec_path),
+        "seed": spec.seed,
+        "precision": spec.precision,
+        "device": summary.device,
+        "versions": versions(),
+        "started": started,
+        "finished": finished,
+        "finished_human": finished.replace("T", " "),
+        "computed": summary.computed,
+        "reused": summary.reused,
+        "plan": summary.plan,
+        "steps": steps,
+        "timings": {
+            **{s["title"]: s["seconds"] for s in sections},
+            **{k: v for k, v in ctx.timings.items() if k.startswith("engine")},
+        },
     }
     context = {
-        "title": spec.title, "author": spec.author, "introduction": render_markdown(spec.introduction),
-        "sections": sections, "meta": meta,
-        "models": [{"key": m.key, "description": m.description, "input_size": m.input_size,
-                    "channels": m.channels, "digest": m.digest} for m in ctx.models.loaded()],
+        "title": spec.title,
+        "author": spec.author,
+        "introduction": render_markdown(spec.introduction),
+        "sections": sections,
+        "meta": meta,
+        "models": [
+            {
+                "key": m.key,
+                "description": m.description,
+                "input_size": m.input_size,
+                "channels": m.channels,
+                "digest": m.digest,
+            }
+            for m in ctx.models.loaded()
+        ],
     }
     with ctx.timed("render: html"):
         render_html(context, staging / "report.html")
@@ -341,13 +408,25 @@ def _run_locked(spec: Spec, spec_path: Path, staging: Path, progress: Progress, 
         (staging / "report.html").unlink()
     manifest = {
         "title": spec.title,
-        "sections": [{"type": s["type"], "title": s["title"], "findings": s["findings"],
-                      "results": s["results"], "artifacts": [a.manifest() for a in s["artifacts"]]}
-                     for s in sections],
-        "spec_sha256": meta["spec_sha256"], "started": started, "finished": _now(),
-        "versions": meta["versions"], "device": meta["device"], "seed": spec.seed,
+        "sections": [
+            {
+                "type": s["type"],
+                "title": s["title"],
+                "findings": s["findings"],
+                "results": s["results"],
+                "artifacts": [a.manifest() for a in s["artifacts"]],
+            }
+            for s in sections
+        ],
+        "spec_sha256": meta["spec_sha256"],
+        "started": started,
+        "finished": _now(),
+        "versions": meta["versions"],
+        "device": meta["device"],
+        "seed": spec.seed,
         "precision": spec.precision,
-        "computed": summary.computed, "reused": summary.reused,
+        "computed": summary.computed,
+        "reused": summary.reused,
         "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))

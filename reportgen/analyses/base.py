@@ -32,7 +32,13 @@ class Artifact:
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self) -> dict[str, Any]:
-        row = {"kind": self.kind, "path": self.path, "model": self.model, "layer": self.layer, "filter": self.filter}
+        row = {
+            "kind": self.kind,
+            "path": self.path,
+            "model": self.model,
+            "layer": self.layer,
+            "filter": self.filter,
+        }
         row.update(self.metrics)
         return row
 

@@ -102,23 +102,37 @@ def _ratio(value: float, reference: float) -> float | None:
 
 
 def _means_key(lm: LoadedModel, ds: Dataset, layer: str) -> str:
-    return content_key("class_ranking", ClassRankingAnalysis.version, lm.digest,
-                       lm.preprocessing.model_dump(), lm.channels, ds.digest, layer, lm.input_size)
+    return content_key(
+        "class_ranking",
+        ClassRankingAnalysis.version,
+        lm.digest,
+        lm.preprocessing.model_dump(),
+        lm.channels,
+        ds.digest,
+        layer,
+        lm.input_size,
+    )
 
 
-def layer_means(section: ClassRankingSection, ctx: RunContext, lm: LoadedModel,
-                ds: Dataset) -> dict[str, np.ndarray]:
+def layer_means(
+    section: ClassRankingSection, ctx: RunContext, lm: LoadedModel, ds: Dataset
+) -> dict[str, np.ndarray]:
     """(N, C) means of every channel of the layer over the dataset, plus the undecodable indices; cached.
 
     When the pass has to run, it also covers the layers of every other class_ranking section of the spec
     on the same model and dataset that is not stored yet: one pass over the images serves them all, and
     those sections then find their layer in the store.
     """
+
     def compute() -> dict[str, np.ndarray]:
         layers = [section.layer]
         for j, other in enumerate(ctx.spec.sections):
-            if (other.type == ClassRankingAnalysis.type and other.model == section.model
-                    and other.dataset == section.dataset and other.layer not in layers):
+            if (
+                other.type == ClassRankingAnalysis.type
+                and other.model == section.model
+                and other.dataset == section.dataset
+                and other.layer not in layers
+            ):
                 lm.layer(other.layer, ctx.where(j, "layer"))
                 if not ctx.store.has(_means_key(lm, ds, other.layer), "npz"):
                     layers.append(other.layer)
@@ -142,20 +156,24 @@ class ClassRankingAnalysis(Analysis):
     def default_title(self, section: ClassRankingSection) -> str:
         return f"Classes that drive {section.layer}"
 
-    def _filters(self, section: ClassRankingSection, ctx: RunContext, lm: LoadedModel,
-                 index: int) -> list[int]:
+    def _filters(
+        self, section: ClassRankingSection, ctx: RunContext, lm: LoadedModel, index: int
+    ) -> list[int]:
         lm.layer(section.layer, ctx.where(index, "layer"))
         channels = lm.layer_channels(section.layer)
         filters = expand_filters(section.filters, channels)
         bad = [f for f in filters if f >= channels]
         if bad or not filters:
             what = f"filter {bad[0]} does not exist" if bad else f"{section.filters!r} selects no filter"
-            raise ReportgenError(f"{ctx.where(index, 'filters')}: {what}; layer {section.layer!r} of model "
-                                 f"{section.model!r} has {channels} channels (0..{channels - 1})")
+            raise ReportgenError(
+                f"{ctx.where(index, 'filters')}: {what}; layer {section.layer!r} of model "
+                f"{section.model!r} has {channels} channels (0..{channels - 1})"
+            )
         return list(dict.fromkeys(filters))
 
-    def build(self, section: ClassRankingSection, ctx: RunContext, out: SectionOutput,
-              index: int) -> SectionResult:
+    def build(
+        self, section: ClassRankingSection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
         lm = ctx.models.get(section.model)
         filters = self._filters(section, ctx, lm, index)
         ds = ctx.datasets.get(section.dataset)
@@ -169,14 +187,19 @@ class ClassRankingAnalysis(Analysis):
             per_class, counts = class_means(means, np.asarray([it.label for it in items]), n_classes)
             empty = [ds.class_names[k] for k in range(n_classes) if counts[k] == 0]
             if empty:
-                notes.append(f"{len(empty)} class(es) without a readable image, not ranked: "
-                             f"{', '.join(empty[:NAMES_IN_NOTE])}.")
+                notes.append(
+                    f"{len(empty)} class(es) without a readable image, not ranked: "
+                    f"{', '.join(empty[:NAMES_IN_NOTE])}."
+                )
             if min(section.top, n_classes) > TABLE_ROWS_SHOWN:
-                notes.append(f"Tables show the top {TABLE_ROWS_SHOWN} classes; the linked CSV files list "
-                             f"all {n_classes}.")
+                notes.append(
+                    f"Tables show the top {TABLE_ROWS_SHOWN} classes; the linked CSV files list "
+                    f"all {n_classes}."
+                )
         else:
-            notes.append(f"Dataset {section.dataset!r} has no class subfolders: images are ranked, "
-                         "classes are not.")
+            notes.append(
+                f"Dataset {section.dataset!r} has no class subfolders: images are ranked, classes are not."
+            )
 
         layer_slug = slugify(section.layer)
         thumbs_written: dict[int, str] = {}
@@ -189,28 +212,46 @@ class ClassRankingAnalysis(Analysis):
             for rank, i in enumerate(top_idx, 1):
                 if i not in thumbs_written:
                     thumbs_written[i] = out.image(f"image_{i:05d}.png", thumbnail(items[i].path))
-                thumbs.append({"rank": rank, "path": thumbs_written[i], "file": items[i].name,
-                               "name": items[i].class_name or items[i].stem, "value": float(values[i])})
+                thumbs.append(
+                    {
+                        "rank": rank,
+                        "path": thumbs_written[i],
+                        "file": items[i].name,
+                        "name": items[i].class_name or items[i].stem,
+                        "value": float(values[i]),
+                    }
+                )
             entry: dict[str, Any] = {"filter": f, "thumbs": thumbs, "rows": [], "chart": None, "csv": None}
             if not order:
                 rows_out.append(entry)
                 continue
             if float(values[order[0]]) <= 0.0:
-                findings.append(f"Filter {f} never activates on {section.dataset!r} (mean activation <= 0 on "
-                                "every image): its ranking carries no information.")
+                findings.append(
+                    f"Filter {f} never activates on {section.dataset!r} (mean activation <= 0 on "
+                    "every image): its ranking carries no information."
+                )
             if labelled:
                 entry.update(self._rank_classes(section, ds, f, per_class[:, f], counts, out, layer_slug))
                 top = entry["rows"][0]
                 peaks[f] = top["name"]
-                ratio = (f", {top['ratio']:.1f}x the median class ({entry['median']:.3g})"
-                         if top["ratio"] is not None else f" (median class: {entry['median']:.3g})")
+                ratio = (
+                    f", {top['ratio']:.1f}x the median class ({entry['median']:.3g})"
+                    if top["ratio"] is not None
+                    else f" (median class: {entry['median']:.3g})"
+                )
                 findings.append(f"Filter {f} peaks on class {top['name']} at {top['mean']:.4g}{ratio}.")
                 share = sum(1 for t in thumbs if t["name"] == top["name"])
                 if len(thumbs) > 1 and share * 2 >= len(thumbs):
-                    findings.append(f"Filter {f}: {share} of its {len(thumbs)} most activating images "
-                                    f"are {top['name']}.")
-                metrics = {"dataset": section.dataset, "top_class": top["name"], "value": top["mean"],
-                           "ratio_to_median": top["ratio"], "images": int(valid.sum())}
+                    findings.append(
+                        f"Filter {f}: {share} of its {len(thumbs)} most activating images are {top['name']}."
+                    )
+                metrics = {
+                    "dataset": section.dataset,
+                    "top_class": top["name"],
+                    "value": top["mean"],
+                    "ratio_to_median": top["ratio"],
+                    "images": int(valid.sum()),
+                }
                 artifacts.append(Artifact("chart", entry["chart"], section.model, section.layer, f, metrics))
                 artifacts.append(Artifact("table", entry["csv"], section.model, section.layer, f, metrics))
             else:
@@ -219,8 +260,12 @@ class ClassRankingAnalysis(Analysis):
                 tail = f", {ratio:.1f}x the median image" if ratio is not None else ""
                 findings.append(f"Filter {f} responds most to {best['file']} at {best['value']:.4g}{tail}.")
             for t in thumbs:
-                metrics = {"rank": t["rank"], "image": t["file"], "value": t["value"],
-                           "class": t["name"] if labelled else None}
+                metrics = {
+                    "rank": t["rank"],
+                    "image": t["file"],
+                    "value": t["value"],
+                    "class": t["name"] if labelled else None,
+                }
                 artifacts.append(Artifact("image", t["path"], section.model, section.layer, f, metrics))
             rows_out.append(entry)
 
@@ -230,36 +275,87 @@ class ClassRankingAnalysis(Analysis):
                 which = ", ".join(str(f) for f, c in peaks.items() if c == name)
                 findings.append(f"Filters {which} all peak on class {name}.")
         return SectionResult(
-            context={"model": section.model, "layer": section.layer, "dataset": section.dataset,
-                     "channels": lm.layer_channels(section.layer), "images": int(valid.sum()),
-                     "total": len(items), "classes": n_classes, "filters": rows_out},
-            artifacts=artifacts, findings=findings, notes=notes,
+            context={
+                "model": section.model,
+                "layer": section.layer,
+                "dataset": section.dataset,
+                "channels": lm.layer_channels(section.layer),
+                "images": int(valid.sum()),
+                "total": len(items),
+                "classes": n_classes,
+                "filters": rows_out,
+            },
+            artifacts=artifacts,
+            findings=findings,
+            notes=notes,
         )
 
-    def _rank_classes(self, section: ClassRankingSection, ds: Dataset, f: int, values: np.ndarray,
-                      counts: np.ndarray, out: SectionOutput, layer_slug: str) -> dict[str, Any]:
+    def _rank_classes(
+        self,
+        section: ClassRankingSection,
+        ds: Dataset,
+        f: int,
+        values: np.ndarray,
+        counts: np.ndarray,
+        out: SectionOutput,
+        layer_slug: str,
+    ) -> dict[str, Any]:
         """Class table (capped), full CSV and bar chart of one filter."""
         order = np.argsort(-np.where(counts > 0, values, -np.inf), kind="stable")
         ranked = [int(k) for k in order if counts[k] > 0]
         med = float(np.median(values[ranked]))
-        rows = [{"rank": r, "name": ds.class_names[k], "label": k, "mean": float(values[k]),
-                 "images": int(counts[k]), "ratio": _ratio(float(values[k]), med)}
-                for r, k in enumerate(ranked, 1)]
-        full = [{"rank": r["rank"], "class": r["name"], "label": r["label"],
-                 "mean_activation": f"{r['mean']:.6g}", "images": r["images"],
-                 "ratio_to_median": "" if r["ratio"] is None else f"{r['ratio']:.4f}"}
-                for r in rows]
-        full += [{"rank": "", "class": ds.class_names[k], "label": k, "mean_activation": "", "images": 0,
-                  "ratio_to_median": ""} for k in range(len(ds.class_names)) if counts[k] == 0]
+        rows = [
+            {
+                "rank": r,
+                "name": ds.class_names[k],
+                "label": k,
+                "mean": float(values[k]),
+                "images": int(counts[k]),
+                "ratio": _ratio(float(values[k]), med),
+            }
+            for r, k in enumerate(ranked, 1)
+        ]
+        full = [
+            {
+                "rank": r["rank"],
+                "class": r["name"],
+                "label": r["label"],
+                "mean_activation": f"{r['mean']:.6g}",
+                "images": r["images"],
+                "ratio_to_median": "" if r["ratio"] is None else f"{r['ratio']:.4f}",
+            }
+            for r in rows
+        ]
+        full += [
+            {
+                "rank": "",
+                "class": ds.class_names[k],
+                "label": k,
+                "mean_activation": "",
+                "images": 0,
+                "ratio_to_median": "",
+            }
+            for k in range(len(ds.class_names))
+            if counts[k] == 0
+        ]
         stem = f"{layer_slug}_f{f:04d}_classes"
         csv_rel = out.bytes(f"{stem}.csv", _csv(full, list(full[0])))
         top = rows[: section.top]
-        chart = bar_chart([r["name"] for r in top], [r["mean"] for r in top],
-                          f"{section.layer} filter {f}: top {len(top)} of {len(rows)} classes",
-                          f"mean activation of filter {f} over the class's images")
+        chart = bar_chart(
+            [r["name"] for r in top],
+            [r["mean"] for r in top],
+            f"{section.layer} filter {f}: top {len(top)} of {len(rows)} classes",
+            f"mean activation of filter {f} over the class's images",
+        )
         chart_rel = out.bytes(f"{stem}.png", chart)
-        return {"rows": top[:TABLE_ROWS_SHOWN], "ranked": len(rows), "median": med, "chart": chart_rel,
-                "csv": csv_rel, "csv_name": Path(csv_rel).name}
+        return {
+            "rows": top[:TABLE_ROWS_SHOWN],
+            "ranked": len(rows),
+            "median": med,
+            "chart": chart_rel,
+            "csv": csv_rel,
+            "csv_name": Path(csv_rel).name,
+        }
 
 
 ANALYSIS = ClassRankingAnalysis()

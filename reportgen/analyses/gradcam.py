@@ -36,8 +36,10 @@ def select_images(section: Any, ctx: RunContext, index: int) -> tuple[Dataset, l
     items = ds.select(section.images, section.limit, ctx.where(index, "images"))
     notes = []
     if section.images is None and section.limit is None and len(items) > DEFAULT_IMAGES:
-        notes.append(f"Showing the first {DEFAULT_IMAGES} of {len(items)} images of dataset {ds.key!r}; "
-                     "set `limit:` or `images:` to choose others.")
+        notes.append(
+            f"Showing the first {DEFAULT_IMAGES} of {len(items)} images of dataset {ds.key!r}; "
+            "set `limit:` or `images:` to choose others."
+        )
         items = items[:DEFAULT_IMAGES]
     return ds, items, notes
 
@@ -49,8 +51,9 @@ def resolve_target(lm: LoadedModel, target: int | str | None, where: str) -> int
     idx = lm.class_index(target, where)
     n = int(lm.model.output_shape[-1])
     if not 0 <= idx < n:
-        raise ReportgenError(f"{where}: class index {idx} is out of range; model {lm.key!r} has {n} classes "
-                             f"(0..{n - 1})")
+        raise ReportgenError(
+            f"{where}: class index {idx} is out of range; model {lm.key!r} has {n} classes (0..{n - 1})"
+        )
     return idx
 
 
@@ -76,8 +79,9 @@ def image_sizes(items: list[ImageItem]) -> list[tuple[int, int]]:
     return sizes
 
 
-def load_inputs(lm: LoadedModel, ds: Dataset, items: list[ImageItem],
-                where: str) -> tuple[np.ndarray, np.ndarray]:
+def load_inputs(
+    lm: LoadedModel, ds: Dataset, items: list[ImageItem], where: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Model-input pixels of the decodable items and their indices into `items`."""
     pixels, bad = load_pixels(items, lm.input_size, lm.channels)
     unreadable = set(bad)
@@ -98,11 +102,21 @@ def skipped_note(items: list[ImageItem], kept: np.ndarray) -> list[str]:
     return [f"Skipped {len(bad)} unreadable file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}."]
 
 
-def result_key(kind: str, version: str, lm: LoadedModel, ds: Dataset, items: list[ImageItem],
-               params: dict[str, Any]) -> str:
+def result_key(
+    kind: str, version: str, lm: LoadedModel, ds: Dataset, items: list[ImageItem], params: dict[str, Any]
+) -> str:
     """Everything a result depends on: weights, preprocessing, input size, files and parameters."""
-    return content_key(kind, version, lm.digest, lm.preprocessing.model_dump(), list(lm.input_size),
-                       lm.channels, ds.digest, [it.name for it in items], params)
+    return content_key(
+        kind,
+        version,
+        lm.digest,
+        lm.preprocessing.model_dump(),
+        list(lm.input_size),
+        lm.channels,
+        ds.digest,
+        [it.name for it in items],
+        params,
+    )
 
 
 def as_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -130,16 +144,30 @@ def heat_stats(heat: np.ndarray, original: tuple[int, int]) -> dict[str, Any]:
     h, w = heat.shape
     total = float(heat.sum())
     if total <= 0:
-        return {"empty": True, "com_x": None, "com_y": None, "fx": None, "fy": None, "top10": None,
-                "region": "none"}
+        return {
+            "empty": True,
+            "com_x": None,
+            "com_y": None,
+            "fx": None,
+            "fy": None,
+            "top10": None,
+            "region": "none",
+        }
     ys, xs = np.mgrid[0:h, 0:w]
     fx = float((heat * (xs + 0.5)).sum() / total / w)
     fy = float((heat * (ys + 0.5)).sum() / total / h)
     flat = np.sort(heat.ravel())[::-1]
     top10 = float(flat[: max(1, flat.size // 10)].sum() / total)
     ow, oh = original if original[0] else (w, h)
-    return {"empty": False, "com_x": round(fx * ow), "com_y": round(fy * oh), "fx": fx, "fy": fy,
-            "top10": top10, "region": region_word(fx, fy)}
+    return {
+        "empty": False,
+        "com_x": round(fx * ow),
+        "com_y": round(fy * oh),
+        "fx": fx,
+        "fy": fy,
+        "top10": top10,
+        "region": region_word(fx, fy),
+    }
 
 
 def csv_bytes(rows: list[dict[str, Any]]) -> bytes:
@@ -164,8 +192,9 @@ class GradcamAnalysis(Analysis):
     def default_title(self, section: GradcamSection) -> str:
         return f"Grad-CAM of {section.model} at {section.layer}"
 
-    def build(self, section: GradcamSection, ctx: RunContext, out: SectionOutput,
-              index: int) -> SectionResult:
+    def build(
+        self, section: GradcamSection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
         lm = ctx.models.get(section.model)
         check_conv_layer(lm, section.layer, ctx.where(index, "layer"))
         target = resolve_target(lm, section.target, ctx.where(index, "target"))
@@ -177,9 +206,15 @@ class GradcamAnalysis(Analysis):
             pixels, kept = load_inputs(lm, ds, items, ctx.where(index, "dataset"))
             with ctx.timed("engine: gradients"):
                 r = engine_for(lm, ctx.batch_size).gradcam(pixels, section.layer, target)
-            return {"images": as_uint8(pixels), "kept": kept, "heatmaps": r.heatmaps, "classes": r.classes,
-                    "probability": r.probability, "top": r.top,
-                    "top_probability": r.probs[np.arange(len(r.top)), r.top]}
+            return {
+                "images": as_uint8(pixels),
+                "kept": kept,
+                "heatmaps": r.heatmaps,
+                "classes": r.classes,
+                "probability": r.probability,
+                "top": r.top,
+                "top_probability": r.probs[np.arange(len(r.top)), r.top],
+            }
 
         res = ctx.cached(key, compute)
         notes += skipped_note(items, res["kept"])
@@ -190,47 +225,81 @@ class GradcamAnalysis(Analysis):
             cls, prob = int(res["classes"][k]), float(res["probability"][k])
             top, top_p = int(res["top"][k]), float(res["top_probability"][k])
             stats = heat_stats(res["heatmaps"][k], sizes[i])
-            rel = out.image(f"{k:03d}_{item.stem}_gradcam.png",
-                            for_print(res["images"][k], res["heatmaps"][k], section.alpha))
-            figures.append({"src": rel, "name": item.name, "cls": lm.class_name(cls), "probability": prob,
-                            "top": lm.class_name(top) if top != cls else None, "top_probability": top_p,
-                            "label": item.class_name, "empty": stats["empty"]})
-            row = {"image": item.name, "class": lm.class_name(cls), "probability": round(prob, 4),
-                   "top_class": lm.class_name(top), "top_probability": round(top_p, 4),
-                   "centre_x": stats["com_x"], "centre_y": stats["com_y"], "region": stats["region"],
-                   "top10_share": None if stats["empty"] else round(stats["top10"], 3)}
+            rel = out.image(
+                f"{k:03d}_{item.stem}_gradcam.png",
+                for_print(res["images"][k], res["heatmaps"][k], section.alpha),
+            )
+            figures.append(
+                {
+                    "src": rel,
+                    "name": item.name,
+                    "cls": lm.class_name(cls),
+                    "probability": prob,
+                    "top": lm.class_name(top) if top != cls else None,
+                    "top_probability": top_p,
+                    "label": item.class_name,
+                    "empty": stats["empty"],
+                }
+            )
+            row = {
+                "image": item.name,
+                "class": lm.class_name(cls),
+                "probability": round(prob, 4),
+                "top_class": lm.class_name(top),
+                "top_probability": round(top_p, 4),
+                "centre_x": stats["com_x"],
+                "centre_y": stats["com_y"],
+                "region": stats["region"],
+                "top10_share": None if stats["empty"] else round(stats["top10"], 3),
+            }
             rows.append(row)
-            artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None,
-                                      dict(row)))
+            artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None, dict(row)))
         csv_rel = out.bytes("gradcam.csv", csv_bytes(rows))
         artifacts.append(Artifact("table", csv_rel, section.model, section.layer, None, {"rows": len(rows)}))
         return SectionResult(
-            context={"layer": section.layer, "model": section.model, "explains": explained(lm, target),
-                     "figures": figures, "rows": rows[:TABLE_ROWS], "total_rows": len(rows), "csv": csv_rel,
-                     "alpha": section.alpha},
+            context={
+                "layer": section.layer,
+                "model": section.model,
+                "explains": explained(lm, target),
+                "figures": figures,
+                "rows": rows[:TABLE_ROWS],
+                "total_rows": len(rows),
+                "csv": csv_rel,
+                "alpha": section.alpha,
+            },
             artifacts=artifacts,
             findings=self.findings(rows, sizes, res, items),
             notes=notes,
         )
 
     @staticmethod
-    def findings(rows: list[dict[str, Any]], sizes: list[tuple[int, int]], res: dict[str, np.ndarray],
-                 items: list[ImageItem]) -> list[str]:
+    def findings(
+        rows: list[dict[str, Any]],
+        sizes: list[tuple[int, int]],
+        res: dict[str, np.ndarray],
+        items: list[ImageItem],
+    ) -> list[str]:
         out = []
         for row, i in list(zip(rows, res["kept"].tolist(), strict=True))[:FINDING_IMAGES]:
             w, h = sizes[i]
             if row["top10_share"] is None:
-                out.append(f"{row['image']}: no positive evidence for {row['class']!r} at this layer "
-                           "(the map is empty).")
+                out.append(
+                    f"{row['image']}: no positive evidence for {row['class']!r} at this layer "
+                    "(the map is empty)."
+                )
                 continue
-            out.append(f"{row['image']}: heat for {row['class']!r} ({row['probability']:.2f}) centres at "
-                       f"x {row['centre_x']}, y {row['centre_y']} of {w}x{h} px ({row['region']}); "
-                       f"the hottest 10% of pixels hold {row['top10_share']:.0%} of it.")
+            out.append(
+                f"{row['image']}: heat for {row['class']!r} ({row['probability']:.2f}) centres at "
+                f"x {row['centre_x']}, y {row['centre_y']} of {w}x{h} px ({row['region']}); "
+                f"the hottest 10% of pixels hold {row['top10_share']:.0%} of it."
+            )
         shares = [r["top10_share"] for r in rows if r["top10_share"] is not None]
         if len(shares) > 1:
             best = max((r for r in rows if r["top10_share"] is not None), key=lambda r: r["top10_share"])
-            out.append(f"Across {len(shares)} images the hottest 10% of pixels hold {np.mean(shares):.0%} "
-                       f"of the heat on average (most focused: {best['image']}, {best['top10_share']:.0%}).")
+            out.append(
+                f"Across {len(shares)} images the hottest 10% of pixels hold {np.mean(shares):.0%} "
+                f"of the heat on average (most focused: {best['image']}, {best['top10_share']:.0%})."
+            )
         return out
 
 

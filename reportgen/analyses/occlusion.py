@@ -44,8 +44,14 @@ Box = tuple[int, int, int, int]
 Plan = tuple[list[tuple[int, int, Box]], list[str]]
 
 
-def plan_masks(section: OcclusionSection, ctx: RunContext, index: int, lm: LoadedModel,
-               items: list[ImageItem], sizes: list[tuple[int, int]]) -> Plan:
+def plan_masks(
+    section: OcclusionSection,
+    ctx: RunContext,
+    index: int,
+    lm: LoadedModel,
+    items: list[ImageItem],
+    sizes: list[tuple[int, int]],
+) -> Plan:
     """(item index, mask index, box in model-input pixels) for every mask and image it applies to."""
     pairs, notes = [], []
     for j, mask in enumerate(section.masks):
@@ -70,11 +76,14 @@ def plan_masks(section: OcclusionSection, ctx: RunContext, index: int, lm: Loade
                 continue  # unreadable file: reported once by the loader
             box = scale_box(mask.box, sizes[i], lm.input_size)
             if box[2] <= box[0] or box[3] <= box[1]:
-                msg = (f"mask {mask.name!r} box {list(mask.box)} lies outside {items[i].name} "
-                       f"({sizes[i][0]}x{sizes[i][1]} px)")
+                msg = (
+                    f"mask {mask.name!r} box {list(mask.box)} lies outside {items[i].name} "
+                    f"({sizes[i][0]}x{sizes[i][1]} px)"
+                )
                 if mask.image is not None:
-                    raise ReportgenError(f"{ctx.where(index, 'masks', j, 'box')}: {msg}; "
-                                         "use the image's own pixels")
+                    raise ReportgenError(
+                        f"{ctx.where(index, 'masks', j, 'box')}: {msg}; use the image's own pixels"
+                    )
                 notes.append(f"Skipped: {msg}.")
                 continue
             pairs.append((i, j, box))
@@ -86,8 +95,9 @@ def _outlined(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     big = Image.fromarray(for_print(image))
     f = big.width / image.shape[1]
     x0, y0, x1, y1 = box
-    ImageDraw.Draw(big).rectangle([x0 * f, y0 * f, x1 * f - 1, y1 * f - 1], outline=(0, 220, 255),
-                                  width=max(1, round(f / 2)))
+    ImageDraw.Draw(big).rectangle(
+        [x0 * f, y0 * f, x1 * f - 1, y1 * f - 1], outline=(0, 220, 255), width=max(1, round(f / 2))
+    )
     return np.asarray(big)
 
 
@@ -104,11 +114,14 @@ class OcclusionAnalysis(Analysis):
     def default_title(self, section: OcclusionSection) -> str:
         return f"Occlusion on {section.model}"
 
-    def build(self, section: OcclusionSection, ctx: RunContext, out: SectionOutput,
-              index: int) -> SectionResult:
+    def build(
+        self, section: OcclusionSection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
         if not section.masks and section.sliding is None:
-            raise ReportgenError(f"{ctx.where(index, 'type')}: an occlusion section needs `masks:` (named "
-                                 "boxes) and/or `sliding:` (e.g. sliding: {patch: 32, stride: 16})")
+            raise ReportgenError(
+                f"{ctx.where(index, 'type')}: an occlusion section needs `masks:` (named "
+                "boxes) and/or `sliding:` (e.g. sliding: {patch: 32, stride: 16})"
+            )
         lm = ctx.models.get(section.model)
         check_conv_layer(lm, section.layer, ctx.where(index, "layer"))
         target = resolve_target(lm, section.target, ctx.where(index, "target"))
@@ -116,8 +129,12 @@ class OcclusionAnalysis(Analysis):
         sizes = image_sizes(items)
         pairs, plan_notes = plan_masks(section, ctx, index, lm, items, sizes)
         notes += plan_notes
-        params = {"layer": section.layer, "target": target, "masks": [m.model_dump() for m in section.masks],
-                  "sliding": section.sliding.model_dump() if section.sliding else None}
+        params = {
+            "layer": section.layer,
+            "target": target,
+            "masks": [m.model_dump() for m in section.masks],
+            "sliding": section.sliding.model_dump() if section.sliding else None,
+        }
         key = result_key(self.type, self.version, lm, ds, items, params)
 
         def compute() -> dict[str, np.ndarray]:
@@ -132,7 +149,7 @@ class OcclusionAnalysis(Analysis):
                 for k, j, box in live:
                     fill = section.masks[j].fill
                     if (k, fill) not in sources:
-                        sources[k, fill] = fill_source(pixels[k:k + 1], fill)[0]
+                        sources[k, fill] = fill_source(pixels[k : k + 1], fill)[0]
                     occluded.append(occlude(pixels[k], sources[k, fill], box))
                 h, w = lm.input_size
                 occ_px = np.stack(occluded) if occluded else np.zeros((0, h, w, lm.channels), np.float32)
@@ -140,30 +157,55 @@ class OcclusionAnalysis(Analysis):
                 occ_targets = base.classes[[k for k, _, _ in live]].astype(np.int32)
                 occ = eng.gradcam(occ_px, section.layer, occ_targets)
                 arrays = {
-                    "images": as_uint8(pixels), "kept": kept, "heatmaps": base.heatmaps,
-                    "classes": base.classes, "probability": base.probability, "top": base.top,
+                    "images": as_uint8(pixels),
+                    "kept": kept,
+                    "heatmaps": base.heatmaps,
+                    "classes": base.classes,
+                    "probability": base.probability,
+                    "top": base.top,
                     "top_probability": base.probs[np.arange(len(base.top)), base.top],
                     "pair_image": np.asarray([k for k, _, _ in live], np.int32).reshape(-1),
                     "pair_mask": np.asarray([j for _, j, _ in live], np.int32).reshape(-1),
                     "pair_box": np.asarray([box for _, _, box in live], np.int32).reshape(-1, 4),
-                    "occluded": as_uint8(occ_px), "occ_heatmaps": occ.heatmaps,
-                    "occ_probability": occ.probability, "occ_top": occ.top,
+                    "occluded": as_uint8(occ_px),
+                    "occ_heatmaps": occ.heatmaps,
+                    "occ_probability": occ.probability,
+                    "occ_top": occ.top,
                     "occ_top_probability": occ.probs[np.arange(len(occ.top)), occ.top],
                 }
                 if section.sliding is not None:
-                    sl = eng.sliding(pixels, base.classes, section.sliding.patch, section.sliding.stride,
-                                     section.sliding.fill)
-                    arrays.update({"drops": sl.drops, "sensitivity": sl.sensitivity, "patch_boxes": sl.boxes,
-                                   "sliding_base": sl.base})
+                    sl = eng.sliding(
+                        pixels,
+                        base.classes,
+                        section.sliding.patch,
+                        section.sliding.stride,
+                        section.sliding.fill,
+                    )
+                    arrays.update(
+                        {
+                            "drops": sl.drops,
+                            "sensitivity": sl.sensitivity,
+                            "patch_boxes": sl.boxes,
+                            "sliding_base": sl.base,
+                        }
+                    )
             return arrays
 
         res = ctx.cached(key, compute)
         notes += skipped_note(items, res["kept"])
         return self._present(section, lm, items, sizes, res, out, target, notes)
 
-    def _present(self, section: OcclusionSection, lm: LoadedModel, items: list[ImageItem],
-                 sizes: list[tuple[int, int]], res: dict[str, np.ndarray], out: SectionOutput, target: int,
-                 notes: list[str]) -> SectionResult:
+    def _present(
+        self,
+        section: OcclusionSection,
+        lm: LoadedModel,
+        items: list[ImageItem],
+        sizes: list[tuple[int, int]],
+        res: dict[str, np.ndarray],
+        out: SectionOutput,
+        target: int,
+        notes: list[str],
+    ) -> SectionResult:
         images, rows, artifacts, findings, slides = [], [], [], [], []
         for k, i in enumerate(res["kept"].tolist()):
             item = items[i]
@@ -173,12 +215,26 @@ class OcclusionAnalysis(Analysis):
             stem = f"{k:03d}_{item.stem}"
             orig = out.image(f"{stem}_original.png", for_print(res["images"][k]))
             cam = out.image(f"{stem}_gradcam.png", for_print(res["images"][k], res["heatmaps"][k]))
-            artifacts.append(Artifact("heatmap", cam, section.model, section.layer, None,
-                                      {"image": item.name, "class": lm.class_name(cls),
-                                       "probability": before}))
-            entry: dict[str, Any] = {"name": item.name, "cls": lm.class_name(cls), "probability": before,
-                                     "original": orig, "gradcam": cam, "masks": [], "sliding": None,
-                                     "empty": not res["heatmaps"][k].any()}
+            artifacts.append(
+                Artifact(
+                    "heatmap",
+                    cam,
+                    section.model,
+                    section.layer,
+                    None,
+                    {"image": item.name, "class": lm.class_name(cls), "probability": before},
+                )
+            )
+            entry: dict[str, Any] = {
+                "name": item.name,
+                "cls": lm.class_name(cls),
+                "probability": before,
+                "original": orig,
+                "gradcam": cam,
+                "masks": [],
+                "sliding": None,
+                "empty": not res["heatmaps"][k].any(),
+            }
             for p in np.flatnonzero(res["pair_image"] == k).tolist():
                 mask = section.masks[int(res["pair_mask"][p])]
                 box = tuple(int(v) for v in res["pair_box"][p])
@@ -186,44 +242,94 @@ class OcclusionAnalysis(Analysis):
                 top_after = int(res["occ_top"][p])
                 name = f"{stem}_{int(res['pair_mask'][p]):02d}"
                 occ_rel = out.image(f"{name}_occluded.png", _outlined(res["occluded"][p], box))
-                occ_cam = out.image(f"{name}_occluded_gradcam.png",
-                                    for_print(res["occluded"][p], res["occ_heatmaps"][p]))
-                row = {"image": item.name, "mask": mask.name, "fill": mask.fill, "box": list(mask.box),
-                       "class": lm.class_name(cls), "before": round(before, 4), "after": round(after, 4),
-                       "change": round(after - before, 4), "top_before": lm.class_name(top_before),
-                       "top_after": lm.class_name(top_after),
-                       "top_after_probability": round(float(res["occ_top_probability"][p]), 4)}
+                occ_cam = out.image(
+                    f"{name}_occluded_gradcam.png", for_print(res["occluded"][p], res["occ_heatmaps"][p])
+                )
+                row = {
+                    "image": item.name,
+                    "mask": mask.name,
+                    "fill": mask.fill,
+                    "box": list(mask.box),
+                    "class": lm.class_name(cls),
+                    "before": round(before, 4),
+                    "after": round(after, 4),
+                    "change": round(after - before, 4),
+                    "top_before": lm.class_name(top_before),
+                    "top_after": lm.class_name(top_after),
+                    "top_after_probability": round(float(res["occ_top_probability"][p]), 4),
+                }
                 rows.append(row)
-                entry["masks"].append({**row, "occluded": occ_rel, "gradcam": occ_cam,
-                                       "new_top": top_after != top_before,
-                                       "empty": not res["occ_heatmaps"][p].any()})
-                artifacts.append(Artifact("occluded", occ_rel, section.model, section.layer, None,
-                                          {"image": item.name, "mask": mask.name}))
-                artifacts.append(Artifact("heatmap", occ_cam, section.model, section.layer, None,
-                                          {k2: v for k2, v in row.items() if k2 != "box"}))
+                entry["masks"].append(
+                    {
+                        **row,
+                        "occluded": occ_rel,
+                        "gradcam": occ_cam,
+                        "new_top": top_after != top_before,
+                        "empty": not res["occ_heatmaps"][p].any(),
+                    }
+                )
+                artifacts.append(
+                    Artifact(
+                        "occluded",
+                        occ_rel,
+                        section.model,
+                        section.layer,
+                        None,
+                        {"image": item.name, "mask": mask.name},
+                    )
+                )
+                artifacts.append(
+                    Artifact(
+                        "heatmap",
+                        occ_cam,
+                        section.model,
+                        section.layer,
+                        None,
+                        {k2: v for k2, v in row.items() if k2 != "box"},
+                    )
+                )
             if "drops" in res:
-                entry["sliding"] = self._sliding(section, lm, item, sizes[i], res, k, stem, out, artifacts,
-                                                 slides)
+                entry["sliding"] = self._sliding(
+                    section, lm, item, sizes[i], res, k, stem, out, artifacts, slides
+                )
             images.append(entry)
         if rows:
             csv_rel = out.bytes("occlusion.csv", csv_bytes(rows))
-            artifacts.append(Artifact("table", csv_rel, section.model, section.layer, None,
-                                      {"rows": len(rows)}))
+            artifacts.append(
+                Artifact("table", csv_rel, section.model, section.layer, None, {"rows": len(rows)})
+            )
             findings += self._mask_findings(rows)
         else:
             csv_rel = None
         findings += slides
         return SectionResult(
-            context={"layer": section.layer, "model": section.model, "explains": explained(lm, target),
-                     "images": images, "total_rows": len(rows), "csv": csv_rel,
-                     "sliding": section.sliding.model_dump() if section.sliding else None},
-            artifacts=artifacts, findings=findings, notes=notes,
+            context={
+                "layer": section.layer,
+                "model": section.model,
+                "explains": explained(lm, target),
+                "images": images,
+                "total_rows": len(rows),
+                "csv": csv_rel,
+                "sliding": section.sliding.model_dump() if section.sliding else None,
+            },
+            artifacts=artifacts,
+            findings=findings,
+            notes=notes,
         )
 
     @staticmethod
-    def _sliding(section: OcclusionSection, lm: LoadedModel, item: ImageItem, original: tuple[int, int],
-                 res: dict[str, np.ndarray], k: int, stem: str, out: SectionOutput, artifacts: list[Artifact],
-                 findings: list[str]) -> dict[str, Any]:
+    def _sliding(
+        section: OcclusionSection,
+        lm: LoadedModel,
+        item: ImageItem,
+        original: tuple[int, int],
+        res: dict[str, np.ndarray],
+        k: int,
+        stem: str,
+        out: SectionOutput,
+        artifacts: list[Artifact],
+        findings: list[str],
+    ) -> dict[str, Any]:
         """One image's sensitivity overlay (drops clipped at 0, scaled by the largest) and its finding."""
         drops, sens = res["drops"][k], res["sensitivity"][k]
         peak = float(sens.max())
@@ -231,33 +337,57 @@ class OcclusionAnalysis(Analysis):
         rel = out.image(f"{stem}_sliding.png", for_print(res["images"][k], heat))
         best = np.unravel_index(int(np.argmax(drops)), drops.shape)
         max_drop = float(drops[best])
-        box = _to_image_px(res["patch_boxes"][best], original if original[0] else lm.input_size[::-1],
-                           lm.input_size)
+        box = _to_image_px(
+            res["patch_boxes"][best], original if original[0] else lm.input_size[::-1], lm.input_size
+        )
         h, w = lm.input_size
         cx = (res["patch_boxes"][best][0] + res["patch_boxes"][best][2]) / 2 / w
         cy = (res["patch_boxes"][best][1] + res["patch_boxes"][best][3]) / 2 / h
-        artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None,
-                                  {"image": item.name, "method": "sliding", "max_drop": round(max_drop, 4),
-                                   "max_drop_box": box}))
+        artifacts.append(
+            Artifact(
+                "heatmap",
+                rel,
+                section.model,
+                section.layer,
+                None,
+                {
+                    "image": item.name,
+                    "method": "sliding",
+                    "max_drop": round(max_drop, 4),
+                    "max_drop_box": box,
+                },
+            )
+        )
         cls = lm.class_name(int(res["classes"][k]))
         if max_drop > NEGLIGIBLE:
-            findings.append(f"{item.name}: the sliding patch lowers {cls!r} most, by {max_drop:.2f} (from "
-                            f"{float(res['sliding_base'][k]):.2f}), where it covers x {box[0]}-{box[2]}, "
-                            f"y {box[1]}-{box[3]} of the image ({region_word(cx, cy)}).")
+            findings.append(
+                f"{item.name}: the sliding patch lowers {cls!r} most, by {max_drop:.2f} (from "
+                f"{float(res['sliding_base'][k]):.2f}), where it covers x {box[0]}-{box[2]}, "
+                f"y {box[1]}-{box[3]} of the image ({region_word(cx, cy)})."
+            )
         else:
-            findings.append(f"{item.name}: no position of the sliding patch lowers {cls!r} by more than "
-                            f"{NEGLIGIBLE}; the evidence is spread out or redundant.")
+            findings.append(
+                f"{item.name}: no position of the sliding patch lowers {cls!r} by more than "
+                f"{NEGLIGIBLE}; the evidence is spread out or redundant."
+            )
         return {"src": rel, "max_drop": max_drop, "box": box, "base": float(res["sliding_base"][k])}
 
     @staticmethod
     def _mask_findings(rows: list[dict[str, Any]]) -> list[str]:
         best = max(rows, key=lambda r: abs(r["change"]))
-        moved = (f"new top class: {best['top_after']}" if best["top_after"] != best["top_before"]
-                 else f"the top class stays {best['top_after']}")
-        out = [f"Occluding {best['mask']!r} on {best['image']} moves the prediction most: {best['class']} "
-               f"{best['before']:.2f} -> {best['after']:.2f} ({best['change']:+.2f}); {moved}."]
-        idle = sorted({r["mask"] for r in rows if abs(r["change"]) < NEGLIGIBLE}
-                      - {r["mask"] for r in rows if abs(r["change"]) >= NEGLIGIBLE})
+        moved = (
+            f"new top class: {best['top_after']}"
+            if best["top_after"] != best["top_before"]
+            else f"the top class stays {best['top_after']}"
+        )
+        out = [
+            f"Occluding {best['mask']!r} on {best['image']} moves the prediction most: {best['class']} "
+            f"{best['before']:.2f} -> {best['after']:.2f} ({best['change']:+.2f}); {moved}."
+        ]
+        idle = sorted(
+            {r["mask"] for r in rows if abs(r["change"]) < NEGLIGIBLE}
+            - {r["mask"] for r in rows if abs(r["change"]) >= NEGLIGIBLE}
+        )
         if idle and len(rows) > 1:
             out.append(f"Masks that barely move the prediction (|change| < {NEGLIGIBLE}): {', '.join(idle)}.")
         flips = [r for r in rows if r["top_after"] != r["top_before"]]

@@ -31,8 +31,10 @@ def class_names(lm: LoadedModel, ctx: RunContext, n_classes: int) -> tuple[list[
             from reportgen.spec.load import locate
 
             where = locate(ctx.spec, ("models", lm.key, "class_names"))
-            raise ReportgenError(f"{where}: model {lm.key!r} has {n_classes} outputs but "
-                                 f"{len(lm.class_names)} class names; give one name per output, in order")
+            raise ReportgenError(
+                f"{where}: model {lm.key!r} has {n_classes} outputs but "
+                f"{len(lm.class_names)} class names; give one name per output, in order"
+            )
         return list(lm.class_names), "class names from the spec"
     names = [lm.class_name(i) for i in range(n_classes)]
     if n_classes == IMAGENET_NUM_CLASSES:
@@ -47,15 +49,24 @@ class PredictionsAnalysis(Analysis):
     def default_title(self, section: PredictionsSection) -> str:
         return f"Top-{section.top_k} predictions of {section.model}"
 
-    def build(self, section: PredictionsSection, ctx: RunContext, out: SectionOutput,
-              index: int) -> SectionResult:
+    def build(
+        self, section: PredictionsSection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
         lm = ctx.models.get(section.model)
         n_classes = class_count(lm)
         names, names_source = class_names(lm, ctx, n_classes)
         ds = ctx.datasets.get(section.dataset)
         items = ds.select(section.images, section.limit, ctx.where(index, "images"))
-        key = content_key("predictions", self.version, lm.digest, lm.preprocessing.model_dump(), lm.channels,
-                          lm.input_size, ds.digest, [it.name for it in items])
+        key = content_key(
+            "predictions",
+            self.version,
+            lm.digest,
+            lm.preprocessing.model_dump(),
+            lm.channels,
+            lm.input_size,
+            ds.digest,
+            [it.name for it in items],
+        )
 
         def compute() -> dict[str, np.ndarray]:
             label = f"{section.model}: predictions"
@@ -63,16 +74,21 @@ class PredictionsAnalysis(Analysis):
                 result = forward(lm, items, [], outputs=True, on_batch=advance)
             assert result.outputs is not None
             probs, applied = to_probabilities(result.outputs)
-            return {"probs": probs, "softmax_applied": np.asarray(applied),
-                    "missing": np.asarray(result.missing, np.int64)}
+            return {
+                "probs": probs,
+                "softmax_applied": np.asarray(applied),
+                "missing": np.asarray(result.missing, np.int64),
+            }
 
         data = ctx.cached(key, compute)
         probs, missing = data["probs"], {int(i) for i in data["missing"]}
         k = min(section.top_k, n_classes)
         notes = [n for n in [skipped_note(items, sorted(missing))] if n]
         if bool(data["softmax_applied"]):
-            notes.append("The model's outputs are not probabilities (no softmax layer): softmax was applied "
-                         "to its logits to get the probabilities shown.")
+            notes.append(
+                "The model's outputs are not probabilities (no softmax layer): softmax was applied "
+                "to its logits to get the probabilities shown."
+            )
         if k < section.top_k:
             notes.append(f"top_k {section.top_k} is more than the model's {n_classes} classes: showing {k}.")
 
@@ -84,10 +100,22 @@ class PredictionsAnalysis(Analysis):
             thumb = out.image(f"image_{i:04d}.png", thumbnail(item.path))
             preds = [{"rank": r, "index": c, "name": name, "p": p} for r, (c, name, p) in enumerate(top, 1)]
             rows.append({"file": item.name, "label": item.class_name, "thumb": thumb, "preds": preds})
-            table += [{"image": item.name, "rank": p["rank"], "class_index": p["index"], "class": p["name"],
-                       "probability": f"{p['p']:.6f}"} for p in preds]
-            metrics = {"image": item.name, "top_class": preds[0]["name"], "probability": preds[0]["p"],
-                       "top_k": [[p["name"], p["p"]] for p in preds]}
+            table += [
+                {
+                    "image": item.name,
+                    "rank": p["rank"],
+                    "class_index": p["index"],
+                    "class": p["name"],
+                    "probability": f"{p['p']:.6f}",
+                }
+                for p in preds
+            ]
+            metrics = {
+                "image": item.name,
+                "top_class": preds[0]["name"],
+                "probability": preds[0]["p"],
+                "top_k": [[p["name"], p["p"]] for p in preds],
+            }
             artifacts.append(Artifact("image", thumb, section.model, None, None, metrics))
         csv_rel = None
         if table:
@@ -96,12 +124,22 @@ class PredictionsAnalysis(Analysis):
             writer.writeheader()
             writer.writerows(table)
             csv_rel = out.bytes("predictions.csv", buf.getvalue().encode())
-            artifacts.append(Artifact("table", csv_rel, section.model, None, None,
-                                      {"images": len(rows), "top_k": k}))
+            artifacts.append(
+                Artifact("table", csv_rel, section.model, None, None, {"images": len(rows), "top_k": k})
+            )
         return SectionResult(
-            context={"model": section.model, "dataset": section.dataset, "k": k, "classes": n_classes,
-                     "names_source": names_source, "images": rows, "csv": csv_rel},
-            artifacts=artifacts, findings=self._findings(rows, names), notes=notes,
+            context={
+                "model": section.model,
+                "dataset": section.dataset,
+                "k": k,
+                "classes": n_classes,
+                "names_source": names_source,
+                "images": rows,
+                "csv": csv_rel,
+            },
+            artifacts=artifacts,
+            findings=self._findings(rows, names),
+            notes=notes,
         )
 
     def _findings(self, rows: list[dict[str, Any]], names: list[str]) -> list[str]:
@@ -111,14 +149,20 @@ class PredictionsAnalysis(Analysis):
         findings = []
         by_conf = sorted(rows, key=lambda r: -r["preds"][0]["p"])
         best = by_conf[0]
-        findings.append(f"Most confident: {best['file']} is {best['preds'][0]['name']} "
-                        f"({best['preds'][0]['p']:.1%}).")
+        findings.append(
+            f"Most confident: {best['file']} is {best['preds'][0]['name']} ({best['preds'][0]['p']:.1%})."
+        )
         if len(rows) > 1:
             worst = by_conf[-1]
-            runner = f"; runner-up {worst['preds'][1]['name']} ({worst['preds'][1]['p']:.1%})" if len(
-                worst["preds"]) > 1 else ""
-            findings.append(f"Least confident: {worst['file']} is {worst['preds'][0]['name']} "
-                            f"({worst['preds'][0]['p']:.1%}){runner}.")
+            runner = (
+                f"; runner-up {worst['preds'][1]['name']} ({worst['preds'][1]['p']:.1%})"
+                if len(worst["preds"]) > 1
+                else ""
+            )
+            findings.append(
+                f"Least confident: {worst['file']} is {worst['preds'][0]['name']} "
+                f"({worst['preds'][0]['p']:.1%}){runner}."
+            )
             tops = {r["preds"][0]["name"] for r in rows}
             if len(tops) == 1:
                 findings.append(f"All {len(rows)} images are predicted as {tops.pop()}.")
@@ -127,8 +171,10 @@ class PredictionsAnalysis(Analysis):
         if labelled:
             top1 = sum(r["preds"][0]["name"].lower() == r["label"].lower() for r in labelled)
             topk = sum(any(p["name"].lower() == r["label"].lower() for p in r["preds"]) for r in labelled)
-            findings.append(f"The top-1 class matches the image's folder class for {top1} of {len(labelled)} "
-                            f"labelled images (top-{len(labelled[0]['preds'])}: {topk}).")
+            findings.append(
+                f"The top-1 class matches the image's folder class for {top1} of {len(labelled)} "
+                f"labelled images (top-{len(labelled[0]['preds'])}: {topk})."
+            )
         return findings
 
 

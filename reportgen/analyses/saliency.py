@@ -47,8 +47,9 @@ class SaliencyAnalysis(Analysis):
     def default_title(self, section: SaliencySection) -> str:
         return f"Saliency maps of {section.model}"
 
-    def build(self, section: SaliencySection, ctx: RunContext, out: SectionOutput,
-              index: int) -> SectionResult:
+    def build(
+        self, section: SaliencySection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
         lm = ctx.models.get(section.model)
         target = resolve_target(lm, section.target, ctx.where(index, "target"))
         ds, items, notes = select_images(section, ctx, index)
@@ -63,14 +64,19 @@ class SaliencyAnalysis(Analysis):
             eng = engine_for(lm, ctx.batch_size)
             with ctx.timed("engine: gradients"):
                 vanilla, grads = eng.vanilla(pixels, target)
-                arrays = {"images": as_uint8(pixels), "kept": kept, "classes": grads.classes,
-                          "probability": grads.probability}
+                arrays = {
+                    "images": as_uint8(pixels),
+                    "kept": kept,
+                    "classes": grads.classes,
+                    "probability": grads.probability,
+                }
                 if "vanilla" in methods:
                     arrays["vanilla"] = vanilla
                 if "smoothgrad" in methods:
                     # The clean image's class, so that every noisy copy explains the same class.
-                    arrays["smoothgrad"] = eng.smoothgrad(pixels, grads.classes, section.samples,
-                                                          section.noise, ctx.spec.seed)
+                    arrays["smoothgrad"] = eng.smoothgrad(
+                        pixels, grads.classes, section.samples, section.noise, ctx.spec.seed
+                    )
             return arrays
 
         res = ctx.cached(key, compute)
@@ -83,45 +89,81 @@ class SaliencyAnalysis(Analysis):
             cls, prob = lm.class_name(int(res["classes"][k])), float(res["probability"][k])
             stem = f"{k:03d}_{item.stem}"
             shown = out.image(f"{stem}_image.png", for_print(res["images"][k]))
-            entry: dict[str, Any] = {"name": item.name, "cls": cls, "probability": prob, "image": shown,
-                                     "maps": []}
+            entry: dict[str, Any] = {
+                "name": item.name,
+                "cls": cls,
+                "probability": prob,
+                "image": shown,
+                "maps": [],
+            }
             for m in methods:
                 rel = out.image(f"{stem}_{m}.png", render_map(res[m][k]))
                 s = heat_stats(res[m][k], sizes[i])
                 stats[m].append({**s, "image": item.name})
                 entry["maps"].append({"method": m, "label": LABELS[m], "src": rel})
-                artifacts.append(Artifact("heatmap", rel, section.model, None, None,
-                                          {"image": item.name, "method": m, "class": cls, "probability": prob,
-                                           "top10_share": s["top10"], "centre_x": s["com_x"],
-                                           "centre_y": s["com_y"]}))
+                artifacts.append(
+                    Artifact(
+                        "heatmap",
+                        rel,
+                        section.model,
+                        None,
+                        None,
+                        {
+                            "image": item.name,
+                            "method": m,
+                            "class": cls,
+                            "probability": prob,
+                            "top10_share": s["top10"],
+                            "centre_x": s["com_x"],
+                            "centre_y": s["com_y"],
+                        },
+                    )
+                )
             figures.append(entry)
         return SectionResult(
-            context={"model": section.model, "explains": explained(lm, target), "figures": figures,
-                     "samples": section.samples, "noise": section.noise,
-                     "smoothgrad": "smoothgrad" in methods},
-            artifacts=artifacts, findings=self.findings(methods, stats, res), notes=notes,
+            context={
+                "model": section.model,
+                "explains": explained(lm, target),
+                "figures": figures,
+                "samples": section.samples,
+                "noise": section.noise,
+                "smoothgrad": "smoothgrad" in methods,
+            },
+            artifacts=artifacts,
+            findings=self.findings(methods, stats, res),
+            notes=notes,
         )
 
     @staticmethod
-    def findings(methods: list[str], stats: dict[str, list[dict[str, Any]]],
-                 res: dict[str, np.ndarray]) -> list[str]:
+    def findings(
+        methods: list[str], stats: dict[str, list[dict[str, Any]]], res: dict[str, np.ndarray]
+    ) -> list[str]:
         out = []
         main = "smoothgrad" if "smoothgrad" in methods else methods[0]
         for s in stats[main][:FINDING_IMAGES]:
             if s["empty"]:
-                out.append(f"{s['image']}: the {LABELS[main]} map is zero (the score does not depend on "
-                           "the pixels here).")
+                out.append(
+                    f"{s['image']}: the {LABELS[main]} map is zero (the score does not depend on "
+                    "the pixels here)."
+                )
             else:
-                out.append(f"{s['image']}: {LABELS[main]} centres at x {s['com_x']}, y {s['com_y']} "
-                           f"({s['region']}); the top 10% of pixels hold {s['top10']:.0%} of the gradient "
-                           "magnitude.")
+                out.append(
+                    f"{s['image']}: {LABELS[main]} centres at x {s['com_x']}, y {s['com_y']} "
+                    f"({s['region']}); the top 10% of pixels hold {s['top10']:.0%} of the gradient "
+                    "magnitude."
+                )
         shares = {m: [s["top10"] for s in stats[m] if not s["empty"]] for m in methods}
         if len(methods) == 2 and shares["vanilla"] and shares["smoothgrad"]:
             pairs = zip(res["vanilla"], res["smoothgrad"], strict=True)
-            corr = [float(np.corrcoef(v.ravel(), g.ravel())[0, 1])
-                    for v, g in pairs if v.std() > 0 and g.std() > 0]
-            line = (f"The top 10% of pixels hold {np.mean(shares['vanilla']):.0%} of the magnitude with "
-                    f"vanilla gradients and {np.mean(shares['smoothgrad']):.0%} with SmoothGrad")
+            corr = [
+                float(np.corrcoef(v.ravel(), g.ravel())[0, 1])
+                for v, g in pairs
+                if v.std() > 0 and g.std() > 0
+            ]
+            line = (
+                f"The top 10% of pixels hold {np.mean(shares['vanilla']):.0%} of the magnitude with "
+                f"vanilla gradients and {np.mean(shares['smoothgrad']):.0%} with SmoothGrad"
+            )
             if corr:
                 line += f"; the two maps correlate at r = {np.mean(corr):.2f} on average"
             out.append(line + ".")

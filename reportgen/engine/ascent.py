@@ -73,8 +73,9 @@ def ascent_size(model: LoadedModel, recipe: Recipe) -> tuple[int, int]:
     return (recipe.size, recipe.size)
 
 
-def initial_state(model: LoadedModel, jobs: Sequence[AscentJob],
-                  recipe: Recipe) -> tuple[np.ndarray, np.ndarray]:
+def initial_state(
+    model: LoadedModel, jobs: Sequence[AscentJob], recipe: Recipe
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded start images (gray + uniform noise, canonical space) and augmentation draws per job."""
     h, w = ascent_size(model, recipe)
     c = model.channels
@@ -275,9 +276,13 @@ class AscentProgram:
         return x, first, final
 
     # -- host side ----------------------------------------------------------------------------
-    def run(self, jobs: Sequence[AscentJob], batch_size: int = 16,
-            on_chunk: Callable[[int], None] | None = None,
-            on_results: Callable[[list[AscentResult]], None] | None = None) -> list[AscentResult]:
+    def run(
+        self,
+        jobs: Sequence[AscentJob],
+        batch_size: int = 16,
+        on_chunk: Callable[[int], None] | None = None,
+        on_results: Callable[[list[AscentResult]], None] | None = None,
+    ) -> list[AscentResult]:
         """Optimise all jobs in chunks of `batch_size`, halving the chunk on out-of-memory.
 
         After an out-of-memory error the failed chunk is retried at half the size, and the program keeps
@@ -326,8 +331,9 @@ class AscentProgram:
         return results
 
 
-def program_for(model: LoadedModel, layers: Sequence[str], recipe: Recipe,
-                dtype: str = "float32") -> AscentProgram:
+def program_for(
+    model: LoadedModel, layers: Sequence[str], recipe: Recipe, dtype: str = "float32"
+) -> AscentProgram:
     """Programs are cached on the model so a second section with the same layers reuses the trace."""
     key = ("ascent", tuple(layers), recipe, dtype)
     if key not in model.extractors:

@@ -81,8 +81,12 @@ class ForwardProgram:
         reduced = [tf.cast(channel_means(o), tf.float32) for o in outs[:n_layers]]
         return reduced + [tf.cast(o, tf.float32) for o in outs[n_layers:]]
 
-    def run(self, items: Sequence[ImageItem], batch_size: int = BATCH_SIZE,
-            on_batch: Callable[[int], None] | None = None) -> ForwardResult:
+    def run(
+        self,
+        items: Sequence[ImageItem],
+        batch_size: int = BATCH_SIZE,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> ForwardResult:
         """Stream the items once; write each batch's reduced results into preallocated rows."""
         n = len(items)
         width = [int(self.model.layer(name).output.shape[-1]) for name in self.layers]
@@ -114,8 +118,15 @@ def program_for(model: LoadedModel, layers: Sequence[str], with_outputs: bool = 
     return model.extractors[key]
 
 
-def forward(model: LoadedModel, items: Sequence[ImageItem], layers: Sequence[str], *, outputs: bool = False,
-            batch_size: int = BATCH_SIZE, on_batch: Callable[[int], None] | None = None) -> ForwardResult:
+def forward(
+    model: LoadedModel,
+    items: Sequence[ImageItem],
+    layers: Sequence[str],
+    *,
+    outputs: bool = False,
+    batch_size: int = BATCH_SIZE,
+    on_batch: Callable[[int], None] | None = None,
+) -> ForwardResult:
     """Channel means of all channels of `layers` (and the model outputs) for every item, in one pass."""
     return program_for(model, layers, outputs).run(items, batch_size, on_batch)
 

@@ -63,8 +63,9 @@ def smoothgrad_noise(seed: int, image: int, samples: int, shape: Sequence[int], 
     return (rng.standard_normal((samples, *shape), dtype=np.float32) * np.float32(std)).astype(np.float32)
 
 
-def scale_box(box: Sequence[int], original: tuple[int, int],
-              size: tuple[int, int]) -> tuple[int, int, int, int]:
+def scale_box(
+    box: Sequence[int], original: tuple[int, int], size: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """[x0, y0, x1, y1] in an image's own pixels (original = (width, height)) -> model-input pixels.
 
     Rounds outwards so a small box never vanishes, and clamps to the input; may return an empty box
@@ -112,6 +113,7 @@ def occlude(pixels: np.ndarray, source: np.ndarray, box: Sequence[int]) -> np.nd
 
 def patch_boxes(size: tuple[int, int], patch: int, stride: int) -> np.ndarray:
     """(ny, nx, 4) [x0, y0, x1, y1] of every sliding-patch position; the last row/column touches the edge."""
+
     def starts(length: int) -> list[int]:
         p = min(patch, length)
         out = list(range(0, length - p + 1, stride))
@@ -205,12 +207,18 @@ class GradientEngine:
         pixels = np.asarray(pixels, np.float32)
         target = np.broadcast_to(np.asarray(targets, np.int32), (len(pixels),))
         fn = self._cam_fn(layer)
-        parts = [fn(tf.constant(pixels[s]), tf.constant(target[s]))
-                 for s in _chunks(len(pixels), self.batch_size)]
+        parts = [
+            fn(tf.constant(pixels[s]), tf.constant(target[s])) for s in _chunks(len(pixels), self.batch_size)
+        ]
         if not parts:
             h, w = self.size
-            return CamResult(np.zeros((0, h, w), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32),
-                             np.zeros(0, np.int32), np.zeros((0, self.classes), np.float32))
+            return CamResult(
+                np.zeros((0, h, w), np.float32),
+                np.zeros(0, np.int32),
+                np.zeros(0, np.float32),
+                np.zeros(0, np.int32),
+                np.zeros((0, self.classes), np.float32),
+            )
         heat, cls, prob, top, probs = (np.concatenate([p[i].numpy() for p in parts]) for i in range(5))
         return CamResult(heat, cls, prob, top, probs)
 
@@ -239,8 +247,9 @@ class GradientEngine:
         pixels = np.asarray(pixels, np.float32)
         target = np.broadcast_to(np.asarray(targets, np.int32), (len(pixels),))
         fn = self._grad_fn()
-        parts = [fn(tf.constant(pixels[s]), tf.constant(target[s]))
-                 for s in _chunks(len(pixels), self.batch_size)]
+        parts = [
+            fn(tf.constant(pixels[s]), tf.constant(target[s])) for s in _chunks(len(pixels), self.batch_size)
+        ]
         if not parts:
             return GradResult(np.zeros_like(pixels), np.zeros(0, np.int32), np.zeros(0, np.float32))
         g, cls, prob = (np.concatenate([p[i].numpy() for p in parts]) for i in range(3))
@@ -251,8 +260,9 @@ class GradientEngine:
         result = self.input_gradients(pixels, targets)
         return saliency_map(result.gradients), result
 
-    def smoothgrad(self, pixels: np.ndarray, targets: np.ndarray, samples: int, noise: float,
-                   seed: int) -> np.ndarray:
+    def smoothgrad(
+        self, pixels: np.ndarray, targets: np.ndarray, samples: int, noise: float, seed: int
+    ) -> np.ndarray:
         """SmoothGrad (Smilkov et al.): mean gradient over `samples` noisy copies, then max |.| over channels.
 
         Noise std is `noise * 255` (a share of the pixel range). `targets` must be concrete classes (the
@@ -293,12 +303,18 @@ class GradientEngine:
             model = self.logits_model
             h, w = self.size
 
-            @tf.function(input_signature=[
-                self.pixel_spec, self.pixel_spec, tf.TensorSpec((None,), tf.int32),
-                tf.TensorSpec((None, 4), tf.int32), tf.TensorSpec((None,), tf.int32),
-            ])
-            def occluded(images: tf.Tensor, sources: tf.Tensor, index: tf.Tensor, boxes: tf.Tensor,
-                         target: tf.Tensor) -> tf.Tensor:
+            @tf.function(
+                input_signature=[
+                    self.pixel_spec,
+                    self.pixel_spec,
+                    tf.TensorSpec((None,), tf.int32),
+                    tf.TensorSpec((None, 4), tf.int32),
+                    tf.TensorSpec((None,), tf.int32),
+                ]
+            )
+            def occluded(
+                images: tf.Tensor, sources: tf.Tensor, index: tf.Tensor, boxes: tf.Tensor, target: tf.Tensor
+            ) -> tf.Tensor:
                 self._trace("occluded_probability")
                 ys = tf.range(h)[None, :, None, None]
                 xs = tf.range(w)[None, None, :, None]
@@ -311,8 +327,15 @@ class GradientEngine:
             self._occluded = occluded
         return self._occluded
 
-    def sliding(self, pixels: np.ndarray, targets: np.ndarray, patch: int, stride: int,
-                fill: Fill = "gray", base: np.ndarray | None = None) -> SlidingResult:
+    def sliding(
+        self,
+        pixels: np.ndarray,
+        targets: np.ndarray,
+        patch: int,
+        stride: int,
+        fill: Fill = "gray",
+        base: np.ndarray | None = None,
+    ) -> SlidingResult:
         """Sliding-patch occlusion (Zeiler & Fergus): the drop of the target probability per patch position.
 
         Images and their fill sources go to the compiled function once per chunk; each row of a chunk is
@@ -333,19 +356,31 @@ class GradientEngine:
         images = tf.constant(pixels)
         rows_img = np.repeat(np.arange(n, dtype=np.int32), len(flat))
         rows_box = np.tile(flat, (n, 1))
-        probs = np.concatenate([
-            fn(images, sources, tf.constant(rows_img[s]), tf.constant(rows_box[s]),
-               tf.constant(target[rows_img[s]])).numpy()
-            for s in _chunks(len(rows_img), self.batch_size)
-        ]) if n else np.zeros(0, np.float32)
+        probs = (
+            np.concatenate(
+                [
+                    fn(
+                        images,
+                        sources,
+                        tf.constant(rows_img[s]),
+                        tf.constant(rows_box[s]),
+                        tf.constant(target[rows_img[s]]),
+                    ).numpy()
+                    for s in _chunks(len(rows_img), self.batch_size)
+                ]
+            )
+            if n
+            else np.zeros(0, np.float32)
+        )
         drops = (np.asarray(base, np.float32)[:, None] - probs.reshape(n, -1)).reshape(n, ny, nx)
         summed = np.zeros((n, h, w), np.float32)
         count = np.zeros((h, w), np.float32)
         for k, (x0, y0, x1, y1) in enumerate(flat):
             summed[:, y0:y1, x0:x1] += drops.reshape(n, -1)[:, k, None, None]
             count[y0:y1, x0:x1] += 1
-        return SlidingResult(drops.astype(np.float32), summed / np.maximum(count, 1), boxes,
-                             np.asarray(base, np.float32))
+        return SlidingResult(
+            drops.astype(np.float32), summed / np.maximum(count, 1), boxes, np.asarray(base, np.float32)
+        )
 
     def probability(self, pixels: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Softmax probability of each image's (concrete) target class, through the occlusion program with
@@ -357,11 +392,18 @@ class GradientEngine:
         fn = self._occluded_fn()
         images = tf.constant(pixels)
         target = np.asarray(targets, np.int32)
-        return np.concatenate([
-            fn(images, images, tf.range(s.start, s.stop, dtype=tf.int32),
-               tf.zeros((s.stop - s.start, 4), tf.int32), tf.constant(target[s])).numpy()
-            for s in _chunks(n, self.batch_size)
-        ])
+        return np.concatenate(
+            [
+                fn(
+                    images,
+                    images,
+                    tf.range(s.start, s.stop, dtype=tf.int32),
+                    tf.zeros((s.stop - s.start, 4), tf.int32),
+                    tf.constant(target[s]),
+                ).numpy()
+                for s in _chunks(n, self.batch_size)
+            ]
+        )
 
 
 def engine_for(model: LoadedModel, batch_size: int = 16) -> GradientEngine:

@@ -48,7 +48,9 @@ class Recipe:
 
     @property
     def is_regularized(self) -> bool:
-        return any((self.jitter, self.rotate, self.scale, self.blur_every, self.decay, self.tv, self.clip_weak))
+        return any(
+            (self.jitter, self.rotate, self.scale, self.blur_every, self.decay, self.tv, self.clip_weak)
+        )
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,22 @@ RECIPES: dict[str, RecipeInfo] = {
     ),
     "regularized": RecipeInfo(
         Recipe(
-            steps=64, lr=10.0, jitter=8, rotate=5.0, scale=0.05, blur_every=4, blur_sigma=0.5, decay=0.0005,
-            tv=0.0, clip_weak=0.0, crop=16, pre_relu=True,
+            steps=64,
+            lr=10.0,
+            jitter=8,
+            rotate=5.0,
+            scale=0.05,
+            blur_every=4,
+            blur_sigma=0.5,
+            decay=0.0005,
+            tv=0.0,
+            clip_weak=0.0,
+            crop=16,
+            pre_relu=True,
         ),
         "Yosinski et al. (2015)-style regularised ascent: random jitter, rotation and zoom each step "
         "(transform robustness), periodic Gaussian blur and L2 decay towards gray; 64 steps; the objective "
-        "is the conv output before its ReLU, so filters that are silent on a gray start still get a gradient.",
+        "is the conv output before its ReLU, so filters silent on a gray start still get a gradient.",
     ),
 }
 

@@ -43,8 +43,15 @@ def ascent_key(lm: Any, layer: str, filt: int, recipe: Recipe, seed: int, precis
     from reportgen.engine.ascent import ascent_size
 
     return content_key(
-        ASCENT_CODE_VERSION, lm.digest, lm.preprocessing.model_dump(), layer, filt,
-        recipe.as_dict(), seed, ascent_size(lm, recipe), precision,
+        ASCENT_CODE_VERSION,
+        lm.digest,
+        lm.preprocessing.model_dump(),
+        layer,
+        filt,
+        recipe.as_dict(),
+        seed,
+        ascent_size(lm, recipe),
+        precision,
     )
 
 
@@ -52,9 +59,14 @@ def store_result(store: Store, key: str, res: Any) -> None:
     """PNG, raw array, then the metrics JSON: the JSON is what marks the result as present."""
     store.put_png(key, res.image)
     store.put_npy(key, res.raw.astype(np.float16))
-    store.put_json(key, {
-        "activation": res.activation, "initial_activation": res.initial_activation, "dead": res.dead,
-    })
+    store.put_json(
+        key,
+        {
+            "activation": res.activation,
+            "initial_activation": res.initial_activation,
+            "dead": res.dead,
+        },
+    )
 
 
 class AscentScheduler:
@@ -106,8 +118,15 @@ class AscentScheduler:
         """The passes that `execute` would run now (reportgen.plan.Plan)."""
         from reportgen.plan import build_plan, device_budget
 
-        return build_plan(self.requests, self.owners, self.store, self.models, self.precision,
-                          self.batch_size, device_budget(memory_share))
+        return build_plan(
+            self.requests,
+            self.owners,
+            self.store,
+            self.models,
+            self.precision,
+            self.batch_size,
+            device_budget(memory_share),
+        )
 
     def execute(self, progress: Any, backend: Any = None, spec_path: Any = None) -> None:
         """Run every pending pass: here, or with a `reportgen.parallel.Backend` on local processes or a

@@ -12,7 +12,9 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 def template_dir() -> Path:
     if not (TEMPLATES / "base.html.j2").exists():
-        raise FileNotFoundError(f"report templates not found in {TEMPLATES}; install reportgen with pip install -e .")
+        raise FileNotFoundError(
+            f"report templates not found in {TEMPLATES}; install reportgen with pip install -e ."
+        )
     return TEMPLATES
 
 

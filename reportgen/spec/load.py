@@ -133,8 +133,11 @@ def _recipe_defaults() -> dict[str, str]:
     import typing
 
     members = typing.get_args(typing.get_args(schema.Section)[0])
-    return {typing.get_args(m.model_fields["type"].annotation)[0]: m.model_fields["recipe"].default
-            for m in members if "recipe" in m.model_fields}
+    return {
+        typing.get_args(m.model_fields["type"].annotation)[0]: m.model_fields["recipe"].default
+        for m in members
+        if "recipe" in m.model_fields
+    }
 
 
 def _cross_check(located: Located, filename: str) -> list[str]:
@@ -198,8 +201,12 @@ def _resolve_paths(spec: schema.Spec, base: Path) -> schema.Spec:
         models[key] = m.model_copy(update=upd)
     datasets = {k: d.model_copy(update={"path": absolute(d.path)}) for k, d in spec.datasets.items()}
     return spec.model_copy(
-        update={"output": absolute(spec.output), "cache": absolute(spec.cache), "models": models,
-                "datasets": datasets}
+        update={
+            "output": absolute(spec.output),
+            "cache": absolute(spec.cache),
+            "models": models,
+            "datasets": datasets,
+        }
     )
 
 

