@@ -6,7 +6,8 @@ splits what the store does not hold yet into chunks. `reportgen run --dry-run` p
 
 Estimates, from the layers' output shapes at the pass's input size:
 - FLOPs of a pass = (FLOPs of one sample's forward pass through the layers up to the deepest requested
-  layer, counting convolutions and dense layers) x 3 (1 forward + 2 backward) x steps x samples.
+  layer, counting convolutions and dense layers) x 2 (forward + backward to the input: the ascent needs
+  no weight gradients, which would be a third) x steps x samples; the benchmarks count the same way.
 - Memory of a sample = bytes of every layer output of that subgraph x MEMORY_FACTOR (activations kept for
   the backward pass, their gradients, scratch). The batch is what fits a share of the free memory of the
   device TensorFlow computes on (GPU memory when there is a GPU, host memory otherwise), capped so that
@@ -24,6 +25,12 @@ from typing import Any
 from reportgen.engine.recipes import Recipe
 
 MEMORY_FACTOR = 3.0
+# A pass computes every sample up to its deepest layer. Layers whose forward cost exceeds DEPTH_RATIO x the
+# cheapest layer of the pass get a pass of their own once the cheaper ones fill MIN_SPLIT samples: sharing
+# batches then saves nothing, while each shallow sample would pay for the deep layer (block1 vs block5 of
+# VGG16: ~30x). Layers of similar depth, or too few samples to fill a batch, still share one pass.
+DEPTH_RATIO = 2.0
+MIN_SPLIT = 8
 HOST_MEMORY_SHARE = 0.5  # the host also holds the models, the store's files and other processes
 GPU_MEMORY_SHARE = 0.8
 MAX_BATCH = {"CPU": 32, "GPU": 256}  # larger chunks would not run faster, and are stored less often
@@ -189,8 +196,8 @@ class AscentPass:
 
     @property
     def flops(self) -> int:
-        """Estimated FLOPs of the pass: forward + 2 x backward per step, per sample to compute."""
-        return self.cost.flops * 3 * self.recipe.steps * self.pending
+        """Estimated FLOPs of the pass: forward + backward to the input per step, per sample to compute."""
+        return self.cost.flops * 2 * self.recipe.steps * self.pending
 
     def describe(self) -> str:
         if not self.pending:
@@ -278,23 +285,49 @@ def build_plan(
     passes = []
     for (model_key, recipe), items in groups.items():
         lm = models.get(model_key)
+        size = ascent_size(lm, recipe)
         todo = [(r, k) for r, k in items if k not in stored_keys]
         order = [ly.name for ly in lm.model.layers]
-        layers = tuple(sorted({r.layer for r, _ in todo}, key=order.index))
-        size = ascent_size(lm, recipe)
-        p = AscentPass(
-            model_key,
-            recipe,
-            size,
-            layers,
-            [r for r, _ in todo],
-            [k for _, k in todo],
-            total=len(items),
-            stored=len(items) - len(todo),
-        )
-        if todo:
-            p.cost = sample_cost(lm, layers, size, precision)
-            p.batch_size = batch_size_for(p.cost, budget, batch_size)
-        passes.append(p)
+        pending_layers = sorted({r.layer for r, _ in todo}, key=order.index)
+        layer_groups = split_by_depth(lm, pending_layers, [r.layer for r, _ in todo], size, precision)
+        for i, group in enumerate(layer_groups or [()]):
+            # results of layers with nothing pending are counted (as stored) in the first pass
+            mine = [(r, k) for r, k in items if r.layer in group or not i and r.layer not in pending_layers]
+            pending = [(r, k) for r, k in mine if k not in stored_keys]
+            p = AscentPass(
+                model_key,
+                recipe,
+                size,
+                tuple(group),
+                [r for r, _ in pending],
+                [k for _, k in pending],
+                total=len(mine),
+                stored=len(mine) - len(pending),
+            )
+            if pending:
+                p.cost = sample_cost(lm, group, size, precision)
+                p.batch_size = batch_size_for(p.cost, budget, batch_size)
+            passes.append(p)
     sections = {sid: (len(set(keys)), len(set(keys) & stored_keys)) for sid, keys in owners.items()}
     return Plan(passes, budget, precision, sections)
+
+
+def split_by_depth(
+    model: Any, layers: list[str], samples: list[str], size: tuple[int, int], precision: str
+) -> list[tuple[str, ...]]:
+    """Partition `layers` (model order) into passes by forward cost (see DEPTH_RATIO, MIN_SPLIT).
+
+    `samples` holds the layer of every pending sample, to count how many a group would hold."""
+    if len(layers) <= 1:
+        return [tuple(layers)] if layers else []
+    cost = {name: sample_cost(model, [name], size, precision).flops for name in layers}
+    count = {name: samples.count(name) for name in layers}
+    groups: list[list[str]] = []
+    for name in sorted(layers, key=lambda n: (cost[n], layers.index(n))):
+        if groups and not (
+            cost[name] > DEPTH_RATIO * cost[groups[-1][0]] and sum(count[n] for n in groups[-1]) >= MIN_SPLIT
+        ):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return [tuple(sorted(g, key=layers.index)) for g in groups]

@@ -94,31 +94,32 @@ class _Ctx:
 
 
 def test_sections_with_same_model_and_recipe_share_one_pass(tmp_path: Path) -> None:
-    spec_path = write_spec(tmp_path, [filters_section(["conv_a"], "0:4"),
-                                      filters_section(["conv_c", "conv_b"], "2:6")])
+    # few samples per layer (a batch's worth in all), so even layers of different depth share the pass
+    spec_path = write_spec(tmp_path, [filters_section(["conv_a"], "0:3"),
+                                      filters_section(["conv_c", "conv_b"], "2:5")])
     sched = scheduler_for(spec_path, tmp_path / "store", batch_size=5)
     request_all(sched, spec_path)
     plan = sched.plan()
     assert len(plan.passes) == 1
     (p,) = plan.passes
     assert p.layers == ("conv_a", "conv_b", "conv_c")  # model order: one extractor, an output at each
-    assert p.pending == p.total == 12 and p.stored == 0
-    assert [p.batch_size, p.chunks] == [5, 3]
-    assert plan.sections == {"s1": (4, 0), "s2": (8, 0)}
+    assert p.pending == p.total == 9 and p.stored == 0
+    assert [p.batch_size, p.chunks] == [5, 2]
+    assert plan.sections == {"s1": (3, 0), "s2": (6, 0)}
 
     sched.execute(Progress(quiet=True))
-    assert sched.computed == 12 and sched.reused == 0
+    assert sched.computed == 9 and sched.reused == 0
     lm = sched.models.get("tiny")
     recipe = resolve_recipe("keras-example", PARAMS)
     program = program_for(lm, p.layers, recipe)
-    assert program.trace_count == 1  # three chunks, three layers mixed in them: traced once
+    assert program.trace_count == 1  # two chunks, three layers mixed in them: traced once
 
     # each sample's objective picked its own layer and channel: the same as a program for that layer alone
-    for layer, filt in [("conv_a", 1), ("conv_b", 4), ("conv_c", 5)]:
+    for layer, filt in [("conv_a", 1), ("conv_b", 4), ("conv_c", 3)]:
         alone = AscentProgram(lm, [layer], recipe).run([AscentJob(layer, filt, 0)], 1)[0]
         stored = sched.store.get_npy(sched.requests[AscentRequest("tiny", layer, filt, recipe, 0)])
         np.testing.assert_array_equal(stored, alone.raw.astype(np.float16))
-    assert sched.section_counts() == {"s1": (4, 0), "s2": (8, 0)}
+    assert sched.section_counts() == {"s1": (3, 0), "s2": (6, 0)}
 
 
 def test_duplicate_requests_across_sections_are_computed_once(tmp_path: Path) -> None:
@@ -145,7 +146,7 @@ def test_estimates_from_layer_shapes(tmp_path: Path) -> None:
     sched = scheduler_for(spec_path, tmp_path / "store")
     request_all(sched, spec_path)
     (p,) = sched.plan().passes
-    assert p.flops == cost.flops * 3 * PARAMS["steps"] * 3  # (1 fwd + 2 bwd) x steps x filters
+    assert p.flops == cost.flops * 2 * PARAMS["steps"] * 3  # (fwd + bwd to the input) x steps x filters
 
 
 def test_batch_size_fits_the_memory_budget() -> None:
@@ -247,3 +248,21 @@ def test_progress_bars_on_a_tty(capsys: pytest.CaptureFixture[str]) -> None:
         b(2)
     err = capsys.readouterr().err
     assert "ascent one" in err and "ascent two" in err and "4/4" in err and "2/2" in err
+
+
+def test_layers_of_very_different_depth_get_their_own_pass(tmp_path: Path) -> None:
+    """Shallow samples must not pay for a deep layer once they fill a batch of their own; similar depths,
+    or too few samples to fill a batch, still share one pass (and one trace)."""
+    from reportgen.plan import split_by_depth
+
+    spec_path = write_spec(tmp_path, [filters_section(["conv_a"], "0:3")])
+    lm = ModelRegistry(load_spec(spec_path)).get("tiny")
+    # conv_a: 1x cost, conv_b: 2x, conv_c: 4x (at 32 px)
+    few = ["conv_a"] * 3 + ["conv_c"] * 3
+    assert split_by_depth(lm, ["conv_a", "conv_c"], few, (32, 32), "float32") == [("conv_a", "conv_c")]
+    many = ["conv_a"] * 8 + ["conv_b"] * 8 + ["conv_c"] * 8
+    groups = split_by_depth(lm, ["conv_a", "conv_b", "conv_c"], many, (32, 32), "float32")
+    assert groups == [("conv_a", "conv_b"), ("conv_c",)]  # conv_b is 2x conv_a: shares; conv_c is 4x: not
+    costs = {g: sample_cost(lm, list(g), (32, 32)).flops for g in groups}
+    merged = sample_cost(lm, ["conv_a", "conv_b", "conv_c"], (32, 32)).flops * 24
+    assert sum(costs[g] * 8 * len(g) for g in groups) < merged
