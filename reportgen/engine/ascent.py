@@ -146,13 +146,52 @@ def mixed_precision_clone(model: Any, dtype: str) -> Any:
     return clone
 
 
-def _gaussian_kernel(sigma: float, channels: int) -> tf.Tensor:
+def gaussian_kernel(sigma: float, channels: int) -> tf.Tensor:
     radius = max(1, int(math.ceil(2 * sigma)))
     xs = np.arange(-radius, radius + 1, dtype=np.float32)
     k1 = np.exp(-(xs**2) / (2 * sigma**2))
     k2 = np.outer(k1, k1)
     k2 /= k2.sum()
     return tf.constant(np.tile(k2[:, :, None, None], (1, 1, channels, 1)))
+
+
+def project(x: tf.Tensor, transforms: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+    """Random jitter / rotation / zoom per sample (see `transform_params`), one op for the whole batch."""
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x,
+        transforms=transforms,
+        output_shape=tf.constant(list(size)),
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
+
+
+def total_variation(x: tf.Tensor) -> tf.Tensor:
+    """Per-sample mean absolute difference between neighbouring pixels."""
+    dh = x[:, 1:, :, :] - x[:, :-1, :, :]
+    dw = x[:, :, 1:, :] - x[:, :, :-1, :]
+    return tf.reduce_mean(tf.abs(dh), axis=[1, 2, 3]) + tf.reduce_mean(tf.abs(dw), axis=[1, 2, 3])
+
+
+def regularize(
+    x: tf.Tensor, step: tf.Tensor, r: Recipe, blur: tf.Tensor | None, size: tuple[int, int], clip: bool
+) -> tf.Tensor:
+    """The recipe's per-step image regularizers: decay towards gray, a Gaussian blur every `blur_every`
+    steps (zeroing pixels whose norm is below the `clip_weak` percentile), and clipping to [-1, 1]."""
+    if r.decay:
+        x = x * (1.0 - r.decay)
+    if r.blur_every and blur is not None:
+        do = tf.equal(tf.math.floormod(step + 1, r.blur_every), 0)
+        blurred = tf.nn.depthwise_conv2d(x, blur, [1, 1, 1, 1], "SAME")
+        if r.clip_weak:
+            norms = tf.norm(blurred, axis=-1)
+            flat = tf.sort(tf.reshape(norms, [tf.shape(x)[0], -1]), axis=1)
+            k = int(r.clip_weak / 100.0 * (size[0] * size[1] - 1))
+            cut = flat[:, k][:, None, None]
+            blurred = blurred * tf.cast(norms >= cut, x.dtype)[..., None]
+        x = tf.where(do, blurred, x)
+    return tf.clip_by_value(x, -1.0, 1.0) if clip else x
 
 
 def _objective_output(layer, pre_relu: bool):
@@ -188,7 +227,7 @@ class AscentProgram:
         self.batch_limit: int | None = None  # set after an out-of-memory error: later chunks start there
         h, w = self.size
         c = model.channels
-        self._blur = _gaussian_kernel(recipe.blur_sigma, c) if recipe.blur_every else None
+        self._blur = gaussian_kernel(recipe.blur_sigma, c) if recipe.blur_every else None
         spec = [
             tf.TensorSpec((None, h, w, c), tf.float32),
             tf.TensorSpec((None,), tf.int32),
@@ -218,41 +257,6 @@ class AscentProgram:
             value = tf.where(layer_idx == i, mean, value)
         return value
 
-    def _transform(self, x: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
-        """Random jitter / rotation / zoom per sample (see `transform_params`), one op for the whole batch."""
-        h, w = self.size
-        return tf.raw_ops.ImageProjectiveTransformV3(
-            images=x,
-            transforms=transforms,
-            output_shape=tf.constant([h, w]),
-            fill_value=0.0,
-            interpolation="BILINEAR",
-            fill_mode="REFLECT",
-        )
-
-    def _tv(self, x: tf.Tensor) -> tf.Tensor:
-        dh = x[:, 1:, :, :] - x[:, :-1, :, :]
-        dw = x[:, :, 1:, :] - x[:, :, :-1, :]
-        return tf.reduce_mean(tf.abs(dh), axis=[1, 2, 3]) + tf.reduce_mean(tf.abs(dw), axis=[1, 2, 3])
-
-    def _regularize(self, x: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-        r = self.recipe
-        if r.decay:
-            x = x * (1.0 - r.decay)
-        if r.blur_every:
-            do = tf.equal(tf.math.floormod(step + 1, r.blur_every), 0)
-            blurred = tf.nn.depthwise_conv2d(x, self._blur, [1, 1, 1, 1], "SAME")
-            if r.clip_weak:
-                norms = tf.norm(blurred, axis=-1)
-                flat = tf.sort(tf.reshape(norms, [tf.shape(x)[0], -1]), axis=1)
-                k = int(r.clip_weak / 100.0 * (self.size[0] * self.size[1] - 1))
-                cut = flat[:, k][:, None, None]
-                blurred = blurred * tf.cast(norms >= cut, x.dtype)[..., None]
-            x = tf.where(do, blurred, x)
-        if r.is_regularized:
-            x = tf.clip_by_value(x, -1.0, 1.0)
-        return x
-
     def _ascend(self, x0, layer_idx, filter_idx, transforms):
         self.trace_count += 1  # runs only while tracing
         r = self.recipe
@@ -262,16 +266,16 @@ class AscentProgram:
         for step in tf.range(r.steps):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                seen = self._transform(x, transforms[:, step]) if use_aug else x
+                seen = project(x, transforms[:, step], self.size) if use_aug else x
                 act = self._activations(seen, layer_idx, filter_idx)
-                objective = act - r.tv * self._tv(x) if r.tv else act
+                objective = act - r.tv * total_variation(x) if r.tv else act
                 total = tf.reduce_sum(objective)
                 if self.loss_scale != 1.0:
                     total = total * self.loss_scale
             grads = normalize_per_sample(tape.gradient(total, x))
             first = tf.where(tf.equal(step, 0), act, first)
             x = x + r.lr * grads
-            x = self._regularize(x, step)
+            x = regularize(x, step, r, self._blur, self.size, clip=r.is_regularized)
         final = self._activations(x, layer_idx, filter_idx)
         return x, first, final
 

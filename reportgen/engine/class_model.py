@@ -28,11 +28,14 @@ from reportgen.engine.ascent import (
     PRECISIONS,
     TRANSFORM_DIMS,
     AscentJob,
-    _gaussian_kernel,
     ascent_size,
+    gaussian_kernel,
     initial_state,
     mixed_precision_clone,
     normalize_per_sample,
+    project,
+    regularize,
+    total_variation,
     transform_params,
 )
 from reportgen.engine.recipes import Recipe
@@ -58,12 +61,6 @@ class ClassModelResult:
         return int(np.argmax(self.probs))
 
 
-def total_variation(x: tf.Tensor) -> tf.Tensor:
-    dh = x[:, 1:, :, :] - x[:, :-1, :, :]
-    dw = x[:, :, 1:, :] - x[:, :, :-1, :]
-    return tf.reduce_mean(tf.abs(dh), axis=[1, 2, 3]) + tf.reduce_mean(tf.abs(dw), axis=[1, 2, 3])
-
-
 class ClassModelProgram:
     """The compiled class-model loop for one model, recipe and precision."""
 
@@ -86,7 +83,7 @@ class ClassModelProgram:
         self.trace_count = 0
         h, w = self.size
         c = model.channels
-        self._blur = _gaussian_kernel(recipe.blur_sigma, c) if recipe.blur_every else None
+        self._blur = gaussian_kernel(recipe.blur_sigma, c) if recipe.blur_every else None
         spec = [
             tf.TensorSpec((None, h, w, c), tf.float32),
             tf.TensorSpec((None,), tf.int32),
@@ -99,32 +96,6 @@ class ClassModelProgram:
         logits = tf.cast(scorer(self.model.preprocess((x + 1.0) * 127.5), training=False), tf.float32)
         return tf.gather(logits, targets, batch_dims=1)
 
-    def _transform(self, x: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
-        """Random jitter / rotation / zoom per sample (`transform_params`), one op for the whole batch."""
-        h, w = self.size
-        return tf.raw_ops.ImageProjectiveTransformV3(
-            images=x,
-            transforms=transforms,
-            output_shape=tf.constant([h, w]),
-            fill_value=0.0,
-            interpolation="BILINEAR",
-            fill_mode="REFLECT",
-        )
-
-    def _regularize(self, x: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-        r = self.recipe
-        if r.decay:
-            x = x * (1.0 - r.decay)
-        if self._blur is not None:
-            blurred = tf.nn.depthwise_conv2d(x, self._blur, [1, 1, 1, 1], "SAME")
-            if r.clip_weak:
-                norms = tf.norm(blurred, axis=-1)
-                flat = tf.sort(tf.reshape(norms, [tf.shape(x)[0], -1]), axis=1)
-                k = int(r.clip_weak / 100.0 * (self.size[0] * self.size[1] - 1))
-                blurred = blurred * tf.cast(norms >= flat[:, k][:, None, None], x.dtype)[..., None]
-            x = tf.where(tf.equal(tf.math.floormod(step + 1, r.blur_every), 0), blurred, x)
-        return tf.clip_by_value(x, -1.0, 1.0)
-
     def _optimise(self, x0: tf.Tensor, targets: tf.Tensor, transforms: tf.Tensor) -> tuple[tf.Tensor, ...]:
         self.trace_count += 1  # runs only while tracing
         r = self.recipe
@@ -134,11 +105,12 @@ class ClassModelProgram:
         for step in tf.range(r.steps):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                seen = self._transform(x, transforms[:, step]) if use_aug else x
+                seen = project(x, transforms[:, step], self.size) if use_aug else x
                 score = self._score(self.optimised, seen, targets)
                 objective = score - r.tv * total_variation(x) if r.tv else score
                 total = tf.reduce_sum(objective) * self.loss_scale
-            x = self._regularize(x + r.lr * normalize_per_sample(tape.gradient(total, x)), step)
+            x = x + r.lr * normalize_per_sample(tape.gradient(total, x))
+            x = regularize(x, step, r, self._blur, self.size, clip=True)
         pixels = tf.round(tf.clip_by_value((x + 1.0) * 127.5, 0.0, 255.0))
         logits = tf.cast(self.scorer(self.model.preprocess(pixels), training=False), tf.float32)
         return pixels, start, tf.gather(logits, targets, batch_dims=1), tf.nn.softmax(logits, axis=-1)
