@@ -34,6 +34,9 @@ MIN_SPLIT = 8
 HOST_MEMORY_SHARE = 0.5  # the host also holds the models, the store's files and other processes
 GPU_MEMORY_SHARE = 0.8
 MAX_BATCH = {"CPU": 32, "GPU": 256}  # larger chunks would not run faster, and are stored less often
+# Without oneDNN, TensorFlow's (Eigen) input-gradient convolutions slow down with the batch: batch 16 ran
+# 1.4x slower than batch 4 on VGG16 and ResNet50V2 (benchmarks/filters.py), so CPU chunks stay small.
+MAX_BATCH_CPU_NO_ONEDNN = 4
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -147,7 +150,10 @@ def batch_size_for(cost: SampleCost, budget: DeviceBudget, override: int | None 
     if override:
         return int(override)
     per_sample = max(1, int(cost.activation_bytes * MEMORY_FACTOR))
-    return int(max(1, min(MAX_BATCH.get(budget.kind, 32), budget.free_bytes // per_sample)))
+    cap = MAX_BATCH.get(budget.kind, 32)
+    if budget.kind == "CPU" and os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
+        cap = MAX_BATCH_CPU_NO_ONEDNN
+    return int(max(1, min(cap, budget.free_bytes // per_sample)))
 
 
 def human_flops(flops: float) -> str:

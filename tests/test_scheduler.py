@@ -149,9 +149,15 @@ def test_estimates_from_layer_shapes(tmp_path: Path) -> None:
     assert p.flops == cost.flops * 2 * PARAMS["steps"] * 3  # (fwd + bwd to the input) x steps x filters
 
 
-def test_batch_size_fits_the_memory_budget() -> None:
+def test_batch_size_fits_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reportgen.plan import MAX_BATCH_CPU_NO_ONEDNN
+
     per_sample = 1000
     c = SampleCost(flops=1, activation_bytes=per_sample)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # Eigen kernels: small CPU chunks are faster
+    assert batch_size_for(c, DeviceBudget("CPU", 10**15)) == MAX_BATCH_CPU_NO_ONEDNN
+    assert batch_size_for(c, DeviceBudget("GPU", 10**15)) == MAX_BATCH["GPU"]
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
     assert batch_size_for(c, DeviceBudget("CPU", int(per_sample * MEMORY_FACTOR * 5.5))) == 5
     assert batch_size_for(c, DeviceBudget("CPU", 10)) == 1  # never 0
     assert batch_size_for(c, DeviceBudget("CPU", 10**15)) == MAX_BATCH["CPU"]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.analyses.filters import filter_requests
+from reportgen.engine.ascent import ascent_size
 from reportgen.engine.recipes import RECIPES, resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError
@@ -296,6 +297,7 @@ class CircuitAnalysis(Analysis):
                 f"{', '.join(reversed(plan['passed']))} on the way to {layer}."
             )
         kh, kw = slices.shape[:2]
+        recipe = resolve_recipe(section.recipe, section.params)
         return SectionResult(
             context={
                 "model": model,
@@ -313,7 +315,8 @@ class CircuitAnalysis(Analysis):
                 "visualize": section.visualize,
                 "recipe": section.recipe,
                 "recipe_description": RECIPES[section.recipe].description,
-                "params": resolve_recipe(section.recipe, section.params).as_dict(),
+                "params": recipe.as_dict(),
+                "size": ascent_size(ctx.models.get(model), recipe),  # the recipe line shows what ran
             },
             artifacts=artifacts,
             findings=self._findings(f, norms, sums, channels, top, energy, own_vis),

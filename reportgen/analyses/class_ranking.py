@@ -29,6 +29,7 @@ from reportgen.store import content_key
 THUMB_SIDE = 192  # thumbnails are fitted into this square; smaller images are upscaled to stay sharp
 TABLE_ROWS_SHOWN = 25  # rows printed in the report; the CSV artifact has every class
 NAMES_IN_NOTE = 8
+SILENT_MAX = 1e-6  # a filter whose largest per-image mean activation is at most this never fires
 
 
 def thumbnail(path: Path, side: int = THUMB_SIDE) -> np.ndarray:
@@ -207,6 +208,17 @@ class ClassRankingAnalysis(Analysis):
         for f in filters:
             values = means[:, f]
             order = [int(i) for i in np.argsort(-np.where(valid, values, -np.inf), kind="stable") if valid[i]]
+            if order and float(values[order[0]]) <= SILENT_MAX:
+                # a ranking of ties at 0 would name a "top class" and "top images" that mean nothing
+                peak = float(values[order[0]]) + 0.0  # + 0.0 prints -0.0 as 0
+                findings.append(
+                    f"Filter {f} never fires on this dataset (max mean activation {peak:.3g} over "
+                    f"{len(order)} images): it is not ranked."
+                )
+                rows_out.append(
+                    {"filter": f, "thumbs": [], "rows": [], "chart": None, "csv": None, "silent": peak}
+                )
+                continue
             top_idx = order[: section.top_images]
             thumbs = []
             for rank, i in enumerate(top_idx, 1):
@@ -221,15 +233,17 @@ class ClassRankingAnalysis(Analysis):
                         "value": float(values[i]),
                     }
                 )
-            entry: dict[str, Any] = {"filter": f, "thumbs": thumbs, "rows": [], "chart": None, "csv": None}
+            entry: dict[str, Any] = {
+                "filter": f,
+                "thumbs": thumbs,
+                "rows": [],
+                "chart": None,
+                "csv": None,
+                "silent": None,
+            }
             if not order:
                 rows_out.append(entry)
                 continue
-            if float(values[order[0]]) <= 0.0:
-                findings.append(
-                    f"Filter {f} never activates on {section.dataset!r} (mean activation <= 0 on "
-                    "every image): its ranking carries no information."
-                )
             if labelled:
                 entry.update(self._rank_classes(section, ds, f, per_class[:, f], counts, out, layer_slug))
                 top = entry["rows"][0]

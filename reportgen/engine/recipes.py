@@ -63,8 +63,9 @@ class RecipeInfo:
 RECIPES: dict[str, RecipeInfo] = {
     "keras-example": RecipeInfo(
         Recipe(),
-        "The Keras example 'Visualizing what convnets learn': gray start with +-0.125 uniform noise, "
-        "30 steps of lr 10 with L2-normalised gradients, border 2 excluded, display std 0.15, 25 px crop.",
+        "The Keras example 'Visualizing what convnets learn': a gray start with a little uniform noise, "
+        "plain gradient ascent with L2-normalised gradients on the filter's mean activation (border "
+        "excluded), the result standardised around gray for display.",
     ),
     "regularized": RecipeInfo(
         Recipe(
@@ -82,7 +83,7 @@ RECIPES: dict[str, RecipeInfo] = {
             pre_relu=True,
         ),
         "Yosinski et al. (2015)-style regularised ascent: random jitter, rotation and zoom each step "
-        "(transform robustness), periodic Gaussian blur and L2 decay towards gray; 64 steps; the objective "
+        "(transform robustness), periodic Gaussian blur and L2 decay towards gray; by default the objective "
         "is the conv output before its ReLU, so filters silent on a gray start still get a gradient.",
     ),
 }
