@@ -64,7 +64,8 @@ def test_run_end_to_end(project: Path, run_cli, cli_main) -> None:
     assert [a["filter"] for a in manifest["sections"][0]["artifacts"] if a["kind"] == "filter"] == [1, 4, 5]
 
     code, out, _ = cli_main("run", spec, "--dry-run")  # everything is in the store now
-    assert code == 0 and out.splitlines()[0] == "plan: nothing to compute, every planned result is in the store"
+    assert code == 0
+    assert out.splitlines()[0] == "plan: nothing to compute, every planned result is in the store"
 
 
 def test_run_refuses_while_another_run_holds_the_output(project: Path, cli_main) -> None:
