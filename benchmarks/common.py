@@ -133,8 +133,9 @@ def user_env() -> dict[str, str]:
 def select_kernels(mode: str, precision: str = "float32") -> None:
     """Choose TensorFlow's CPU kernels for this process; must run before TensorFlow is imported.
 
-    `reportgen`: what `reportgen run` picks for a spec of this precision (reportgen/__init__.py turns
-    oneDNN off; `runner.select_cpu_kernels` turns it back on for bfloat16). `on` / `off`: oneDNN forced,
+    `reportgen`: what `reportgen run` picks for a spec of a keras.applications model at this precision
+    (reportgen/__init__.py turns oneDNN off; `runner.select_cpu_kernels` turns it back on for models known
+    to be safe with it, as here). `on` / `off`: oneDNN forced,
     as a user setting TF_ENABLE_ONEDNN_OPTS would. The naive approaches run in the same process, so
     both sides of every comparison use the same kernels.
     """
