@@ -120,8 +120,8 @@ def test_colour_filters_rank_their_colour_first_and_share_one_pass(colors: Path,
     chart = next(a for a in red.artifacts if a.kind == "chart")
     assert chart.metrics["top_class"] == "red" and chart.filter == 0
 
-    others = build(ctx, 1)  # another filter range of the same layer: the cached (N, C) pass is reused
-    assert (ctx.computed, ctx.reused) == (1, 1)
+    others = build(ctx, 1)  # another filter range of the same layer: the stored (N, C) pass serves it
+    assert (ctx.computed, ctx.reused) == (1, 0)  # computed once; "reused" counts earlier runs' results only
     tops = {f["filter"]: f["rows"][0]["name"] for f in others.context["filters"]}
     assert tops == {1: "green", 2: "blue"}
 
@@ -132,7 +132,7 @@ def test_sections_on_two_layers_share_one_pass(colors: Path, tmp_path: Path) -> 
     conv = build(ctx, 0)
     assert (ctx.computed, ctx.reused) == (2, 0)  # both layers from one pass, before section 2 builds
     pooled = build(ctx, 1)
-    assert (ctx.computed, ctx.reused) == (2, 1)
+    assert (ctx.computed, ctx.reused) == (2, 0)  # no second pass
     lm = ctx.models.get("rgb")
     assert list(lm.extractors) == [("forward", ("color", "gap"), False, (32, 32))]
     assert lm.extractors[("forward", ("color", "gap"), False, (32, 32))].trace_count == 1
@@ -244,7 +244,19 @@ def test_forward_pass_equals_naive_per_image_loop(colors: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_end_to_end_run_then_everything_reused(tmp_path: Path) -> None:
+def test_end_to_end_run_then_everything_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import reportgen.analyses.dataset_pass as dataset_pass
+    import reportgen.analyses.predictions as predictions
+
+    passes: list[tuple[tuple[str, ...], bool]] = []
+    real_forward = dataset_pass.forward
+
+    def counted(lm: Any, items: Any, layers: Any, outputs: bool = False, **kw: Any) -> Any:
+        passes.append((tuple(layers), outputs))
+        return real_forward(lm, items, layers, outputs=outputs, **kw)
+
+    monkeypatch.setattr(dataset_pass, "forward", counted)
+    monkeypatch.setattr(predictions, "forward", counted)
     data = tmp_path / "data"
     write_color_folders(data, {"red": "n01440764", "green": "green_tint", "blue": "blue_tint"})
     (data / "blue_tint" / "empty.jpg").write_bytes(b"")
@@ -263,6 +275,8 @@ def test_end_to_end_run_then_everything_reused(tmp_path: Path) -> None:
     }))
     first = run(spec_path, quiet=True)
     assert first.computed == 2 and first.reused == 0
+    # one streamed pass over the dataset served the ranking's layer and the predictions' class outputs
+    assert passes == [(("color",), True)]
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Colour classes" in html and "Colour predictions" in html and "blue_tint/empty.jpg" in html
     manifest = json.loads((tmp_path / "report" / "manifest.json").read_text())
@@ -276,3 +290,4 @@ def test_end_to_end_run_then_everything_reused(tmp_path: Path) -> None:
         assert a["path"] in html
     second = run(spec_path, quiet=True)
     assert second.computed == 0 and second.reused == 2
+    assert len(passes) == 1

@@ -111,6 +111,7 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     computed: int = 0  # results computed by analyses outside the ascent scheduler
     reused: int = 0
+    fresh: set[str] = field(default_factory=set)  # keys computed in this run (not "reused" when read)
 
     def cached(self, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Arrays stored under a content key: computed once, reused by every later run with that key.

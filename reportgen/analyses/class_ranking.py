@@ -1,6 +1,7 @@
 """`class_ranking`: which classes, and which images, of a dataset drive a filter the most.
 
-One streamed forward pass computes the spatial mean of every channel of the layer for every image; it
+One streamed forward pass (shared with the other class rankings and predictions on the same model and
+dataset: `dataset_pass`) computes the spatial mean of every channel of the layer for every image; it
 is cached for the whole layer, so any other filter of that layer (in this section, another section or a
 later run) is ranked from the same (N, C) array without touching the model again. A class's value is
 the mean over its decodable images of the filter's per-image mean activation (per-class running sums);
@@ -17,14 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult, slugify
 from reportgen.datasets import Dataset, ImageItem, load_image
-from reportgen.engine.forward import forward
 from reportgen.errors import ReportgenError
 from reportgen.imaging import upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.schema import ClassRankingSection, expand_filters
-from reportgen.store import content_key
 
 THUMB_SIDE = 192  # thumbnails are fitted into this square; smaller images are upscaled to stay sharp
 TABLE_ROWS_SHOWN = 25  # rows printed in the report; the CSV artifact has every class
@@ -102,54 +102,6 @@ def _ratio(value: float, reference: float) -> float | None:
     return value / reference if reference > 0 else None
 
 
-def _means_key(lm: LoadedModel, ds: Dataset, layer: str) -> str:
-    return content_key(
-        "class_ranking",
-        ClassRankingAnalysis.version,
-        lm.digest,
-        lm.preprocessing.model_dump(),
-        lm.channels,
-        ds.digest,
-        layer,
-        lm.input_size,
-    )
-
-
-def layer_means(
-    section: ClassRankingSection, ctx: RunContext, lm: LoadedModel, ds: Dataset
-) -> dict[str, np.ndarray]:
-    """(N, C) means of every channel of the layer over the dataset, plus the undecodable indices; cached.
-
-    When the pass has to run, it also covers the layers of every other class_ranking section of the spec
-    on the same model and dataset that is not stored yet: one pass over the images serves them all, and
-    those sections then find their layer in the store.
-    """
-
-    def compute() -> dict[str, np.ndarray]:
-        layers = [section.layer]
-        for j, other in enumerate(ctx.spec.sections):
-            if (
-                other.type == ClassRankingAnalysis.type
-                and other.model == section.model
-                and other.dataset == section.dataset
-                and other.layer not in layers
-            ):
-                lm.layer(other.layer, ctx.where(j, "layer"))
-                if not ctx.store.has(_means_key(lm, ds, other.layer), "npz"):
-                    layers.append(other.layer)
-        label = f"{section.model} {', '.join(layers)}: channel means over {ds.key}"
-        with ctx.timed("engine: forward"), ctx.progress.task(label, len(ds.items)) as advance:
-            result = forward(lm, ds.items, layers, on_batch=advance)
-        missing = np.asarray(result.missing, np.int64)
-        for layer in layers[1:]:
-            arrays = {"means": result.means[layer], "missing": missing}
-            ctx.store.put_arrays(_means_key(lm, ds, layer), arrays)
-            ctx.computed += 1
-        return {"means": result.means[section.layer], "missing": missing}
-
-    return ctx.cached(_means_key(lm, ds, section.layer), compute)
-
-
 class ClassRankingAnalysis(Analysis):
     type = "class_ranking"
     version = "1"
@@ -178,7 +130,7 @@ class ClassRankingAnalysis(Analysis):
         lm = ctx.models.get(section.model)
         filters = self._filters(section, ctx, lm, index)
         ds = ctx.datasets.get(section.dataset)
-        data = layer_means(section, ctx, lm, ds)
+        data = dataset_pass.layer_means(ctx, lm, ds, section.model, section.dataset, section.layer)
         means, missing = data["means"], [int(i) for i in data["missing"]]
         items, n_classes = ds.items, len(ds.class_names)
         labelled = n_classes > 0

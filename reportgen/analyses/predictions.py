@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.analyses.class_ranking import skipped_note, thumbnail
+from reportgen.datasets import Dataset, ImageItem
 from reportgen.engine.forward import class_count, forward, to_probabilities
 from reportgen.errors import ReportgenError
 from reportgen.labels import IMAGENET_NUM_CLASSES, decode_top_k
@@ -80,7 +82,10 @@ class PredictionsAnalysis(Analysis):
                 "missing": np.asarray(result.missing, np.int64),
             }
 
-        data = ctx.cached(key, compute)
+        if dataset_pass.shares_pass(ctx, section.model, section.dataset):
+            data = self._from_shared_pass(ctx, lm, ds, section, items)
+        else:
+            data = ctx.cached(key, compute)
         probs, missing = data["probs"], {int(i) for i in data["missing"]}
         k = min(section.top_k, n_classes)
         notes = [n for n in [skipped_note(items, sorted(missing))] if n]
@@ -141,6 +146,26 @@ class PredictionsAnalysis(Analysis):
             findings=self._findings(rows, names),
             notes=notes,
         )
+
+    @staticmethod
+    def _from_shared_pass(
+        ctx: RunContext, lm: LoadedModel, ds: Dataset, section: PredictionsSection, items: list[ImageItem]
+    ) -> dict[str, np.ndarray]:
+        """The rows of the chosen images from the class outputs of the whole dataset, computed in the
+        pass a class ranking on the same model and dataset makes anyway (`dataset_pass`)."""
+        shared = dataset_pass.class_outputs(ctx, lm, ds, section.model, section.dataset)
+        position = {it.name: i for i, it in enumerate(ds.items)}
+        rows = [position[it.name] for it in items]
+        bad = {int(i) for i in shared["missing"]}
+        probs, applied = to_probabilities(shared["outputs"][[r for r in rows if r not in bad]])
+        full = np.full((len(items), probs.shape[1]), np.nan, np.float32)
+        full[[i for i, r in enumerate(rows) if r not in bad]] = probs
+        missing = [i for i, r in enumerate(rows) if r in bad]
+        return {
+            "probs": full,
+            "softmax_applied": np.asarray(applied),
+            "missing": np.asarray(missing, np.int64),
+        }
 
     def _findings(self, rows: list[dict[str, Any]], names: list[str]) -> list[str]:
         """Confidence extremes, agreement with folder labels, and a model that predicts one class for all."""
