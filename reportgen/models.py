@@ -11,7 +11,6 @@ import difflib
 import hashlib
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -235,9 +234,7 @@ def _load_file_model(path: Path) -> keras.Model:
         raise ReportgenError(f"cannot load model {path}: {exc}".splitlines()[0]) from None
 
 
-def _load_keras_app(
-    name: str, weights: str, include_top: bool, size: int | None
-) -> tuple[keras.Model, str | None]:
+def _load_keras_app(name: str, weights: str, include_top: bool) -> tuple[keras.Model, str | None]:
     import keras
 
     ctor = getattr(keras.applications, name)
@@ -312,7 +309,7 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
         include_top = spec.include_top if spec.include_top is not None else need_top
         if spec.weights == "none":
             keras.utils.set_random_seed(seed)
-        model, wfile = _load_keras_app(spec.keras_app, spec.weights, include_top, None)
+        model, wfile = _load_keras_app(spec.keras_app, spec.weights, include_top)
         preprocessing = PRESETS[keras_app_preset(spec.keras_app)]
         default = next((s for p, s in _APP_DEFAULT_SIZE.items() if re.search(p, spec.keras_app)), 224)
         size = (default, default)
@@ -361,6 +358,3 @@ def model_spec_from_reference(ref: str) -> ModelSpec:
         f"{ref!r} is not a builtin model, keras.applications name or .keras/.h5 file; {hint}"
         "or give a spec and a model key: reportgen layers SPEC MODEL_KEY"
     )
-
-
-Preprocessor = Callable[["tf.Tensor"], "tf.Tensor"]

@@ -74,7 +74,6 @@ class Board:
         self.progress = progress
         self._bar: Any = None
         self._logs: list[_LogTask] = []
-        self._t0: dict[int, float] = {}
 
     def __enter__(self) -> Board:
         if not self.progress.quiet and self.progress.tty:

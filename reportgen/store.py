@@ -12,7 +12,6 @@ import io
 import json
 import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +37,11 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class Store:
-    """Results under root/ab/<key>.<ext>; counts hits and writes for the report's metadata page."""
+    """Results under root/ab/<key>.<ext>."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.hits = 0
-        self.writes = 0
-        self._lock = threading.Lock()
 
     def path(self, key: str, ext: str) -> Path:
         return self.root / key[:2] / f"{key}.{ext}"
@@ -53,17 +49,9 @@ class Store:
     def has(self, key: str, ext: str) -> bool:
         return self.path(key, ext).exists()
 
-    def _count(self, hit: bool) -> None:
-        with self._lock:
-            if hit:
-                self.hits += 1
-            else:
-                self.writes += 1
-
     def put_bytes(self, key: str, ext: str, data: bytes) -> Path:
         path = self.path(key, ext)
         atomic_write(path, data)
-        self._count(False)
         return path
 
     def put_json(self, key: str, obj: Any) -> Path:
@@ -73,7 +61,6 @@ class Store:
         path = self.path(key, "json")
         if not path.exists():
             return None
-        self._count(True)
         return json.loads(path.read_text())
 
     def put_npy(self, key: str, array: np.ndarray) -> Path:
@@ -85,7 +72,6 @@ class Store:
         path = self.path(key, "npy")
         if not path.exists():
             return None
-        self._count(True)
         return np.load(path, allow_pickle=False)
 
     def put_arrays(self, key: str, arrays: dict[str, np.ndarray]) -> Path:
@@ -97,7 +83,6 @@ class Store:
         path = self.path(key, "npz")
         if not path.exists():
             return None
-        self._count(True)
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
 

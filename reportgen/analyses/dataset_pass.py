@@ -25,7 +25,13 @@ VERSION = "1"
 def means_key(lm: LoadedModel, ds: Dataset, layer: str) -> str:
     """Key of one layer's (N, C) channel means over every image of the dataset."""
     return content_key(
-        "class_ranking", VERSION, lm.digest, lm.preprocessing.model_dump(), lm.channels, ds.digest, layer,
+        "class_ranking",
+        VERSION,
+        lm.digest,
+        lm.preprocessing.model_dump(),
+        lm.channels,
+        ds.digest,
+        layer,
         lm.input_size,
     )
 
@@ -33,7 +39,12 @@ def means_key(lm: LoadedModel, ds: Dataset, layer: str) -> str:
 def outputs_key(lm: LoadedModel, ds: Dataset) -> str:
     """Key of the model's (N, K) class outputs over every image of the dataset."""
     return content_key(
-        "dataset_outputs", VERSION, lm.digest, lm.preprocessing.model_dump(), lm.channels, ds.digest,
+        "dataset_outputs",
+        VERSION,
+        lm.digest,
+        lm.preprocessing.model_dump(),
+        lm.channels,
+        ds.digest,
         lm.input_size,
     )
 

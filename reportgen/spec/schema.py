@@ -22,8 +22,6 @@ KERAS_APPS = (
 ).split()
 
 BUILTIN_MODELS = ("vgg16-hed", "fer-emotion", "fashion-cnn")
-BUILTIN_DATASETS = ("sample-photos", "faces", "lfw-faces", "fashion-mnist-test")
-PREPROCESS_PRESETS = ("caffe", "tf", "torch", "unit", "none")
 
 _RANGE = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
 
