@@ -403,3 +403,10 @@ def test_validate_models_flags_unknown_layer_with_location(tmp_path: Path, tiny_
     code, out, err = cli_main("validate", good, "--models")
     assert code == 0, err
     assert out == f"{good}: ok (1 sections, 1 models)\n"
+
+
+def test_committed_json_schema_is_current() -> None:
+    """Editors read reportgen-spec.schema.json (see the specs' yaml-language-server line): regenerate it
+    with `make schema` whenever the spec models change."""
+    committed = json.loads((Path(__file__).resolve().parents[1] / "reportgen-spec.schema.json").read_text())
+    assert committed == json.loads(json.dumps(json_schema()))
