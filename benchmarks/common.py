@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's start-up chatter out of the results
@@ -167,14 +165,9 @@ def machine(kernels_label: str | None = None) -> str:
     `kernels_label` replaces this process's kernel setting where the work runs elsewhere."""
     import tensorflow as tf
 
-    cpu = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from reportgen.runner import cpu_model
+
+    cpu = cpu_model()
     gpus = tf.config.list_physical_devices("GPU")
     dev = f", GPU: {len(gpus)}" if gpus else ""
     try:
