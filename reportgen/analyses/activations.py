@@ -8,8 +8,6 @@ downsampled to `map_size`, so a 512-channel 56x56 layer never sits in host memor
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -168,14 +166,6 @@ def _check_colormap(name: str, where: str) -> None:
         raise ReportgenError(f"{where}: unknown matplotlib colormap {name!r}; {hint}")
 
 
-def _csv(rows: list[dict[str, Any]]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["image"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue().encode()
-
-
 class ActivationsAnalysis(Analysis):
     type = "activations"
     version = "1"
@@ -305,7 +295,7 @@ class ActivationsAnalysis(Analysis):
             )
             findings += self._layer_findings(name, [items[i].name for i in found], shares, tops)
 
-        csv_rel = out.bytes("activations.csv", _csv(rows))
+        csv_rel = out.csv("activations.csv", rows, None if rows else ["image"])
         artifacts.append(Artifact("table", csv_rel, section.model, None, None, {"rows": len(rows)}))
         if len(rows) > TABLE_ROWS:
             notes.append(f"The table shows {TABLE_ROWS} of {len(rows)} rows; all are in activations.csv.")

@@ -8,6 +8,8 @@ the section's template context and artifacts.
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 import shutil
 import time
@@ -68,6 +70,17 @@ class SectionOutput:
         rel = self.rel / name
         atomic_write(self.staging / rel, data)
         return rel.as_posix()
+
+    def csv(self, name: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+        """A table as CSV (the full table behind a capped one in the PDF); columns default to the first
+        row's keys, and keys not in `columns` are left out."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(
+            buf, columns or list(rows[0] if rows else {}), extrasaction="ignore", lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+        return self.bytes(name, buf.getvalue().encode())
 
     def copy(self, name: str, source: Path) -> str:
         rel = self.rel / name

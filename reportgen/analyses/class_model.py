@@ -7,8 +7,6 @@ only that class.
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
 import numpy as np
@@ -40,6 +38,20 @@ def target_classes(
         if idx not in out:
             out.append(idx)
     return out
+
+
+CSV_COLUMNS = [
+    "class",
+    "name",
+    "confidence",
+    "top_class",
+    "top_name",
+    "top_prob",
+    "logit_start",
+    "logit_final",
+    "top3",
+    "image",
+]
 
 
 class ClassModelAnalysis(Analysis):
@@ -144,7 +156,7 @@ class ClassModelAnalysis(Analysis):
                     },
                 )
             )
-        csv_rel = out.bytes("class_models.csv", self._csv(rows))
+        csv_rel = out.csv("class_models.csv", rows, CSV_COLUMNS)
         artifacts.append(Artifact("table", csv_rel, section.model, None, None, {"rows": len(rows)}))
         notes = [
             f"Optimised in {size[0]}x{size[1]} canonical input space for {recipe.steps} steps; pixels are "
@@ -189,26 +201,6 @@ class ClassModelAnalysis(Analysis):
                 f"({best['name']!r})."
             )
         return out
-
-    @staticmethod
-    def _csv(rows: list[dict[str, Any]]) -> bytes:
-        fields = [
-            "class",
-            "name",
-            "confidence",
-            "top_class",
-            "top_name",
-            "top_prob",
-            "logit_start",
-            "logit_final",
-            "top3",
-            "image",
-        ]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buf.getvalue().encode()
 
 
 ANALYSIS = ClassModelAnalysis()

@@ -10,7 +10,6 @@ an image's value is its own mean activation.
 
 from __future__ import annotations
 
-import csv
 import io
 from collections import Counter
 from pathlib import Path
@@ -88,14 +87,6 @@ def bar_chart(names: list[str], values: list[float], title: str, xlabel: str) ->
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=150, metadata={"Software": None})
     return buf.getvalue()
-
-
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue().encode()
 
 
 def _ratio(value: float, reference: float) -> float | None:
@@ -305,7 +296,7 @@ class ClassRankingAnalysis(Analysis):
             if counts[k] == 0
         ]
         stem = f"{layer_slug}_f{f:04d}_classes"
-        csv_rel = out.bytes(f"{stem}.csv", _csv(full, list(full[0])))
+        csv_rel = out.csv(f"{stem}.csv", full)
         top = rows[: section.top]
         chart = bar_chart(
             [r["name"] for r in top],

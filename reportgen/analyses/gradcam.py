@@ -6,8 +6,6 @@ target and layer checks, loading, cache keys, print-sharp display and heatmap st
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
 import numpy as np
@@ -170,15 +168,6 @@ def heat_stats(heat: np.ndarray, original: tuple[int, int]) -> dict[str, Any]:
     }
 
 
-def csv_bytes(rows: list[dict[str, Any]]) -> bytes:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue().encode()
-
-
 def explained(lm: LoadedModel, target: int) -> str:
     return "each image's top prediction" if target < 0 else f"class {lm.class_name(target)!r}"
 
@@ -254,7 +243,7 @@ class GradcamAnalysis(Analysis):
             }
             rows.append(row)
             artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None, dict(row)))
-        csv_rel = out.bytes("gradcam.csv", csv_bytes(rows))
+        csv_rel = out.csv("gradcam.csv", rows)
         artifacts.append(Artifact("table", csv_rel, section.model, section.layer, None, {"rows": len(rows)}))
         return SectionResult(
             context={

@@ -16,7 +16,6 @@ from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutpu
 from reportgen.analyses.gradcam import (
     as_uint8,
     check_conv_layer,
-    csv_bytes,
     explained,
     for_print,
     image_sizes,
@@ -294,7 +293,7 @@ class OcclusionAnalysis(Analysis):
                 )
             images.append(entry)
         if rows:
-            csv_rel = out.bytes("occlusion.csv", csv_bytes(rows))
+            csv_rel = out.csv("occlusion.csv", rows)
             artifacts.append(
                 Artifact("table", csv_rel, section.model, section.layer, None, {"rows": len(rows)})
             )

@@ -7,8 +7,6 @@ the model spec, else from the offline ImageNet index for 1000-way models, else a
 
 from __future__ import annotations
 
-import csv
-import io
 from typing import Any
 
 import numpy as np
@@ -124,11 +122,7 @@ class PredictionsAnalysis(Analysis):
             artifacts.append(Artifact("image", thumb, section.model, None, None, metrics))
         csv_rel = None
         if table:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, list(table[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(table)
-            csv_rel = out.bytes("predictions.csv", buf.getvalue().encode())
+            csv_rel = out.csv("predictions.csv", table)
             artifacts.append(
                 Artifact("table", csv_rel, section.model, None, None, {"images": len(rows), "top_k": k})
             )
