@@ -45,5 +45,32 @@ def render_pdf(html_path: Path, target: Path) -> int:
 
     fetcher = URLFetcher(allowed_protocols=("file", "data"), fail_on_errors=True)
     doc = HTML(filename=str(html_path), base_url=str(html_path.parent), url_fetcher=fetcher).render()
+    relative_file_links(doc, html_path.parent)
     doc.write_pdf(target)
     return len(doc.pages)
+
+
+def relative_file_links(doc: Any, folder: Path) -> None:
+    """Turn the PDF's links to files of the report folder back into relative links, in place.
+
+    WeasyPrint resolves every href against base_url, so `assets/x.csv` would become
+    `file:///…/.out.staging-PID/assets/x.csv`: a folder that publishing deletes, and a local path that
+    should not travel with the PDF. Relative, the link works wherever the published folder is moved (PDF
+    viewers resolve it against the PDF's own location). A file link outside the folder has no meaning
+    for a reader elsewhere, so it is dropped (the HTML never makes one; author links are http(s) only).
+    """
+    from urllib.parse import quote, unquote, urlsplit
+
+    root = folder.resolve()
+    for page in doc.pages:
+        kept = []
+        for link_type, target, rectangle, box in page.links:
+            if link_type == "external" and target.startswith("file:"):
+                parts = urlsplit(target)
+                try:
+                    rel = Path(unquote(parts.path)).resolve().relative_to(root)
+                except ValueError:
+                    continue
+                target = quote(rel.as_posix()) + (f"#{parts.fragment}" if parts.fragment else "")
+            kept.append((link_type, target, rectangle, box))
+        page.links[:] = kept
