@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size is not None and args.batch_size < 1:
             parser.error(f"--batch-size must be at least 1 (got {args.batch_size})")
     _setup_logging(getattr(args, "quiet", False), args.verbose)
-    from reportgen.runner import EXIT_FAILED, EXIT_LOCKED, EXIT_SPEC, LockedError
+    from reportgen.publish import LockedError
+    from reportgen.runner import EXIT_FAILED, EXIT_LOCKED, EXIT_SPEC
 
     try:
         return args.func(args)

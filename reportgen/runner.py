@@ -11,8 +11,6 @@ passes (`reportgen.plan`) and runs them here, on local processes or on a Dask cl
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import json
 import os
 import platform
@@ -30,15 +28,13 @@ from typing import Any
 from reportgen import __version__
 from reportgen.errors import ReportgenError
 from reportgen.progress import Progress, log
+from reportgen.publish import clean_stale, new_staging, publish, run_lock
 from reportgen.spec import Spec, load_spec, spec_sha256
+from reportgen.spec.load import locate
 
 # Section types that need class scores, so keras_app models keep their classifier head.
 NEEDS_TOP = {"predictions", "gradcam", "occlusion", "saliency", "class_model"}
 EXIT_OK, EXIT_FAILED, EXIT_SPEC, EXIT_LOCKED = 0, 1, 2, 3
-
-
-class LockedError(ReportgenError):
-    """Another run of the same spec output is in progress."""
 
 
 class ModelRegistry:
@@ -62,36 +58,24 @@ class ModelRegistry:
         return list(self._loaded.values())
 
 
-@contextmanager
-def run_lock(output: Path) -> Iterator[None]:
-    """One run per output folder at a time: a second concurrent run is refused, not queued."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    path = output.parent / f".{output.name}.lock"
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            raise LockedError(
-                f"another reportgen run is writing {output} (pid {holder}); wait for it to finish "
-                f"or stop it (lock file {path})"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def store_root(spec: Spec) -> Path:
     """The result store's folder: `cache:` of the spec, or .reportgen-cache beside the output."""
     output = Path(spec.output)
     cache = Path(spec.cache) if spec.cache else output.parent / ".reportgen-cache"
     return cache / "results"
+
+
+def _create_store(spec: Spec) -> None:
+    """Create the result store's folder before any compute, so that an unwritable `cache:` is one line
+    (exit 1) now rather than a traceback after the first pass."""
+    root = store_root(spec)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportgenError(
+            f"cannot create the result store {exc.filename or root}: {exc.strerror or exc}; make that "
+            "folder writable for this user (or free space there), or set `cache:` to another folder"
+        ) from None
 
 
 def onednn_safe(spec: Spec) -> bool:
@@ -116,37 +100,6 @@ def select_cpu_kernels(spec: Spec) -> None:
             log.warning("precision bfloat16 without oneDNN (a model here may crash with it): slow on CPU")
         return
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = os.environ["REPORTGEN_ONEDNN_SET"] = "1"
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def publish(staging: Path, output: Path) -> None:
-    """Replace the output folder with the staging folder; readers see the old or the new report."""
-    if output.exists() and _exchange(staging, output):
-        shutil.rmtree(staging, ignore_errors=True)
-        return
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    if output.exists():
-        os.rename(output, old)
-    os.rename(staging, output)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _clean_stale(output: Path) -> None:
-    """Staging folders left by killed runs (we hold the lock, so none is live)."""
-    for stale in output.parent.glob(f".{output.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in output.parent.glob(f".{output.name}.old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def versions() -> dict[str, str]:
@@ -238,12 +191,12 @@ def run(
         summary.seconds = time.perf_counter() - t_start
         return summary
     with run_lock(output):
-        _clean_stale(output)
-        staging = output.parent / f".{output.name}.staging-{os.getpid()}"
-        staging.mkdir(parents=True)
+        clean_stale(output)
+        _create_store(spec)
+        staging = new_staging(output)
         try:
             _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary)
-            publish(staging, output)
+            publish(staging, output, where=locate(spec, ("output",)))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

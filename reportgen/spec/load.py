@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from reportgen.engine.recipes import recipe_field_names, resolve_recipe
 from reportgen.errors import SpecError
 from reportgen.spec import schema
+from reportgen.spec.output_check import check_output
 from reportgen.spec.yaml_lines import Located, parse
 
 
@@ -241,6 +242,9 @@ def load_spec(path: str | Path) -> schema.Spec:
     if problems:
         raise SpecError(sorted(dict.fromkeys(problems), key=lambda p: _position(p, filename)))
     spec = _resolve_paths(spec, path.resolve().parent)
+    unsafe = check_output(spec, located, filename, path.resolve().parent)
+    if unsafe:
+        raise SpecError(unsafe)
     spec._located = located
     spec._filename = filename
     return spec
