@@ -3,15 +3,27 @@
 A rerun asks the store before computing; a key that did not change is a hit. Writes go to a temporary
 file in the same folder and are renamed into place, so a killed run never leaves a half-written result
 and resumes from whatever was complete.
+
+Runs of different specs may share a store (`cache:`). A run claims a key (`Store.claim`) before it
+computes it, so a second run that needs the same result waits for the first and then reads it instead
+of computing it again. Claims are `flock` locks on `root/ab/<key>.claim`: the kernel releases them
+when their process dies, even by `kill -9`, so a crashed run never blocks the next one (a lock *file*
+created with O_EXCL would stay behind and need a stale-lock heuristic). flock also works on NFS (Linux
+emulates it with POSIX locks there), the shared folder of a Dask cluster.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +36,23 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+log = logging.getLogger("reportgen")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file renamed into place. A full disk is reported with the file's path:
+    a failing `write` raises an OSError without a filename, and the one-line error should name it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -48,6 +70,49 @@ class Store:
 
     def has(self, key: str, ext: str) -> bool:
         return self.path(key, ext).exists()
+
+    @contextmanager
+    def claim(self, key: str) -> Iterator[None]:
+        """Hold the right to compute `key` until the block ends; another process asking for the same key
+        waits here meanwhile. Check `has` again inside the block: the previous holder may have stored it.
+
+        The claim file is removed on release. A waiter may then hold a lock on the removed file while a
+        newcomer locks a new one, so after locking, a claim counts only if the path still names the file
+        that was locked (the usual flock + unlink protocol); otherwise it retries."""
+        path = self.path(key, "claim")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("waiting for another run that is computing result %s", key[:12])
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(path)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and current.st_ino == os.fstat(fd).st_ino:
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)  # closing releases the lock
+
+    @contextmanager
+    def claim_all(self, keys: Iterable[str]) -> Iterator[None]:
+        """Claim several keys (a chunk of a pass). Always in sorted order, so two runs whose chunks
+        overlap cannot each hold a key the other waits for."""
+        with ExitStack() as stack:
+            for key in sorted(set(keys)):
+                stack.enter_context(self.claim(key))
+            yield
 
     def put_bytes(self, key: str, ext: str, data: bytes) -> Path:
         path = self.path(key, ext)
