@@ -164,13 +164,22 @@ class AscentScheduler:
         layers = f"{len(p.layers)} layer{'s' if len(p.layers) != 1 else ''}"
         label = f"ascent {p.model} ({layers}, {p.recipe.steps} steps)"
         with progress.task(label, len(jobs)) as advance:
-            # store each chunk as it finishes, so a killed run resumes from it
+            # store each chunk as it finishes, so a killed run resumes from it; claim its keys first, so a
+            # run of another spec sharing the store waits for them instead of computing them too
             for start in range(0, len(jobs), p.batch_size):
                 keys = p.keys[start : start + p.batch_size]
-                results = program.run(jobs[start : start + p.batch_size], p.batch_size, on_chunk=advance)
-                for key, res in zip(keys, results, strict=True):
-                    store_result(self.store, key, res)
-                    self.computed_keys.add(key)
+                with self.store.claim_all(keys):
+                    todo = [i for i, key in enumerate(keys) if not self.store.has(key, "json")]
+                    if skipped := len(keys) - len(todo):  # stored by that other run meanwhile
+                        self.reused += skipped
+                        advance(skipped)
+                    if not todo:
+                        continue
+                    chunk = [jobs[start + i] for i in todo]
+                    results = program.run(chunk, p.batch_size, on_chunk=advance)
+                    for i, res in zip(todo, results, strict=True):
+                        store_result(self.store, keys[i], res)
+                        self.computed_keys.add(keys[i])
 
     def section_counts(self) -> dict[str, tuple[int, int]]:
         """Section id -> (results computed in this run, results taken from the store). A result that
