@@ -130,16 +130,20 @@ class RunContext:
         """Arrays stored under a content key: computed once, reused by every later run with that key.
 
         Build the key with `reportgen.store.content_key(analysis type, version, model digest,
-        dataset digest, every parameter that changes the result)`.
+        dataset digest, every parameter that changes the result)`. The key is claimed while it is computed,
+        so two runs sharing a store compute it once.
         """
         found = self.store.get_arrays(key)
-        if found is not None:
-            self.reused += 1
-            return found
-        arrays = compute()
-        self.store.put_arrays(key, arrays)
-        self.computed += 1
-        return arrays
+        if found is None:
+            with self.store.claim(key):  # another run sharing the store may be computing it right now
+                found = self.store.get_arrays(key)
+                if found is None:
+                    arrays = compute()
+                    self.store.put_arrays(key, arrays)
+                    self.computed += 1
+                    return arrays
+        self.reused += 1
+        return found
 
     def where(self, index: int, *field_path: Any) -> str:
         from reportgen.spec.load import locate
