@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from reportgen.engine.recipes import recipe_field_names, resolve_recipe
 from reportgen.errors import SpecError
 from reportgen.spec import schema
 from reportgen.spec.output_check import check_output
-from reportgen.spec.yaml_lines import Located, parse
+from reportgen.spec.yaml_lines import MAX_SPEC_BYTES, Located, SpecTextError, decode, echo, parse
 
 
 def spec_sha256(path: Path) -> str:
@@ -217,22 +217,39 @@ def _position(problem: str, filename: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
+def _read_bounded(path: Path, filename: str) -> bytes:
+    """The spec's bytes, refusing a file over MAX_SPEC_BYTES before reading it whole (the size is checked
+    first, and at most one byte more is read, for files whose size the file system does not know)."""
+    limit = MAX_SPEC_BYTES
+    too_big = (
+        f"{filename}: the spec is over {limit // 2**20} MiB; a spec is a hand-written YAML file of a few "
+        "KiB, check that this is the right file"
+    )
+    try:
+        with path.open("rb") as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise SpecError([too_big])
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise SpecError([f"{filename}: cannot read the spec: {exc.strerror}"]) from None
+    if len(data) > limit:
+        raise SpecError([too_big])
+    return data
+
+
 def load_spec(path: str | Path) -> schema.Spec:
     """Read, validate and resolve a spec; raise SpecError listing every problem found."""
     path = Path(path)
     filename = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError([f"{filename}: cannot read the spec: {exc.strerror}"]) from None
-    try:
-        located = parse(text, filename)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{filename}:{mark.line + 1}:{mark.column + 1}" if mark else filename
-        raise SpecError([f"{where}: invalid YAML: {exc.problem}"]) from None
+        located = parse(decode(_read_bounded(path, filename)))
+    except SpecTextError as exc:
+        raise SpecError([f"{filename}:{exc.line}:{exc.col}: {exc.message}"]) from None
     if not isinstance(located.data, dict):
-        raise SpecError([f"{filename}:1:1: the spec must be a mapping with title, output, models, sections"])
+        kind = "a list" if isinstance(located.data, list) else f"the single value {echo(located.data)}"
+        raise SpecError(
+            [f"{filename}:1:1: the spec is {kind}; it must be a mapping with title, output, models, sections"]
+        )
     problems: list[str] = []
     try:
         spec = schema.Spec.model_validate(located.data)
