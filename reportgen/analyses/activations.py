@@ -2,8 +2,9 @@
 
 All layers come from one forward pass (one multi-output extractor, compiled once per layer set) over
 streamed batches. Only what the report shows leaves the compiled function: per-channel means and peaks
-(small, for the top filter and sparsity over *all* channels) and the maps of the shown channels,
-downsampled to `map_size`, so a 512-channel 56x56 layer never sits in host memory whole.
+(small, for the top filter and sparsity over *all* channels) and the maps of the shown channels (at the
+layer's own resolution, saved as .npy beside the figure, and downsampled to `map_size` for display), so a
+512-channel 56x56 layer never sits in host memory whole.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.base import (
+    Analysis,
+    Artifact,
+    RunContext,
+    SectionOutput,
+    SectionResult,
+    map_array,
+)
 from reportgen.datasets import ImageItem, load_image, missing_indices, stream
 from reportgen.errors import ReportgenError
 from reportgen.imaging import colormap, grid, to_pil, upscale_for_print
@@ -76,6 +84,7 @@ class ActivationProgram:
                 tf.reduce_max(tf.abs(out), axis=[1, 2]),
                 maps,
                 tf.constant(shape, tf.int32),
+                tf.gather(out, idx, axis=3),
             ]
         return results
 
@@ -83,7 +92,8 @@ class ActivationProgram:
         self, items: list[ImageItem], batch_size: int = 16, on_batch: Callable[[int], None] | None = None
     ) -> dict[str, np.ndarray]:
         """Arrays for the store: `index` (images that decoded) and per layer i `mean_i`, `peak_i` (N, C) over
-        all channels, `maps_i` (N, h, w, shown) float16 and `shape_i`, the layer's own map shape."""
+        all channels, `maps_i` (N, h, w, shown) float16 for display, `shape_i`, the layer's own map shape,
+        and `full_i` (N, H, W, shown) float32, the shown maps at that shape."""
         index, chunks = [], []
         for pixels, idx in stream(items, self.model.input_size, self.model.channels, batch_size):
             index.append(idx.numpy())
@@ -94,11 +104,12 @@ class ActivationProgram:
             raise ReportgenError(f"none of the {len(items)} selected images could be decoded")
         arrays: dict[str, np.ndarray] = {"index": np.concatenate(index).astype(np.int32)}
         for i in range(len(self.layers)):
-            arrays[f"mean_{i}"] = np.concatenate([c[4 * i] for c in chunks]).astype(np.float32)
-            arrays[f"peak_{i}"] = np.concatenate([c[4 * i + 1] for c in chunks]).astype(np.float32)
-            maps = np.concatenate([c[4 * i + 2] for c in chunks])
+            arrays[f"mean_{i}"] = np.concatenate([c[5 * i] for c in chunks]).astype(np.float32)
+            arrays[f"peak_{i}"] = np.concatenate([c[5 * i + 1] for c in chunks]).astype(np.float32)
+            maps = np.concatenate([c[5 * i + 2] for c in chunks])
             arrays[f"maps_{i}"] = np.clip(maps, -F16_MAX, F16_MAX).astype(np.float16)  # display only
-            arrays[f"shape_{i}"] = chunks[0][4 * i + 3].astype(np.int32)
+            arrays[f"shape_{i}"] = chunks[0][5 * i + 3].astype(np.int32)
+            arrays[f"full_{i}"] = np.concatenate([c[5 * i + 4] for c in chunks]).astype(np.float32)
         return arrays
 
 
@@ -168,7 +179,7 @@ def _check_colormap(name: str, where: str) -> None:
 
 class ActivationsAnalysis(Analysis):
     type = "activations"
-    version = "1"
+    version = "2"  # 2: the shown maps at the layer's own resolution are stored too
 
     def default_title(self, section: ActivationsSection) -> str:
         return f"Feature maps of {', '.join(section.layers)}"
@@ -223,12 +234,15 @@ class ActivationsAnalysis(Analysis):
                 + ", ".join(items[i].name for i in missing[:10])
             )
 
-        thumbs = {}
+        thumbs, artifacts = {}, []
         for n, i in enumerate(found):
             thumb = upscale_for_print(to_pil(load_image(items[i].path, lm.input_size, lm.channels)), 96)
             thumbs[i] = out.image(f"input_{n:03d}.png", np.asarray(thumb))
+            artifacts.append(
+                Artifact("image", thumbs[i], section.model, None, None, {"image": items[i].name})
+            )
 
-        layers, rows, artifacts, findings = [], [], [], []
+        layers, rows, findings = [], [], []
         for li, name in enumerate(section.layers):
             mean, peak, maps = (
                 arrays[f"mean_{li}"],
@@ -272,6 +286,9 @@ class ActivationsAnalysis(Analysis):
                     "shown_channels": len(shown[li]),
                 }
                 artifacts.append(Artifact("grid", rel, section.model, name, None, metrics))
+                artifacts += self._arrays(
+                    out, section, lm, name, n, items[i].name, arrays[f"full_{li}"][n], shown[li]
+                )
                 row = {
                     "image": items[i].name,
                     "layer": name,
@@ -314,6 +331,37 @@ class ActivationsAnalysis(Analysis):
             findings=findings,
             notes=notes,
         )
+
+    @staticmethod
+    def _arrays(
+        out: SectionOutput,
+        section: ActivationsSection,
+        lm: LoadedModel,
+        layer: str,
+        n: int,
+        image: str,
+        full: np.ndarray,
+        channels: list[int],
+    ) -> list[Artifact]:
+        """The shown channels' maps (height, width, channel) as the layer computed them, and bilinearly
+        resized to the model's input (as Grad-CAM is), so a map can be laid over the input pixel by pixel."""
+        import tensorflow as tf
+
+        at_input = tf.image.resize(full[None], lm.input_size, method="bilinear")[0].numpy()
+        return [
+            map_array(
+                out,
+                f"{layer}_{n:03d}_{resolution}.npy",
+                values,
+                resolution,
+                section.model,
+                layer,
+                image,
+                "activations",
+                channels=channels,
+            )
+            for resolution, values in (("layer", full), ("input", at_input))
+        ]
 
     @staticmethod
     def _layer_findings(layer: str, names: list[str], shares: list[float], tops: list[int]) -> list[str]:

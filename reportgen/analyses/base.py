@@ -71,6 +71,12 @@ class SectionOutput:
         atomic_write(self.staging / rel, data)
         return rel.as_posix()
 
+    def array(self, name: str, values: np.ndarray) -> str:
+        """A raw array as .npy (numpy.load reads it): the numbers behind a figure, for checking or reuse."""
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(values), allow_pickle=False)
+        return self.bytes(name, buf.getvalue())
+
     def csv(self, name: str, rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
         """A table as CSV (the full table behind a capped one in the PDF); columns default to the first
         row's keys, and keys not in `columns` are left out."""
@@ -86,6 +92,26 @@ class SectionOutput:
         rel = self.rel / name
         shutil.copyfile(source, self.staging / rel)
         return rel.as_posix()
+
+
+def map_array(
+    out: SectionOutput,
+    name: str,
+    values: np.ndarray,
+    resolution: str,
+    model: str,
+    layer: str | None,
+    image: str,
+    what: str,
+    **extra: Any,
+) -> Artifact:
+    """The numbers behind a figure as a .npy manifest artifact: users check or reuse the map itself, not
+    its colours. `resolution` says which grid the values are on: "layer" (as the layer computed the map),
+    "patch" (one value per sliding-patch position) or "input" (the model's input pixels, the grid the
+    figure is drawn on)."""
+    rel = out.array(name, np.asarray(values, np.float32))
+    metrics = {"image": image, "map": what, "resolution": resolution, "shape": list(values.shape), **extra}
+    return Artifact("array", rel, model, layer, None, metrics)
 
 
 def slugify(text: str) -> str:

@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.base import (
+    Analysis,
+    Artifact,
+    RunContext,
+    SectionOutput,
+    SectionResult,
+    map_array,
+)
 from reportgen.datasets import Dataset, ImageItem, load_pixels
 from reportgen.engine.gradients import engine_for
 from reportgen.errors import ReportgenError
@@ -177,6 +184,7 @@ def explained(lm: LoadedModel, target: int) -> str:
 
 class GradcamAnalysis(Analysis):
     type = "gradcam"
+    version = "2"  # 2: the maps at the layer's own resolution are stored too
 
     def default_title(self, section: GradcamSection) -> str:
         return f"Grad-CAM of {section.model} at {section.layer}"
@@ -199,6 +207,7 @@ class GradcamAnalysis(Analysis):
                 "images": as_uint8(pixels),
                 "kept": kept,
                 "heatmaps": r.heatmaps,
+                "maps": r.maps,
                 "classes": r.classes,
                 "probability": r.probability,
                 "top": r.top,
@@ -243,6 +252,21 @@ class GradcamAnalysis(Analysis):
             }
             rows.append(row)
             artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None, dict(row)))
+            stem = f"{k:03d}_{item.stem}_gradcam"
+            for resolution, values in (("layer", res["maps"][k]), ("input", res["heatmaps"][k])):
+                artifacts.append(
+                    map_array(
+                        out,
+                        f"{stem}_{resolution}.npy",
+                        values,
+                        resolution,
+                        section.model,
+                        section.layer,
+                        item.name,
+                        "gradcam",
+                        **{"class": row["class"]},
+                    )
+                )
         csv_rel = out.csv("gradcam.csv", rows)
         artifacts.append(Artifact("table", csv_rel, section.model, section.layer, None, {"rows": len(rows)}))
         return SectionResult(

@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.base import (
+    Analysis,
+    Artifact,
+    RunContext,
+    SectionOutput,
+    SectionResult,
+    map_array,
+)
 from reportgen.analyses.gradcam import (
     as_uint8,
     check_conv_layer,
@@ -109,6 +116,7 @@ def _to_image_px(box: np.ndarray, original: tuple[int, int], size: tuple[int, in
 
 class OcclusionAnalysis(Analysis):
     type = "occlusion"
+    version = "2"  # 2: the Grad-CAMs at the layer's own resolution are stored too
 
     def default_title(self, section: OcclusionSection) -> str:
         return f"Occlusion on {section.model}"
@@ -159,6 +167,7 @@ class OcclusionAnalysis(Analysis):
                     "images": as_uint8(pixels),
                     "kept": kept,
                     "heatmaps": base.heatmaps,
+                    "maps": base.maps,
                     "classes": base.classes,
                     "probability": base.probability,
                     "top": base.top,
@@ -168,6 +177,7 @@ class OcclusionAnalysis(Analysis):
                     "pair_box": np.asarray([box for _, _, box in live], np.int32).reshape(-1, 4),
                     "occluded": as_uint8(occ_px),
                     "occ_heatmaps": occ.heatmaps,
+                    "occ_maps": occ.maps,
                     "occ_probability": occ.probability,
                     "occ_top": occ.top,
                     "occ_top_probability": occ.probs[np.arange(len(occ.top)), occ.top],
@@ -214,6 +224,10 @@ class OcclusionAnalysis(Analysis):
             stem = f"{k:03d}_{item.stem}"
             orig = out.image(f"{stem}_original.png", for_print(res["images"][k]))
             cam = out.image(f"{stem}_gradcam.png", for_print(res["images"][k], res["heatmaps"][k]))
+            artifacts.append(Artifact("image", orig, section.model, None, None, {"image": item.name}))
+            artifacts += self._cam_arrays(
+                section, out, f"{stem}_gradcam", item.name, res["maps"][k], res["heatmaps"][k]
+            )
             artifacts.append(
                 Artifact(
                     "heatmap",
@@ -258,6 +272,15 @@ class OcclusionAnalysis(Analysis):
                     "top_after_probability": round(float(res["occ_top_probability"][p]), 4),
                 }
                 rows.append(row)
+                artifacts += self._cam_arrays(
+                    section,
+                    out,
+                    f"{name}_occluded_gradcam",
+                    item.name,
+                    res["occ_maps"][p],
+                    res["occ_heatmaps"][p],
+                    mask=mask.name,
+                )
                 entry["masks"].append(
                     {
                         **row,
@@ -317,6 +340,32 @@ class OcclusionAnalysis(Analysis):
         )
 
     @staticmethod
+    def _cam_arrays(
+        section: OcclusionSection,
+        out: SectionOutput,
+        stem: str,
+        image: str,
+        own: np.ndarray,
+        at_input: np.ndarray,
+        **extra: Any,
+    ) -> list[Artifact]:
+        """A Grad-CAM's raw maps: at the layer's own resolution and at the model's input resolution."""
+        return [
+            map_array(
+                out,
+                f"{stem}_{resolution}.npy",
+                values,
+                resolution,
+                section.model,
+                section.layer,
+                image,
+                "gradcam",
+                **extra,
+            )
+            for resolution, values in (("layer", own), ("input", at_input))
+        ]
+
+    @staticmethod
     def _sliding(
         section: OcclusionSection,
         lm: LoadedModel,
@@ -334,6 +383,21 @@ class OcclusionAnalysis(Analysis):
         peak = float(sens.max())
         heat = np.clip(sens, 0, None) / peak if peak > 0 else np.zeros_like(sens)
         rel = out.image(f"{stem}_sliding.png", for_print(res["images"][k], heat))
+        # The drop per patch position (its own grid) and, per input pixel, the mean drop of the patches
+        # covering it (what the figure colours).
+        for resolution, values in (("patch", drops), ("input", sens)):
+            artifacts.append(
+                map_array(
+                    out,
+                    f"{stem}_sliding_{resolution}.npy",
+                    values,
+                    resolution,
+                    section.model,
+                    None,
+                    item.name,
+                    "sliding",
+                )
+            )
         best = np.unravel_index(int(np.argmax(drops)), drops.shape)
         max_drop = float(drops[best])
         box = _to_image_px(

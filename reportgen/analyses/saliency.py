@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.base import (
+    Analysis,
+    Artifact,
+    RunContext,
+    SectionOutput,
+    SectionResult,
+    map_array,
+)
 from reportgen.analyses.gradcam import (
     FINDING_IMAGES,
     as_uint8,
@@ -89,6 +96,7 @@ class SaliencyAnalysis(Analysis):
             cls, prob = lm.class_name(int(res["classes"][k])), float(res["probability"][k])
             stem = f"{k:03d}_{item.stem}"
             shown = out.image(f"{stem}_image.png", for_print(res["images"][k]))
+            artifacts.append(Artifact("image", shown, section.model, None, None, {"image": item.name}))
             entry: dict[str, Any] = {
                 "name": item.name,
                 "cls": cls,
@@ -117,6 +125,20 @@ class SaliencyAnalysis(Analysis):
                             "centre_x": s["com_x"],
                             "centre_y": s["com_y"],
                         },
+                    )
+                )
+                # A gradient map's own resolution is the model's input: one array serves both.
+                artifacts.append(
+                    map_array(
+                        out,
+                        f"{stem}_{m}.npy",
+                        res[m][k],
+                        "input",
+                        section.model,
+                        None,
+                        item.name,
+                        m,
+                        **{"class": cls},
                     )
                 )
             figures.append(entry)

@@ -31,6 +31,7 @@ GRAY = 128.0  # mid-gray in 0..255 pixel space
 @dataclass
 class CamResult:
     heatmaps: np.ndarray  # float32 (N, H, W) in [0, 1], at the model's input size
+    maps: np.ndarray  # float32 (N, h, w) in [0, 1], the same maps at the layer's own resolution
     classes: np.ndarray  # int32 (N,) the class each map explains (target, or the top prediction)
     probability: np.ndarray  # float32 (N,) softmax probability of that class
     top: np.ndarray  # int32 (N,) the top predicted class
@@ -193,11 +194,11 @@ class GradientEngine:
             weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (N, 1, 1, K) channel importance
             heat = tf.nn.relu(tf.reduce_sum(fmaps * weights, axis=-1))
             peak = tf.reduce_max(heat, axis=(1, 2), keepdims=True)
-            heat = tf.math.divide_no_nan(heat, peak)  # an all-zero map (no positive evidence) stays zero
-            heat = tf.image.resize(heat[..., None], size, method="bilinear")[..., 0]
+            own = tf.math.divide_no_nan(heat, peak)  # an all-zero map (no positive evidence) stays zero
+            heat = tf.image.resize(own[..., None], size, method="bilinear")[..., 0]
             probs = tf.nn.softmax(logits, axis=-1)
             top = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            return heat, cls, tf.gather(probs, cls, axis=1, batch_dims=1), top, probs
+            return heat, cls, tf.gather(probs, cls, axis=1, batch_dims=1), top, probs, own
 
         self._cams[layer] = cam
         return cam
@@ -212,15 +213,17 @@ class GradientEngine:
         ]
         if not parts:
             h, w = self.size
+            lh, lw = self.lm.model.get_layer(layer).output.shape[1:3]
             return CamResult(
                 np.zeros((0, h, w), np.float32),
+                np.zeros((0, lh or 0, lw or 0), np.float32),
                 np.zeros(0, np.int32),
                 np.zeros(0, np.float32),
                 np.zeros(0, np.int32),
                 np.zeros((0, self.classes), np.float32),
             )
-        heat, cls, prob, top, probs = (np.concatenate([p[i].numpy() for p in parts]) for i in range(5))
-        return CamResult(heat, cls, prob, top, probs)
+        heat, cls, prob, top, probs, own = (np.concatenate([p[i].numpy() for p in parts]) for i in range(6))
+        return CamResult(heat, own, cls, prob, top, probs)
 
     # -- input gradients ---------------------------------------------------------------------------
 
