@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+ECHO_CHARS = 80  # longest user value quoted whole in an error line
+
+
+def echo(value: Any) -> str:
+    """repr of a user's value for an error line, shortened: a 10 MB value must not become the line."""
+    text = repr(value)
+    if len(text) <= ECHO_CHARS:
+        return text
+    return f"{text[: ECHO_CHARS - 1]}… ({len(text)} characters)"
+
 
 class ReportgenError(Exception):
     """A failure reported to the user as one clear message (no traceback)."""

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from reportgen.errors import echo
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Recipe:
     pre_relu: bool = False  # maximise the conv output before its ReLU: gradients exist even where it is 0
 
     def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
+        """A copy with `overrides` (already checked by `param_problem`) converted to the fields' types."""
         return dataclasses.replace(self, **{k: type(getattr(self, k))(v) for k, v in overrides.items()})
 
     def as_dict(self) -> dict[str, Any]:
@@ -89,19 +93,143 @@ RECIPES: dict[str, RecipeInfo] = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric recipe parameter may take: what the engine can compute with, and upper bounds
+    that keep one sample's memory and the compiled loop finite (e.g. `steps` sizes per-step arrays,
+    `blur_sigma` the blur kernel, `scale` >= 1 would zoom by 0)."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False  # `low` itself is not allowed
+    high_open: bool = False
+    zero: bool = False  # 0 is allowed below `low` (`size: 0` = the model's own input size)
+    doc: str = ""
+
+    def allows(self, value: float) -> bool:
+        if self.zero and value == 0:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """The rule as an error line states it: `from 1 to 10000`, `> 0`, `0 or from 8 to 2048`."""
+        if self.low == -math.inf:
+            rule = "a finite number"
+        elif self.high == math.inf:
+            rule = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif not (self.low_open or self.high_open):
+            rule = f"from {self.low:g} to {self.high:g}"
+        else:
+            low, high = ">" if self.low_open else ">=", "<" if self.high_open else "<="
+            rule = f"{low} {self.low:g} and {high} {self.high:g}"
+        return f"0 or {rule}" if self.zero else rule
+
+    def json_schema(self) -> dict[str, Any]:
+        bounds: dict[str, Any] = {}
+        if self.low != -math.inf:
+            bounds["exclusiveMinimum" if self.low_open else "minimum"] = self.low
+        if self.high != math.inf:
+            bounds["exclusiveMaximum" if self.high_open else "maximum"] = self.high
+        return {"anyOf": [{"const": 0}, bounds]} if self.zero else bounds
+
+
+# Every numeric field of Recipe; `pre_relu` is a plain true/false.
+PARAM_RANGES: dict[str, Range] = {
+    "steps": Range(1, 10_000, doc="Gradient-ascent steps."),
+    "lr": Range(
+        0, low_open=True, doc="Step size in the canonical [-1, 1] input space (L2-normalised gradients)."
+    ),
+    "size": Range(8, 2048, zero=True, doc="Input side in pixels; 0 = the model's input size."),
+    "border": Range(0, 1024, doc="Activation rows/cols excluded from the mean on each side."),
+    "init_scale": Range(0, 2, doc="Spread of the uniform noise of the gray start."),
+    "display_std": Range(0, 1, low_open=True, doc="Standard deviation of the displayed image around gray."),
+    "crop": Range(0, 1024, doc="Pixels cut from each side for display."),
+    "jitter": Range(0, 1024, doc="Max random translation in pixels, per step (0 disables)."),
+    "rotate": Range(0, 180, doc="Max random rotation in degrees, per step (0 disables)."),
+    "scale": Range(0, 1, high_open=True, doc="Max relative random zoom, per step (0 disables)."),
+    "blur_every": Range(0, 10_000, doc="Gaussian blur every k steps (0 disables)."),
+    "blur_sigma": Range(0, 50, low_open=True, doc="Standard deviation of the blur in pixels."),
+    "decay": Range(0, 1, high_open=True, doc="L2 decay of the image towards gray, per step."),
+    "tv": Range(0, doc="Total-variation weight in the objective."),
+    "clip_weak": Range(0, 100, doc="Zero pixels whose norm is below this percentile, every blur step."),
+    "dead_threshold": Range(
+        -math.inf, doc='A filter whose final activation stays at or below this is "dead".'
+    ),
+}
+
+
+class RecipeError(ValueError):
+    """A recipe name or parameter a spec cannot use; `param` names the parameter at fault (None: the
+    recipe's name), so that the error can point at it."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 def recipe_field_names() -> list[str]:
     return [f.name for f in fields(Recipe)]
 
 
-def resolve_recipe(name: str, overrides: dict[str, Any]) -> Recipe:
-    """Recipe by name with overrides applied; raises ValueError with a suggestion on unknown names."""
+def param_problem(name: str, value: Any, recipe_name: str) -> str | None:
+    """What is wrong with `value` for the known parameter `name`, or None. A bool is no number (YAML reads
+    `yes` as true), a whole-number parameter takes no fraction, nan and infinity are no step size."""
+    default = getattr(RECIPES[recipe_name].recipe, name)
+    got = f"(got {echo(value)})"
+    fix = f"the {recipe_name} recipe uses {default!r}"  # a value that works, and the one it replaces
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"must be true or false {got}; {fix}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be a number {got}; {fix}"
+    if not math.isfinite(value):
+        return f"must be a finite number {got}; {fix}"
+    if isinstance(default, int) and not float(value).is_integer():
+        return f"must be a whole number {got}; {fix}"
+    rule = PARAM_RANGES[name]
+    if not rule.allows(value):
+        return f"must be {rule.describe()} {got}; {fix}"
+    return None
+
+
+def recipe_problems(name: str, overrides: dict[str, Any]) -> list[RecipeError]:
+    """Every problem of a recipe name with these overrides (empty when `resolve_recipe` will succeed)."""
     if name not in RECIPES:
-        close = difflib.get_close_matches(name, list(RECIPES), n=1)
+        close = difflib.get_close_matches(name, list(RECIPES), n=1) if len(name) < 100 else []
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(RECIPES)}"
-        raise ValueError(f"unknown recipe {name!r}; {hint}")
-    unknown = [k for k in overrides if k not in recipe_field_names()]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], recipe_field_names(), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(recipe_field_names())}"
-        raise ValueError(f"unknown recipe parameter {unknown[0]!r}; {hint}")
+        return [RecipeError(f"unknown recipe {echo(name)}; {hint}")]
+    problems = []
+    for key, value in overrides.items():
+        if key not in recipe_field_names():
+            close = difflib.get_close_matches(key, recipe_field_names(), n=1) if len(key) < 100 else []
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(recipe_field_names())}"
+            problems.append(RecipeError(f"unknown recipe parameter {echo(key)}; {hint}", key))
+        elif (msg := param_problem(key, value, name)) is not None:
+            problems.append(RecipeError(msg, key))
+    return problems
+
+
+def resolve_recipe(name: str, overrides: dict[str, Any]) -> Recipe:
+    """Recipe by name with overrides applied; raises RecipeError (a ValueError) for an unknown name or
+    parameter, or a value outside the parameter's range."""
+    problems = recipe_problems(name, overrides)
+    if problems:
+        raise problems[0]
     return RECIPES[name].recipe.with_overrides(overrides)
+
+
+def params_json_schema(schema: dict[str, Any]) -> None:
+    """Describe a section's `params` in its JSON Schema: the known parameters with types, ranges and
+    descriptions, and no others (pydantic only sees a mapping of numbers)."""
+    props: dict[str, Any] = {}
+    for f in fields(Recipe):
+        default = getattr(Recipe(), f.name)
+        if isinstance(default, bool):
+            props[f.name] = {"type": "boolean", "description": "Maximise the conv output before its ReLU."}
+            continue
+        rule = PARAM_RANGES[f.name]
+        kind = "integer" if isinstance(default, int) else "number"
+        props[f.name] = {"type": kind, **rule.json_schema(), "description": rule.doc}
+    schema["properties"] = props
+    schema["additionalProperties"] = False

@@ -15,11 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from reportgen.engine.recipes import recipe_field_names, resolve_recipe
-from reportgen.errors import SpecError
+from reportgen.engine.recipes import recipe_problems
+from reportgen.errors import ECHO_CHARS, SpecError, echo
 from reportgen.spec import schema
 from reportgen.spec.output_check import check_output
-from reportgen.spec.yaml_lines import MAX_SPEC_BYTES, Located, SpecTextError, decode, echo, parse
+from reportgen.spec.yaml_lines import MAX_SPEC_BYTES, Located, SpecTextError, decode, parse
 
 
 def spec_sha256(path: Path) -> str:
@@ -29,7 +29,8 @@ def spec_sha256(path: Path) -> str:
 def _dotted(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        name = str(part) if len(str(part)) <= ECHO_CHARS else echo(part)  # keys can be long too
+        out += f"[{part}]" if isinstance(part, int) else (f".{name}" if out else name)
     return out or "(top level)"
 
 
@@ -81,8 +82,12 @@ def _unwrap(ann: Any, node: Any) -> Any:
 
 
 def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(choices)}" if choices else ""
+    # a long word is no typo of a short name (and would make the comparison slow)
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6) if len(str(word)) < 100 else []
+    if close or not choices:
+        return f"did you mean {echo(close[0])}?" if close else ""
+    names = [c if len(c) <= ECHO_CHARS else echo(c) for c in choices[:20]]  # the spec's own keys may be long
+    return f"known: {', '.join(names)}" + (f" and {len(choices) - 20} more" if len(choices) > 20 else "")
 
 
 def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> str:
@@ -112,11 +117,11 @@ def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> st
     if etype == "extra_forbidden":
         owner = _model_for_loc(tuple(data_loc[:-1]), located.data)
         known = list(owner.model_fields) if owner else []
-        msg = f"unknown key {data_loc[-1]!r}; {_suggest(data_loc[-1], known)}".rstrip("; ")
+        msg = f"unknown key {echo(data_loc[-1])}; {_suggest(data_loc[-1], known)}".rstrip("; ")
     elif etype == "missing":
         msg = "required field is missing; add it"
     elif etype == "union_tag_invalid":
-        msg = f"unknown section type {err.get('input', {}).get('type')!r}; " + _suggest(
+        msg = f"unknown section type {echo(err.get('input', {}).get('type'))}; " + _suggest(
             str(err.get("input", {}).get("type")), schema.SECTION_TYPES
         )
     elif etype == "union_tag_not_found":
@@ -124,8 +129,8 @@ def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> st
     else:
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        if value is not None and not isinstance(value, dict | list) and repr(value) not in msg:
-            msg += f" (got {value!r})"
+        if value is not None and not isinstance(value, dict | list) and echo(value) not in msg:
+            msg += f" (got {echo(value)})"
     return f"{filename}:{line}:{col}: {field}: {msg}"
 
 
@@ -163,23 +168,18 @@ def _cross_check(located: Located, filename: str) -> list[str]:
             continue
         model = sec.get("model")
         if isinstance(model, str) and models is not None and model not in models:
-            at(("sections", i, "model"), f"unknown model {model!r}; {_suggest(model, list(models))}")
+            at(("sections", i, "model"), f"unknown model {echo(model)}; {_suggest(model, list(models))}")
         dataset = sec.get("dataset")
         if isinstance(dataset, str) and dataset not in datasets:
             hint = _suggest(dataset, datasets) if datasets else "declare it under `datasets:`"
-            at(("sections", i, "dataset"), f"unknown dataset {dataset!r}; {hint}")
+            at(("sections", i, "dataset"), f"unknown dataset {echo(dataset)}; {hint}")
         recipe = sec.get("recipe", recipes.get(sec.get("type")))
         params = sec.get("params") or {}
         if isinstance(recipe, str) and sec.get("type") in recipes and isinstance(params, dict):
             # values of the wrong type are schema errors, reported by validation
             numeric = {k: v for k, v in params.items() if isinstance(v, int | float | bool)}
-            try:
-                resolve_recipe(recipe, numeric)
-            except ValueError as exc:
-                unknown = [k for k in numeric if k not in recipe_field_names()]
-                bad_param = str(exc).startswith("unknown recipe parameter") and unknown
-                path = ("sections", i, "params", unknown[0]) if bad_param else ("sections", i, "recipe")
-                at(path, str(exc))
+            for exc in recipe_problems(recipe, numeric):
+                at(("sections", i, "params", exc.param) if exc.param else ("sections", i, "recipe"), str(exc))
     return problems
 
 

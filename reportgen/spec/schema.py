@@ -10,7 +10,10 @@ import difflib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, PrivateAttr, field_validator, model_validator
+
+from reportgen.engine.recipes import params_json_schema
+from reportgen.errors import echo
 
 KERAS_APPS = (
     "ConvNeXtBase ConvNeXtLarge ConvNeXtSmall ConvNeXtTiny ConvNeXtXLarge DenseNet121 DenseNet169 "
@@ -23,7 +26,16 @@ KERAS_APPS = (
 
 BUILTIN_MODELS = ("vgg16-hed", "fer-emotion", "fashion-cnn")
 
+# The largest `max_pixels` a dataset may set: Pillow refuses to open anything larger (its own
+# decompression-bomb limit), and a 179-megapixel image already takes ~2 GiB as float32 pixels.
+MAX_PIXELS_CEILING = 178_956_970
 _RANGE = re.compile(r"^\s*(\d*)\s*:\s*(\d*)\s*$")
+
+# Sizes in pixels: a model input side. Ascent, forward passes and figures grow with its square; the
+# device check at run time (reportgen.plan.check_sample_fits) covers what fits between the bounds.
+Side = Annotated[int, Field(ge=8, le=8192)]
+Index = Annotated[int, Field(ge=0)]
+MAX_SEED = 2**32 - 1  # numpy and TensorFlow seeds are unsigned 32-bit
 
 
 class Strict(BaseModel):
@@ -37,13 +49,13 @@ FilterSelection = int | list[int] | str
 def check_filter_selection(value: FilterSelection) -> FilterSelection:
     if isinstance(value, str) and value != "all" and not _RANGE.match(value):
         raise ValueError(
-            f"filter selection {value!r} is not 'all', a range like '0:64', or a list of indices"
+            f"filter selection {echo(value)} is not 'all', a range like '0:64', or a list of indices"
         )
     if isinstance(value, int) and value < 0 or isinstance(value, list) and any(v < 0 for v in value):
         raise ValueError("filter indices must be >= 0")
     m = _RANGE.match(value) if isinstance(value, str) else None
     if m and m.group(1) and m.group(2) and int(m.group(2)) <= int(m.group(1)):
-        raise ValueError(f"filter range {value!r} is empty; the stop must be larger than the start")
+        raise ValueError(f"filter range {echo(value)} is empty; the stop must be larger than the start")
     return value
 
 
@@ -65,8 +77,8 @@ def expand_filters(value: FilterSelection, channels: int) -> list[int]:
 class Preprocess(Strict):
     """Model input = pixel (0..255, RGB) * scale + offset; `bgr` swaps channels first (Caffe models)."""
 
-    scale: float | list[float] = 1.0
-    offset: float | list[float] = 0.0
+    scale: FiniteFloat | list[FiniteFloat] = 1.0
+    offset: FiniteFloat | list[FiniteFloat] = 0.0
     bgr: bool = False
 
 
@@ -79,7 +91,7 @@ class ModelSpec(Strict):
     weights: str = Field(
         "imagenet", description="imagenet | none | path to a .weights.h5 file (keras_app only)."
     )
-    input_size: tuple[int, int] | None = Field(None, description="[height, width] of the input for ascent.")
+    input_size: tuple[Side, Side] | None = Field(None, description="[height, width] of the input for ascent.")
     include_top: bool | None = Field(
         None, description="keras_app: keep the classifier (default: only when a section needs class scores)."
     )
@@ -89,14 +101,19 @@ class ModelSpec(Strict):
     class_names: list[str] | str | None = Field(
         None, description="Class names in output order, or a path to a text file with one name per line."
     )
+    safe_mode: bool = Field(
+        True,
+        description="`path` models: false also loads Lambda layers, whose Python code is stored in the file "
+        "and runs when it loads; only for files you trust.",
+    )
 
     @field_validator("keras_app")
     @classmethod
     def _known_app(cls, value: str | None) -> str | None:
         if value is not None and value not in KERAS_APPS:
-            close = difflib.get_close_matches(value, KERAS_APPS, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(value, KERAS_APPS, n=1, cutoff=0.5) if len(value) < 100 else []
             hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(KERAS_APPS)}"
-            raise ValueError(f"{value!r} is not a keras.applications model; {hint}")
+            raise ValueError(f"{echo(value)} is not a keras.applications model; {hint}")
         return value
 
     @model_validator(mode="after")
@@ -124,6 +141,13 @@ class DatasetSpec(Strict):
         None, ge=1, description="Seeded sample of at most this many images a class."
     )
     limit: int | None = Field(None, ge=1, description="At most this many images in all.")
+    max_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        le=MAX_PIXELS_CEILING,
+        description="Images whose header promises more pixels (width x height) are skipped and listed, "
+        "never decoded: a small PNG can decode to gigabytes.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
@@ -152,8 +176,12 @@ class FiltersSection(SectionBase):
     compare: list[str] = Field(
         default_factory=list, description="More recipes, shown side by side with `recipe` for each layer."
     )
-    params: dict[str, float | int | bool] = Field(default_factory=dict, description="Recipe overrides.")
-    columns: int | None = Field(None, ge=1, description="Grid columns (default: square grid).")
+    params: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="Recipe overrides.", json_schema_extra=params_json_schema
+    )
+    columns: int | None = Field(
+        None, ge=1, le=256, description="Grid columns (default: square grid); the grid is one image."
+    )
 
     _f = field_validator("filters")(check_filter_selection)
 
@@ -164,9 +192,9 @@ class FiltersSection(SectionBase):
 
         for name in value:
             if name not in RECIPES:
-                close = difflib.get_close_matches(name, list(RECIPES), n=1)
+                close = difflib.get_close_matches(name, list(RECIPES), n=1) if len(name) < 100 else []
                 raise ValueError(
-                    f"unknown recipe {name!r}; "
+                    f"unknown recipe {echo(name)}; "
                     + (f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(RECIPES)}")
                 )
         return value
@@ -219,15 +247,23 @@ class GradcamSection(SectionBase, ImagesMixin):
     type: Literal["gradcam"]
     model: str
     layer: str
-    target: int | str | None = Field(None, description="Class index or name; default: the top prediction.")
+    target: Index | str | None = Field(None, description="Class index or name; default: the top prediction.")
     alpha: float = Field(0.45, ge=0, le=1)
 
 
 class OcclusionMask(Strict):
     name: str
-    box: tuple[int, int, int, int] = Field(description="[x0, y0, x1, y1] in the image's own pixels.")
+    box: tuple[Index, Index, Index, Index] = Field(description="[x0, y0, x1, y1] in the image's own pixels.")
     image: str | None = Field(None, description="Apply only to this image (file name or stem).")
     fill: Literal["gray", "black", "blur", "mean"] = "gray"
+
+    @field_validator("box")
+    @classmethod
+    def _not_empty(cls, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = box
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"box {list(box)} is empty; [x0, y0, x1, y1] needs x1 > x0 and y1 > y0")
+        return box
 
 
 class SlidingPatch(Strict):
@@ -242,24 +278,34 @@ class OcclusionSection(SectionBase, ImagesMixin):
     layer: str
     masks: list[OcclusionMask] = Field(default_factory=list)
     sliding: SlidingPatch | None = None
-    target: int | str | None = None
+    target: Index | str | None = None
 
 
 class SaliencySection(SectionBase, ImagesMixin):
     type: Literal["saliency"]
     model: str
     methods: list[Literal["vanilla", "smoothgrad"]] = Field(default_factory=lambda: ["vanilla", "smoothgrad"])
-    samples: int = Field(16, ge=1, description="SmoothGrad noisy samples.")
-    noise: float = Field(0.15, ge=0, description="SmoothGrad noise std as a share of the input range.")
-    target: int | str | None = None
+    samples: int = Field(
+        16, ge=1, le=256, description="SmoothGrad noisy samples (each a copy of the image in memory)."
+    )
+    noise: float = Field(
+        0.15,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="SmoothGrad noise std as a share of the input range.",
+    )
+    target: Index | str | None = None
 
 
 class ClassModelSection(SectionBase):
     type: Literal["class_model"]
     model: str
-    classes: list[int | str] = Field(min_length=1)
+    classes: list[Index | str] = Field(min_length=1)
     recipe: str = "regularized"
-    params: dict[str, float | int | bool] = Field(default_factory=dict)
+    params: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="Recipe overrides.", json_schema_extra=params_json_schema
+    )
 
 
 class CircuitSection(SectionBase):
@@ -270,7 +316,9 @@ class CircuitSection(SectionBase):
     top: int = Field(8, ge=1, description="Input channels shown.")
     visualize: bool = Field(True, description="Visualize the top input channels with the filters engine.")
     recipe: str = "keras-example"
-    params: dict[str, float | int | bool] = Field(default_factory=dict)
+    params: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="Recipe overrides.", json_schema_extra=params_json_schema
+    )
 
 
 Section = Annotated[
@@ -295,7 +343,7 @@ class Spec(Strict):
     title: str
     output: str = Field(description="Output folder, relative to the spec file.")
     formats: list[Literal["html", "pdf"]] = Field(default_factory=lambda: ["html", "pdf"])
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     cache: str | None = Field(
         None, description="Result store folder (default: .reportgen-cache beside output)."

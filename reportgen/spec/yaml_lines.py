@@ -14,20 +14,13 @@ from typing import Any
 
 import yaml
 
+from reportgen.errors import echo
+
 Path_ = tuple[Any, ...]
 
 MAX_SPEC_BYTES = 2 * 2**20  # a spec is written by hand: a few KiB; this is room for long observations
 MAX_DEPTH = 64  # a spec nests about 5 levels; PyYAML's composer recurses and hits Python's limit at ~1000
 MAX_NODES = 100_000  # a spec holds hundreds of values; counted through aliases too
-ECHO_CHARS = 80  # longest user text quoted whole in an error line
-
-
-def echo(value: Any) -> str:
-    """repr of a user's value for an error line, shortened: a 10 MB value must not become the line."""
-    text = repr(value)
-    if len(text) <= ECHO_CHARS:
-        return text
-    return f"{text[: ECHO_CHARS - 1]}… ({len(text)} characters)"
 
 
 class SpecTextError(Exception):
