@@ -27,19 +27,21 @@ def _blocking_file(path: Path) -> Path | None:
 
 
 def _home() -> Path | None:
+    """The user's home folder ($HOME), or None where it cannot be told (no $HOME and no passwd entry)."""
     home = Path("~").expanduser()
     return home.resolve() if home.is_absolute() else None
 
 
 def _named_paths(spec: Spec) -> list[tuple[str, Path]]:
-    """(what, resolved path) of every dataset folder and model file the spec names."""
-    named = [(f"dataset {k!r}'s folder", d.path) for k, d in spec.datasets.items()]
+    """(what, resolved path) of every dataset folder and model file (saved model, weights, class names)
+    the spec names."""
+    named = [(f"the folder of dataset {k!r}", d.path) for k, d in spec.datasets.items()]
     for key, m in spec.models.items():
-        named.append((f"model {key!r}'s file", m.path))
+        named.append((f"the file of model {key!r}", m.path))
         if m.weights not in ("imagenet", "none"):
-            named.append((f"model {key!r}'s weights file", m.weights))
+            named.append((f"the weights file of model {key!r}", m.weights))
         if isinstance(m.class_names, str):
-            named.append((f"model {key!r}'s class names file", m.class_names))
+            named.append((f"the class names file of model {key!r}", m.class_names))
     return [(what, Path(p).resolve()) for what, p in named if p is not None]
 
 
@@ -70,9 +72,12 @@ def _output_problem(spec: Spec, raw: str, spec_dir: Path) -> str | None:
         return f"{out} is {what}, and a run replaces the whole output folder; {NEW_FOLDER}"
     for what, path in _named_paths(spec):
         if path.is_relative_to(out):
-            return f"{out} contains {what} {path}, and a run replaces the whole output folder; {NEW_FOLDER}"
+            return f"{out} contains {what} ({path}), and a run replaces the whole output folder; {NEW_FOLDER}"
         if out.is_relative_to(path):
-            return f"{out} lies inside {what} {path}; {NEW_FOLDER} outside it"
+            return (
+                f"{out} lies inside {what} ({path}), and the next run would read the report's images as "
+                "input; name a folder outside it for the report, e.g. `output: out/report`"
+            )
     if not safe_to_replace(out):
         return (
             f"{out} already holds files reportgen did not write (no {MARKER} marker), and a run replaces "
@@ -93,25 +98,38 @@ def _cache_problem(spec: Spec, cache: Path) -> str | None:
     if spec.cache is None:
         return None  # the default sits beside the output: neither can hold the other
     if cache.is_relative_to(out):
+        where = "is the output folder" if cache == out else f"lies inside the output folder {out}"
         return (
-            f"{cache} lies inside the output folder {out}, which a run replaces; choose a folder outside "
-            "it, e.g. `cache: .reportgen-cache`"
+            f"{cache} {where}, which a run replaces; choose a folder outside it, e.g. "
+            "`cache: .reportgen-cache`"
         )
     if out.is_relative_to(cache):
         return f"{cache} contains the output folder {out}; keep the report and the result store apart"
     return None
 
 
+def _unreadable(exc: OSError) -> str:
+    """A folder on the way this user may not look into: the check cannot tell whether the path is safe."""
+    return f"cannot look at {exc.filename}: {exc.strerror}; make it readable for this user, or pick another"
+
+
 def check_output(spec: Spec, located: Located, filename: str, spec_dir: Path) -> list[str]:
-    """Problems (`file:line:col: field: problem; fix`) of a validated spec whose paths are resolved."""
+    """Problems (`file:line:col: field: problem; fix`) of a validated spec whose paths are resolved;
+    `spec_dir` is the spec file's resolved folder."""
     problems = []
     cache = (Path(spec.cache) if spec.cache else Path(spec.output).parent / ".reportgen-cache").resolve()
-    output_problem = _output_problem(spec, str(located.data.get("output", "")), spec_dir.resolve())
+    try:
+        output_problem = _output_problem(spec, str(located.data.get("output", "")), spec_dir)
+    except OSError as exc:  # a folder on the way that this user may not look into
+        output_problem = _unreadable(exc)
     if output_problem:
         line, col = located.where(("output",))
         problems.append(f"{filename}:{line}:{col}: output: {output_problem}")
     # the default cache follows from `output:`: a problem of both (a file above them) is said once
-    cache_problem = None if output_problem and spec.cache is None else _cache_problem(spec, cache)
+    try:
+        cache_problem = None if output_problem and spec.cache is None else _cache_problem(spec, cache)
+    except OSError as exc:
+        cache_problem = _unreadable(exc)
     if cache_problem:
         field = "cache" if spec.cache is not None else "output"
         line, col = located.where((field,))
