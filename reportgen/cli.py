@@ -81,6 +81,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 for j, name in enumerate(names):
                     path = ("sections", i, field, j) if isinstance(value, list) else ("sections", i, field)
                     lm.layer(name, locate(spec, path))
+        from reportgen.plan import check_samples_fit, device_budget
+
+        check_samples_fit(spec, registry, device_budget())
     print(f"{args.spec}: ok ({len(spec.sections)} sections, {len(spec.models)} models)")
     return 0
 

@@ -337,3 +337,53 @@ def split_by_depth(
         else:
             groups.append([name])
     return [tuple(sorted(g, key=layers.index)) for g in groups]
+
+
+def _ascent_layers(section: Any, model: Any) -> list[str]:
+    """Layers whose subgraph one ascent sample of `section` computes: the filter sections' layers, the
+    circuit's layer (its input channels lie before it), the whole model for class models."""
+    if section.type == "filters":
+        return list(section.layers)
+    if section.type == "circuit":
+        return [section.layer]
+    return [model.model.layers[-1].name]
+
+
+def check_samples_fit(spec: Any, models: Any, budget: DeviceBudget) -> None:
+    """Raise SpecError when one ascent sample of a section needs more memory than the device has.
+
+    A pass's batch shrinks to what fits, down to one sample; a sample that alone does not fit would be
+    planned and then die with an out-of-memory error after the run started (`size: 100000`: 7152 GiB a
+    sample vs an 11.2 GiB budget). The estimate is the planner's (`sample_cost` x MEMORY_FACTOR), checked
+    for each section's own layers before any compute; the error names the field that set the size."""
+    from reportgen.engine.ascent import ascent_size
+    from reportgen.engine.recipes import resolve_recipe
+    from reportgen.errors import SpecError
+    from reportgen.spec.load import dotted, locate
+
+    problems = []
+    for i, section in enumerate(spec.sections):
+        if not hasattr(section, "recipe") or not getattr(section, "visualize", True):
+            continue
+        lm = models.get(section.model)
+        for name in dict.fromkeys([section.recipe, *getattr(section, "compare", [])]):
+            recipe = resolve_recipe(name, section.params)
+            size = ascent_size(lm, recipe)
+            need = sample_cost(lm, _ascent_layers(section, lm), size, spec.precision).activation_bytes
+            need = int(need * MEMORY_FACTOR)
+            if need <= budget.free_bytes:
+                continue
+            if recipe.size and not lm.fixed_input:
+                path, fix = ("sections", i, "params", "size"), "lower size"
+            elif spec.models[section.model].input_size is not None:
+                path, fix = ("models", section.model, "input_size"), "lower input_size"
+            else:  # the model's own input size
+                path, fix = ("sections", i, "model"), "set a smaller `params: {size: ...}`"
+            problems.append(
+                f"{locate(spec, path)}: {dotted(path)}: one sample needs {human_bytes(need)} "
+                f"({size[0]}x{size[1]} px, recipe {name}), the device has {human_bytes(budget.free_bytes)} "
+                f"({budget.kind}); {fix}"
+            )
+            break
+    if problems:
+        raise SpecError(problems)

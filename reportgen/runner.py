@@ -27,6 +27,7 @@ from typing import Any
 
 from reportgen import __version__
 from reportgen.errors import ReportgenError
+from reportgen.plan import check_samples_fit
 from reportgen.progress import Progress, log
 from reportgen.publish import clean_stale, new_staging, publish, run_lock
 from reportgen.spec import Spec, load_spec, spec_sha256
@@ -187,6 +188,7 @@ def run(
                 root if root.exists() else Path(tmp) / "store",
             )
             plan = ctx.ascent.plan(memory_share=engine.memory_share)
+            check_samples_fit(spec, ctx.models, plan.budget)
             summary.plan, summary.to_compute = plan.lines(), plan.pending
         summary.seconds = time.perf_counter() - t_start
         return summary
@@ -277,6 +279,7 @@ def _run_locked(
     started = _now()
     ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size)
     plan = ctx.ascent.plan(memory_share=engine.memory_share)
+    check_samples_fit(spec, ctx.models, plan.budget)
     summary.plan, summary.to_compute = plan.lines(), plan.pending
     for line in summary.plan:
         progress.info(f"plan: {line}")

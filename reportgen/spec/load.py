@@ -26,7 +26,8 @@ def spec_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
+def dotted(loc: tuple[Any, ...]) -> str:
+    """A field's path as an error line names it: `sections[0].params.size`."""
     out = ""
     for part in loc:
         name = str(part) if len(str(part)) <= ECHO_CHARS else echo(part)  # keys can be long too
@@ -112,7 +113,7 @@ def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> st
         elif err["type"] in ("extra_forbidden", "missing") and part == loc[-1]:
             data_loc.append(part)  # the key is absent from the data: name it, locate its parent
     line, col = located.where(tuple(data_loc))
-    field = _dotted(tuple(data_loc))
+    field = dotted(tuple(data_loc))
     etype = err["type"]
     if etype == "extra_forbidden":
         owner = _model_for_loc(tuple(data_loc[:-1]), located.data)
@@ -161,7 +162,7 @@ def _cross_check(located: Located, filename: str) -> list[str]:
 
     def at(path: tuple[Any, ...], msg: str) -> None:
         line, col = located.where(path)
-        problems.append(f"{filename}:{line}:{col}: {_dotted(path)}: {msg}")
+        problems.append(f"{filename}:{line}:{col}: {dotted(path)}: {msg}")
 
     for i, sec in enumerate(sections):
         if not isinstance(sec, dict):
