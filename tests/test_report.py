@@ -262,6 +262,7 @@ def test_circuit_rows_never_split_across_pages(tmp_path: Path) -> None:
         "filter": 31, "layer": "block3_conv1", "kernel": [3, 3], "inputs": 128, "bias": 0.1, "rows": rows,
         "chart": img["wide"], "csv": "inputs.csv", "limit": 0.3, "prev": "block2_conv2", "visualize": True,
         "own": None, "recipe": "keras-example", "recipe_description": "d", "params": {}, "size": [112, 112],
+        "dead_label": "dead",
     }
     for lead in (0, 7, 15):  # shift the row boundaries against the page boundaries
         pages = laid_out(filler(lead) + partial("circuit", context), tmp_path)
@@ -311,8 +312,8 @@ def report_page(introduction: str, plan_lines: int, folder: Path) -> list[Any]:
         "steps": [{"name": f"step {i}", "seconds": 1.0, "computed": 1, "reused": 0} for i in range(5)],
         "plan": [f"pass {i}: ascent of 64 filters, all results stored" for i in range(plan_lines)],
     }
-    models = [{"key": "m", "description": "a model", "input_size": (32, 32), "channels": 3,
-               "digest": "0" * 64}]
+    models = [{"key": "m", "description": "a model", "input_size": (32, 32), "sizes": [(32, 32)],
+               "channels": 3, "digest": "0" * 64}]
     body = environment().get_template("base.html.j2").render(
         title="T", author=None, introduction=introduction, sections=[], meta=meta, models=models
     )
@@ -437,10 +438,10 @@ def test_filters_lead_height_estimate_matches_weasyprint(
     ]
     title = "Filters of conv1, conv2 and conv3 (keras-example vs regularized)"
     section = {
-        "id": "s1", "type": "filters", "title": title, "model": "m", "seconds": 1.0,
+        "id": "s1", "type": "filters", "title": title, "model": "m", "seconds": 1.0, "ascent_seconds": 0.0,
         "findings": finding_texts, "observations": render_markdown(markdown), "notes": [],
         "context": {"layers": [], "recipes": recipes, "overrides": {"crop": 4}, "model": "m",
-                    "side_by_side": True},
+                    "side_by_side": True, "dead_caption": "dead filters are greyed out"},
     }
     body = environment().get_template("base.html.j2").render(
         title="T", author=None, introduction="", sections=[section], models=[],
@@ -473,7 +474,7 @@ def test_side_by_side_grids_stay_inside_the_page(tmp_path: Path) -> None:
     Image.new("RGB", (900, 600), (90, 90, 90)).save(tmp_path / "grid.png")  # wider than a cell
     grids = [{"recipe": r, "dead": 0, "grid": "grid.png"} for r in ("keras-example", "regularized")]
     layer = {"name": "conv1", "count": 16, "channels": 16, "grids": grids, "max_height": None}
-    context = {"recipes": [], "overrides": {}, "layers": [layer], "side_by_side": True}
+    context = {"recipes": [], "overrides": {}, "layers": [layer], "side_by_side": True, "dead_caption": ""}
     pages = laid_out(partial("filters", context), tmp_path)
     page = pages[0]._page_box
     right = page.content_box_x() + page.width

@@ -51,6 +51,9 @@ class SectionResult:
     artifacts: list[Artifact] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)  # automatic, computed from the data
     notes: list[str] = field(default_factory=list)  # caveats (caps, skipped files)
+    # (height, width) inputs the section ran its model at, where that is not the model's input size (an
+    # ascent at a recipe's `size`); the title page shows the sizes a run really used
+    sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 class SectionOutput:

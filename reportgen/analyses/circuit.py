@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
-from reportgen.analyses.filters import filter_requests
+from reportgen.analyses.filters import dead_explanation, dead_label, filter_requests
 from reportgen.engine.ascent import ascent_size
 from reportgen.engine.recipes import RECIPES, resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
@@ -298,6 +298,7 @@ class CircuitAnalysis(Analysis):
             )
         kh, kw = slices.shape[:2]
         recipe = resolve_recipe(section.recipe, section.params)
+        size = ascent_size(ctx.models.get(model), recipe)
         return SectionResult(
             context={
                 "model": model,
@@ -316,11 +317,13 @@ class CircuitAnalysis(Analysis):
                 "recipe": section.recipe,
                 "recipe_description": RECIPES[section.recipe].description,
                 "params": recipe.as_dict(),
-                "size": ascent_size(ctx.models.get(model), recipe),  # the recipe line shows what ran
+                "size": size,  # the recipe line shows what ran
+                "dead_label": dead_label(recipe.pre_relu),
             },
             artifacts=artifacts,
-            findings=self._findings(f, norms, sums, channels, top, energy, own_vis),
+            findings=self._findings(f, norms, sums, channels, top, energy, own_vis, recipe.pre_relu),
             notes=notes,
+            sizes=[size] if section.visualize else [],  # without images it only reads the weights
         )
 
     @staticmethod
@@ -332,6 +335,7 @@ class CircuitAnalysis(Analysis):
         top: list[int],
         energy: float,
         own_vis: dict[str, Any] | None,
+        pre_relu: bool = False,
     ) -> list[str]:
         out = []
         exc = [i for i in np.argsort(-norms, kind="stable") if sums[i] > 0]
@@ -354,9 +358,10 @@ class CircuitAnalysis(Analysis):
         else:
             out.append(f"filter {f} has an all-zero kernel: it ignores its input.")
         if own_vis is not None and own_vis["dead"]:
+            verb = "never turns positive" if pre_relu else "stays dead"
             out.append(
-                f"filter {f} stays dead under activation maximization (activation "
-                f"{own_vis['activation']:.3g})."
+                f"filter {f} {verb} under activation maximization (activation "
+                f"{own_vis['activation']:.3g}: {dead_explanation(pre_relu)})."
             )
         return out
 

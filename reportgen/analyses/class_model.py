@@ -181,6 +181,7 @@ class ClassModelAnalysis(Analysis):
             artifacts=artifacts,
             findings=self._findings(rows),
             notes=notes,
+            sizes=[size],
         )
 
     @staticmethod

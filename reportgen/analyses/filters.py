@@ -25,6 +25,52 @@ DEAD_MARK = "\u2020"  # dagger after a dead filter's label: a word would not fit
 MIN_FILTERS_FOR_RATIO = 3  # live filters needed before the best one is compared with their median
 
 
+def dead_label(pre_relu: bool) -> str:
+    """What a "dead" filter is under the recipe. Without `pre_relu` the objective is the ReLU output, which
+    cannot go below 0, so a dead filter's activation stays ~0. With it the objective is the conv output
+    before the ReLU, which may stay negative (e.g. -25): the filter never turns positive, and its ReLU
+    output is 0 for every image the ascent tried; "stays ~0" would misdescribe a tile labelled -25."""
+    return "never positive" if pre_relu else "dead"
+
+
+def dead_explanation(pre_relu: bool) -> str:
+    if pre_relu:
+        return (
+            "the objective is the conv output before its ReLU, and it stayed at or below 0 even at the "
+            "optimum, so after the ReLU the filter is silent for every image tried"
+        )
+    return "activation stays ~0"
+
+
+def map_shape(lm: Any, layer: str, size: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) of a layer's maps when the model runs at `size` (the ascent may run at another
+    size than the model's own when its input is flexible)."""
+    shape = lm.layer(layer).output.shape
+    if shape[1] is None or shape[2] is None or tuple(size) != tuple(lm.input_size):
+        import keras
+
+        sub = keras.Model(lm.model.inputs, lm.layer(layer).output)
+        shape = sub.compute_output_shape((1, *size, lm.channels))
+    return int(shape[1]), int(shape[2])
+
+
+def border_notes(lm: Any, layers: list[str], border: int, size: tuple[int, int]) -> list[str]:
+    """The ascent leaves `border` rows and columns out of the mean only where the map is larger than twice
+    that; a smaller map is averaged whole. Said in the section, since the caption says "border excluded"."""
+    if not border:
+        return []
+    notes = []
+    for layer in layers:
+        h, w = map_shape(lm, layer, size)
+        if h <= 2 * border or w <= 2 * border:
+            notes.append(
+                f"{layer}: its maps are {h}x{w} at {size[0]}x{size[1]} px input, too small to leave out "
+                f"a {border}-px border, so each filter's objective is its mean over the whole map "
+                "(no border excluded)."
+            )
+    return notes
+
+
 def filter_requests(
     section: Any, ctx: RunContext, layer: str, filters: list[int], recipe_name: str, params: dict[str, Any]
 ) -> list[AscentRequest]:
@@ -208,7 +254,14 @@ class FiltersAnalysis(Analysis):
                 "grid", grid_rel, section.model, layer, None, {"recipe": recipe_name, "filters": len(filters)}
             )
         )
-        info = {"recipe": recipe_name, "grid": grid_rel, "filters": rows, "dead": sum(dead), "px": image.size}
+        info = {
+            "recipe": recipe_name,
+            "grid": grid_rel,
+            "filters": rows,
+            "dead": sum(dead),
+            "dead_label": dead_label(recipe.pre_relu),
+            "px": image.size,
+        }
         return info, artifacts
 
     def build(
@@ -225,9 +278,11 @@ class FiltersAnalysis(Analysis):
                 alive = [r for r in g["filters"] if not r["dead"]]
                 tag = f"{layer} ({name})" if len(section.recipes) > 1 else layer
                 if g["dead"]:
+                    pre_relu = resolve_recipe(name, section.params).pre_relu
+                    verb = "never turn positive" if pre_relu else "are dead"
+                    why = dead_explanation(pre_relu)
                     findings.append(
-                        f"{tag}: {g['dead']} of {len(filters)} filters are dead (activation stays "
-                        "~0); they are greyed out."
+                        f"{tag}: {g['dead']} of {len(filters)} filters {verb} ({why}); they are greyed out."
                     )
                 if alive:
                     best = max(alive, key=lambda r: r["activation"])
@@ -245,17 +300,21 @@ class FiltersAnalysis(Analysis):
             layers.append(
                 {"name": layer, "grids": grids, "count": len(filters), "channels": lm.layer_channels(layer)}
             )
-        recipes = []
+        recipes, notes = [], []
         for n in section.recipes:
             recipe = resolve_recipe(n, section.params)
+            size = ascent_size(lm, recipe)
             recipes.append(
                 {
                     "name": n,
                     "description": RECIPES[n].description,
                     "params": recipe.as_dict(),
-                    "size": ascent_size(lm, recipe),
+                    "size": size,
+                    "dead_label": dead_label(recipe.pre_relu),
+                    "dead_explanation": dead_explanation(recipe.pre_relu),
                 }
             )
+            notes += border_notes(lm, [layer["name"] for layer in layers], recipe.border, size)
         lead = lead_height(
             section.title or self.default_title(section),
             findings,
@@ -275,10 +334,29 @@ class FiltersAnalysis(Analysis):
                 "overrides": dict(section.params),
                 "model": section.model,
                 "side_by_side": len(recipes) > 1,
+                "dead_caption": self.dead_caption(recipes),
             },
             artifacts=artifacts,
             findings=findings,
+            notes=list(dict.fromkeys(notes)),  # recipes that share size and border share the notes
+            sizes=[r["size"] for r in recipes],
         )
+
+    @staticmethod
+    def dead_caption(recipes: list[dict[str, Any]]) -> str:
+        """How the grid marks dead filters, in the words that fit each recipe's objective."""
+        kinds = {r["dead_label"]: r for r in recipes}
+        if len(kinds) == 1:
+            r = recipes[0]
+            if r["dead_label"] == "dead":
+                return f"dead filters (activation stays ~0) are greyed out and marked {DEAD_MARK}"
+            return (
+                f"filters that never turn positive are greyed out and marked {DEAD_MARK}: their output "
+                "before the ReLU stays at or below 0 even at the optimum (the label is that value), so "
+                "after the ReLU they are silent for every image tried"
+            )
+        parts = "; ".join(f"{r['name']}: {r['dead_label']}, {r['dead_explanation']}" for r in recipes)
+        return f"filters that stay silent are greyed out and marked {DEAD_MARK} ({parts})"
 
 
 ANALYSIS = FiltersAnalysis()

@@ -1,0 +1,103 @@
+"""What the report says matches what ran: dead-filter wording under `pre_relu`, the border-exclusion
+fallback, the input size on the title page, and section times that include their ascent passes.
+
+The model is hand-set: conv `early` filter 1 has a zero kernel and bias -10, so before its ReLU it
+outputs -10 everywhere whatever the input (it can never turn positive); conv `small` has stride 8, so at
+a 24-px ascent its maps are 3x3, too small to leave out the recipe's 2-px border. The model's input is
+flexible (declared 32x32 in the spec) and the ascent runs at 24 px.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pytest
+
+from reportgen.runner import ascent_shares, run
+
+SPEC = """\
+title: Content
+output: out
+formats: [html]
+models:
+  flex: {path: flex.keras, input_size: [32, 32]}
+sections:
+  - type: filters
+    title: Pre-ReLU filters
+    model: flex
+    layers: [early, small]
+    filters: all
+    params: {size: 24, steps: 3, crop: 0, pre_relu: true}
+  - type: filters
+    title: Plain filters
+    model: flex
+    layers: [early]
+    filters: all
+    params: {size: 24, steps: 3, crop: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def html(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("content")
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(2, 3, activation="relu", name="early")(inp)
+    x = keras.layers.Conv2D(2, 3, strides=8, activation="relu", name="small")(x)
+    model = keras.Model(inp, x)
+    kernel, bias = model.get_layer("early").get_weights()
+    kernel[..., 1], bias[1] = 0.0, -10.0
+    model.get_layer("early").set_weights([kernel, bias])
+    model.save(root / "flex.keras")
+    (root / "spec.yaml").write_text(SPEC, encoding="utf-8")
+    run(root / "spec.yaml", quiet=True)
+    return (root / "out" / "report.html").read_text()
+
+
+def section(html: str, title: str) -> str:
+    return re.search(rf"<h1>{title}</h1>(.*?)</section>", html, re.S).group(1)
+
+
+def test_pre_relu_filters_are_never_positive_not_dead(html: str) -> None:
+    pre = section(html, "Pre-ReLU filters")
+    assert "early: 1 of 2 filters never turn positive" in pre
+    assert "before its ReLU" in pre and "never turn positive" in pre
+    assert "stays ~0" not in pre and " dead" not in pre
+    plain = section(html, "Plain filters")
+    assert "1 of 2 filters are dead (activation stays ~0)" in plain
+
+
+def test_border_fallback_is_said(html: str) -> None:
+    pre = section(html, "Pre-ReLU filters")
+    notes = re.search(r'<ul class="notes">(.*?)</ul>', pre, re.S).group(1)
+    assert "small: its maps are 3x3 at 24x24 px input, too small to leave out a 2-px border" in notes
+    assert "early:" not in notes  # 22x22 maps keep the border out
+
+
+def test_title_page_shows_the_input_size_that_ran(html: str) -> None:
+    title_page = re.search(r'<table class="models">(.*?)</table>', html, re.S).group(1)
+    assert "24&times;24&times;3" in title_page
+    assert "32&times;32" not in title_page  # declared, but no section ran at it
+
+
+def test_section_subtitle_includes_its_ascent_time(html: str) -> None:
+    for title in ("Pre-ReLU filters", "Plain filters"):
+        assert "gradient ascent" in section(html, title).split("</p>")[0]
+
+
+def test_ascent_time_is_split_by_the_work_each_section_asked_for() -> None:
+    recipe = SimpleNamespace(steps=10)
+    passes = [
+        SimpleNamespace(keys=["a", "b", "c"], cost=SimpleNamespace(flops=100), recipe=recipe),
+        SimpleNamespace(keys=["d"], cost=SimpleNamespace(flops=300), recipe=SimpleNamespace(steps=20)),
+    ]
+    owners = {"s1": ["a", "b", "b"], "s2": ["b", "c", "d"], "s3": ["z"]}  # b shared; z already stored
+    shares = ascent_shares(SimpleNamespace(passes=passes), owners, 90.0)
+    # work: a 1000 + b/2 500 -> s1 1500; b/2 500 + c 1000 + d 6000 -> s2 7500; of 9000
+    assert shares == pytest.approx({"s1": 15.0, "s2": 75.0})
+    assert sum(shares.values()) == pytest.approx(90.0)
+    assert ascent_shares(SimpleNamespace(passes=[]), owners, 5.0) == {}
+    assert np.isfinite(list(shares.values())).all()
