@@ -1,7 +1,10 @@
 """Command line: run · validate · layers · schema.
 
-Exit codes (for cron): 0 success; 1 the run failed (one-line reason on stderr); 2 the spec or the
-command line is wrong; 3 another run of the same output is in progress; 130 interrupted.
+Exit codes (for cron): 0 success; 1 the run failed (one-line reason on stderr: the environment, e.g.
+a full disk or a folder without write permission); 2 the spec (or a file it names) or the command line
+is wrong; 3 another run of the same output is in progress; 130 interrupted (Ctrl-C, SIGINT); 143
+terminated (SIGTERM, e.g. `kill` or a cron/systemd timeout). Every failure is one line on stderr; `-v`
+adds the traceback of an unexpected one.
 
 `run --jobs N` runs independent passes on N local processes; `run --backend dask --scheduler ADDRESS`
 on a Dask cluster whose workers see the spec, the model files and the result store at the same paths
@@ -11,14 +14,84 @@ on a Dask cluster whose workers see the spec, the model files and the result sto
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
-from reportgen import __version__
+from reportgen import TF_LOG_LEVEL_FROM_USER, __version__
 from reportgen.errors import ReportgenError, SpecError
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+MESSAGE_CAP = 300  # characters of an exception's message in the one-line error
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler. A KeyboardInterrupt, so that everything that cleans up after
+    Ctrl-C (the run's staging folder, the output lock, joblib workers) does the same for `kill`."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` meanwhile (its default kills the process without any cleanup)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """TensorFlow's C++ log and absl's Python log only with -v (see `reportgen/__init__.py`); must run
+    before TensorFlow is imported. Worker processes inherit the variable."""
+    if verbose and not TF_LOG_LEVEL_FROM_USER:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    logging.getLogger("absl").setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def _one_line(text: str, cap: int = MESSAGE_CAP) -> str:
+    """An exception's message as one line of at most `cap` characters (a message may quote a 10 MB
+    value or span lines)."""
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line if len(line) <= cap else line[: cap - 1] + "…"
+
+
+def _environment_error(exc: BaseException, verbose: bool) -> str:
+    """The one line for an unexpected exception: what the user can do about a full disk, a missing
+    permission or too little memory; otherwise the exception's type and message."""
+    if isinstance(exc, MemoryError):
+        detail = f" ({_one_line(exc)})" if str(exc) else ""
+        return (
+            f"reportgen: out of memory{detail}; free memory, or lower --batch-size or the spec's sizes "
+            "and image counts"
+        )
+    if isinstance(exc, OSError):
+        where = f" {_one_line(exc.filename)}" if exc.filename is not None else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = where or " the report or the result store"
+            return f"reportgen: disk full writing{where}; free disk space"
+        if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+            return (
+                f"reportgen: {exc.strerror or 'permission denied'}:{where or ' (path unknown)'}; give this "
+                "user access to it, or choose another output:/cache: folder"
+            )
+    hint = "" if verbose else "; run with -v for the traceback"
+    return f"reportgen: {type(exc).__name__}: {_one_line(exc)}{hint}"
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
@@ -68,7 +141,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from reportgen.runner import ModelRegistry
 
         registry = ModelRegistry(spec)
+        from reportgen.datasets import DatasetRegistry
+        from reportgen.spec.files import check_files
         from reportgen.spec.load import locate
+
+        check_files(spec, registry, DatasetRegistry(spec))
 
         for i, section in enumerate(spec.sections):
             model = getattr(section, "model", None)
@@ -123,7 +200,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     text = json.dumps(json_schema(), indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        try:
+            Path(args.output).write_text(text + "\n")
+        except OSError as exc:  # a failed write (e.g. a full disk) does not name the file by itself
+            raise OSError(exc.errno, exc.strerror, exc.filename or args.output) from exc
     else:
         print(text)
     return 0
@@ -199,12 +279,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--jobs must be at least 1 (got {args.jobs})")
         if args.batch_size is not None and args.batch_size < 1:
             parser.error(f"--batch-size must be at least 1 (got {args.batch_size})")
+    _quiet_libraries(args.verbose)
     _setup_logging(getattr(args, "quiet", False), args.verbose)
     from reportgen.publish import LockedError
     from reportgen.runner import EXIT_FAILED, EXIT_LOCKED, EXIT_SPEC
 
     try:
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
     except SpecError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return EXIT_SPEC
@@ -214,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     except ReportgenError as exc:
         print(f"reportgen: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Terminated:
+        print("reportgen: terminated; results computed so far are kept in the store", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("reportgen: interrupted; results computed so far are kept in the store", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # MemoryError included: one line for a cron log, the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(_environment_error(exc, args.verbose), file=sys.stderr)
+        return EXIT_FAILED
