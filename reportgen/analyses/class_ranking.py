@@ -21,7 +21,7 @@ from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult, slugify
 from reportgen.datasets import Dataset, ImageItem, load_image
 from reportgen.errors import ReportgenError
-from reportgen.imaging import upscale_for_print
+from reportgen.imaging import chart_text, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.schema import ClassRankingSection, expand_filters
 
@@ -74,9 +74,9 @@ def bar_chart(names: list[str], values: list[float], title: str, xlabel: str) ->
     ax = fig.add_subplot()
     ys = np.arange(len(names))[::-1]
     ax.barh(ys, values, color="#3b78c2")
-    ax.set_yticks(ys, [n if len(n) <= 32 else n[:31] + "…" for n in names], fontsize=8)
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_yticks(ys, [chart_text(n if len(n) <= 32 else n[:31] + "…") for n in names], fontsize=8)
+    ax.set_xlabel(chart_text(xlabel), fontsize=8)
+    ax.set_title(chart_text(title), fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     for y, v in zip(ys, values, strict=True):
         ax.annotate(f"{v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
