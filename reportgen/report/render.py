@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+from reportgen.errors import ReportgenError
 
 
 def template_dir() -> Path:
-    if not (TEMPLATES / "base.html.j2").exists():
-        raise FileNotFoundError(
-            f"report templates not found in {TEMPLATES}; install reportgen with pip install -e ."
+    """The repository's top-level templates/, installed as the package `reportgen.templates`: found
+    through the import system, it is the same call for a wheel and for an editable install."""
+    folder = Path(str(files("reportgen.templates")))
+    if not (folder / "base.html.j2").is_file():
+        raise ReportgenError(
+            f"report templates not found in {folder}: a broken installation; reinstall reportgen "
+            "(pip install . or pip install -e .)"
         )
-    return TEMPLATES
+    return folder
 
 
 def environment() -> Environment:
