@@ -80,7 +80,7 @@ def run_lock(output: Path) -> Iterator[None]:
         output.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+")  # closed by the `with` below, after the lock's whole lifetime
     except OSError as exc:
-        raise ReportgenError(_unwritable(exc, path, output)) from None
+        raise ReportgenError(_unwritable(exc, path)) from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -101,11 +101,14 @@ def run_lock(output: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _unwritable(exc: OSError, path: Path, output: Path) -> str:
-    """One line for a folder beside the output that cannot be created: an environment problem (exit 1)."""
+def _unwritable(exc: OSError, path: Path) -> str:
+    """One line for a folder beside the output that cannot be created: an environment problem (exit 1).
+    It names the folder the user must make writable: the nearest one that exists."""
+    failed = Path(exc.filename) if exc.filename else path
+    existing = next((p for p in failed.parents if p.is_dir()), failed.parent)
     return (
-        f"cannot create {exc.filename or path}: {exc.strerror or exc}; make {output.parent} writable "
-        "for this user (or free space there), or choose another `output:` in the spec"
+        f"cannot create {failed}: {exc.strerror or exc}; make {existing} writable for this user (or free "
+        "space there), or choose another `output:` in the spec"
     )
 
 
@@ -116,7 +119,7 @@ def new_staging(output: Path) -> Path:
     try:
         staging.mkdir(parents=True)
     except OSError as exc:
-        raise ReportgenError(_unwritable(exc, staging, output)) from None
+        raise ReportgenError(_unwritable(exc, staging)) from None
     return staging
 
 

@@ -200,7 +200,7 @@ def test_unwritable_output_parent_is_one_line_exit_1(project: Path, run_cli) -> 
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(f"reportgen: cannot create {output.parent}: ")
-    assert "writable" in lines[0] and "`output:`" in lines[0]
+    assert f"make {output.parent.parent} writable" in lines[0] and "`output:`" in lines[0]
     assert tree(project.parent) == before
 
 
