@@ -173,3 +173,6 @@ def test_manifest_lists_every_file_the_report_uses(published: tuple[Path, dict[s
     assert used and used <= listed
     kinds = {(s["type"], a["kind"]) for s in manifest["sections"] for a in s["artifacts"]}
     assert ("occlusion", "image") in kinds and ("saliency", "image") in kinds  # the originals shown
+    # Grad-CAM and saliency maps come with their colour scale
+    assert ("gradcam", "colorbar") in kinds and ("saliency", "colorbar") in kinds
+    assert html.count('class="colorbar"') == 2

@@ -10,6 +10,7 @@ flexible (declared 32x32 in the spec) and the ascent runs at 24 px.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import keras
@@ -101,3 +102,19 @@ def test_ascent_time_is_split_by_the_work_each_section_asked_for() -> None:
     assert sum(shares.values()) == pytest.approx(90.0)
     assert ascent_shares(SimpleNamespace(passes=[]), owners, 5.0) == {}
     assert np.isfinite(list(shares.values())).all()
+
+
+def test_readme_lists_every_bundled_image_and_the_real_crop_default() -> None:
+    """A newcomer picks `images:` from the README: every name the builtin sets export must be there."""
+    from reportgen.datasets import _faces, _sample_photos
+    from reportgen.engine.recipes import Recipe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| set | images |") :]
+    table = table[: table.index("\n\n")]
+    for name in [*_sample_photos(), *_faces()]:
+        if not name.startswith("lfw_face_") or name in ("lfw_face_000", "lfw_face_090"):
+            assert f"`{name}`" in table, name
+    assert Recipe().size == 0 and Recipe().crop == 25  # what the sentence below describes
+    assert "the default 25 is for\n180-px images" not in readme
+    assert "default 224-px ascent" in readme

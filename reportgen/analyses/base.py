@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from reportgen.imaging import png_bytes
+from reportgen.imaging import colormap, png_bytes
 from reportgen.store import Store, atomic_write
 
 
@@ -115,6 +115,14 @@ def map_array(
     rel = out.array(name, np.asarray(values, np.float32))
     metrics = {"image": image, "map": what, "resolution": resolution, "shape": list(values.shape), **extra}
     return Artifact("array", rel, model, layer, None, metrics)
+
+
+def colour_bar(out: SectionOutput, name: str, cmap: str, model: str | None) -> tuple[str, Artifact]:
+    """A strip of `cmap` from its low end (left) to its high end (right): the colour scale of a section's
+    heatmaps, which the template labels with the values the ends stand for."""
+    strip = np.tile(np.linspace(0.0, 1.0, 256, dtype=np.float32), (16, 1))
+    rel = out.image(name, colormap(strip, cmap, 0.0, 1.0))
+    return rel, Artifact("colorbar", rel, model, None, None, {"colormap": cmap})
 
 
 def slugify(text: str) -> str:

@@ -17,6 +17,7 @@ from reportgen.analyses.base import (
     RunContext,
     SectionOutput,
     SectionResult,
+    colour_bar,
     map_array,
 )
 from reportgen.datasets import Dataset, ImageItem, load_pixels
@@ -268,6 +269,8 @@ class GradcamAnalysis(Analysis):
                     )
                 )
         csv_rel = out.csv("gradcam.csv", rows)
+        bar, bar_artifact = colour_bar(out, "colorbar.png", "jet", section.model)
+        artifacts.append(bar_artifact)
         artifacts.append(Artifact("table", csv_rel, section.model, section.layer, None, {"rows": len(rows)}))
         return SectionResult(
             context={
@@ -279,6 +282,7 @@ class GradcamAnalysis(Analysis):
                 "total_rows": len(rows),
                 "csv": csv_rel,
                 "alpha": section.alpha,
+                "colorbar": bar,
             },
             artifacts=artifacts,
             findings=self.findings(rows, sizes, res, items),

@@ -17,6 +17,7 @@ from reportgen.analyses.base import (
     RunContext,
     SectionOutput,
     SectionResult,
+    colour_bar,
     map_array,
 )
 from reportgen.analyses.gradcam import (
@@ -142,6 +143,8 @@ class SaliencyAnalysis(Analysis):
                     )
                 )
             figures.append(entry)
+        bar, bar_artifact = colour_bar(out, "colorbar.png", CMAP, section.model)
+        artifacts.append(bar_artifact)
         return SectionResult(
             context={
                 "model": section.model,
@@ -150,6 +153,7 @@ class SaliencyAnalysis(Analysis):
                 "samples": section.samples,
                 "noise": section.noise,
                 "smoothgrad": "smoothgrad" in methods,
+                "colorbar": bar,
             },
             artifacts=artifacts,
             findings=self.findings(methods, stats, res),
