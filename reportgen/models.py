@@ -258,13 +258,14 @@ def check_model_file(path: Path) -> None:
         raise ModelFileError(
             "path", f"model file {path} does not exist; fix `path:` (relative to the spec file)"
         )
+    cant = f"cannot load model {path}:"
     if path.is_dir():
         raise ModelFileError(
-            "path", f"{path} is a folder, not a .keras or .h5 model file; re-save the model with model.save()"
+            "path", f"{cant} it is a folder, not a .keras or .h5 file; re-save the model with model.save()"
         )
     suffix = path.suffix.lower()
     if suffix not in (".keras", ".h5", ".hdf5"):
-        raise ModelFileError("path", f"{path}: a saved model ends in .keras, .h5 or .hdf5; fix `path:`")
+        raise ModelFileError("path", f"{cant} a saved model ends in .keras, .h5 or .hdf5; fix `path:`")
     try:
         with path.open("rb") as f:
             head = f.read(64)
@@ -274,19 +275,21 @@ def check_model_file(path: Path) -> None:
         raise ReportgenError(f"cannot read model file {path}: {exc.strerror or exc}") from None
     if suffix == ".keras" and is_hdf5:
         raise ModelFileError(
-            "path", f"{path} is an HDF5 (.h5) model saved under a .keras name; rename it to .h5"
+            "path", f"{cant} it is an HDF5 (.h5) model saved under a .keras name; rename it to .h5"
         )
     if suffix != ".keras" and is_zip:
-        raise ModelFileError("path", f"{path} is a .keras (zip) model saved under a {suffix} name; rename it")
+        raise ModelFileError(
+            "path", f"{cant} it is a .keras (zip) model saved under a {suffix} name; rename it"
+        )
     if suffix == ".keras" and is_zip and not complete_zip:
         raise ModelFileError(
             "path",
-            f"{path} is a truncated or damaged .keras file (a zip archive without its end, "
+            f"{cant} the file is truncated or damaged (a .keras zip archive without its end, "
             f"{path.stat().st_size} bytes); copy it again or re-save the model",
         )
     if not (is_zip if suffix == ".keras" else is_hdf5):
         kind = "a .keras (zip)" if suffix == ".keras" else "an HDF5"
-        raise ModelFileError("path", f"{path} is {_looks_like(head)}, not {kind} model; fix `path:`")
+        raise ModelFileError("path", f"{cant} it is {_looks_like(head)}, not {kind} model; fix `path:`")
 
 
 def check_weights_file(path: Path) -> None:
@@ -312,9 +315,9 @@ def _load_failure(path: Path, exc: Exception) -> str:
     text = str(exc)
     if "Lambda" in text and "safe_mode=False" in text:
         return (
-            f"{path} holds a Lambda layer, and safe mode refused to load it: loading would run the Python "
-            "code stored in the file. If you trust the file, set `safe_mode: false` for this model; "
-            "otherwise re-save the model without Lambda layers"
+            f"cannot load model {path}: it holds a Lambda layer, and safe mode refused to load it: loading "
+            "would run the Python code stored in the file. If you trust the file, set `safe_mode: false` "
+            "for this model; otherwise re-save the model without Lambda layers"
         )
     cause = text.rsplit("Exception encountered:", 1)[-1].strip() or type(exc).__name__
     cause = cause.splitlines()[0]
