@@ -20,7 +20,7 @@ Path_ = tuple[Any, ...]
 
 MAX_SPEC_BYTES = 2 * 2**20  # a spec is written by hand: a few KiB; this is room for long observations
 MAX_DEPTH = 64  # a spec nests about 5 levels; PyYAML's composer recurses and hits Python's limit at ~1000
-MAX_NODES = 100_000  # a spec holds hundreds of values; counted through aliases too
+MAX_NODES = 50_000  # a spec holds hundreds of values (a long `classes:` list a thousand); aliases count
 
 
 class SpecTextError(Exception):
