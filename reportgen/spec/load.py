@@ -247,7 +247,9 @@ def load_spec(path: str | Path) -> schema.Spec:
     except SpecTextError as exc:
         raise SpecError([f"{filename}:{exc.line}:{exc.col}: {exc.message}"]) from None
     if not isinstance(located.data, dict):
-        kind = "a list" if isinstance(located.data, list) else f"the single value {echo(located.data)}"
+        data = located.data
+        kind = f"the single value {echo(data)}"
+        kind = "empty" if data is None else "a list" if isinstance(data, list) else kind
         raise SpecError(
             [f"{filename}:1:1: the spec is {kind}; it must be a mapping with title, output, models, sections"]
         )

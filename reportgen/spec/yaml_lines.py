@@ -136,8 +136,8 @@ def parse(text: str) -> Located:
 def _build(loader: _BoundedLoader, node: yaml.Node | None) -> Located:
     marks: dict[Path_, tuple[int, int]] = {}
     key_marks: dict[Path_, tuple[int, int]] = {}
-    if node is None:
-        return Located({}, marks, key_marks)
+    if node is None:  # an empty file, or only comments
+        return Located(None, marks, key_marks)
     visited = 0
 
     def scalar(n: yaml.Node) -> Any:
