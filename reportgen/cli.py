@@ -39,19 +39,26 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C (the run's staging folder, the output lock, joblib workers) does the same for `kill`."""
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
-
-
 @contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises `Terminated` meanwhile (its default kills the process without any cleanup)."""
+def _sigterm_raises() -> Iterator[threading.Event]:
+    """SIGTERM raises `Terminated` meanwhile (its default kills the process without any cleanup).
+
+    Yields an event that is set once SIGTERM arrived. Python runs the handler at the next bytecode, which
+    may be a Python callback inside TensorFlow's C++ (while it traces a function); TensorFlow then turns
+    the exception into another one (a SystemError, a ValueError). It still unwinds through every cleanup,
+    and the event lets `main` report it as the termination it is."""
+    received = threading.Event()
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
+        yield received
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def raise_terminated(signum: int, frame: FrameType | None) -> None:
+        received.set()
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
@@ -281,29 +288,32 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--batch-size must be at least 1 (got {args.batch_size})")
     _quiet_libraries(args.verbose)
     _setup_logging(getattr(args, "quiet", False), args.verbose)
+    received_sigterm = threading.Event()
+    try:
+        with _sigterm_raises() as received_sigterm:
+            return args.func(args)
+    except (Exception, KeyboardInterrupt) as exc:
+        return _report(exc, args.verbose, received_sigterm.is_set())
+
+
+def _report(exc: BaseException, verbose: bool, terminated: bool) -> int:
+    """Print the one line (or the spec's problems) for a failed command; return its exit code."""
     from reportgen.publish import LockedError
     from reportgen.runner import EXIT_FAILED, EXIT_LOCKED, EXIT_SPEC
 
-    try:
-        with _sigterm_raises():
-            return args.func(args)
-    except SpecError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return EXIT_SPEC
-    except LockedError as exc:
-        print(f"reportgen: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
-    except ReportgenError as exc:
-        print(f"reportgen: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except Terminated:
+    if terminated or isinstance(exc, Terminated):
         print("reportgen: terminated; results computed so far are kept in the store", file=sys.stderr)
         return EXIT_TERMINATED
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         print("reportgen: interrupted; results computed so far are kept in the store", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # MemoryError included: one line for a cron log, the traceback with -v
-        if args.verbose:
-            traceback.print_exc()
-        print(_environment_error(exc, args.verbose), file=sys.stderr)
-        return EXIT_FAILED
+    if isinstance(exc, SpecError):
+        print("\n".join(exc.problems), file=sys.stderr)
+        return EXIT_SPEC
+    if isinstance(exc, ReportgenError):
+        print(f"reportgen: {exc}", file=sys.stderr)
+        return EXIT_LOCKED if isinstance(exc, LockedError) else EXIT_FAILED
+    if verbose:  # MemoryError and OSError included: one line for a cron log, the traceback with -v
+        traceback.print_exception(exc)
+    print(_environment_error(exc, verbose), file=sys.stderr)
+    return EXIT_FAILED
