@@ -377,6 +377,8 @@ def check_samples_fit(spec: Any, models: Any, budget: DeviceBudget) -> None:
                 path, fix = ("sections", i, "params", "size"), "lower size"
             elif spec.models[section.model].input_size is not None:
                 path, fix = ("models", section.model, "input_size"), "lower input_size"
+            elif lm.fixed_input:  # the graph takes no other size
+                path, fix = ("sections", i, "model"), "the model takes no other size; use a larger device"
             else:  # the model's own input size
                 path, fix = ("sections", i, "model"), "set a smaller `params: {size: ...}`"
             problems.append(
