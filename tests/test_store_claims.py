@@ -9,11 +9,16 @@ from __future__ import annotations
 import fcntl
 import multiprocessing as mp
 import os
+import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from reportgen.store import Store, content_key
 
@@ -125,3 +130,51 @@ def _claim_all_and_report(root: str, keys: list[str]) -> list[str]:
     store = Store(Path(root))
     with store.claim_all(keys):
         return sorted(p.name.removesuffix(".claim") for p in Path(root).rglob("*.claim"))
+
+
+SHARED_SPEC = """\
+title: Shared cache {name}
+output: ../out/{name}
+cache: ../cache
+models:
+  tiny:
+    path: ../models/tiny.keras
+sections:
+  - type: filters
+    model: tiny
+    layers: [conv_b]
+    filters: {filters}
+    params: {{steps: 1000, crop: 0}}
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_sharing_a_cache_compute_the_overlap_once(tmp_path: Path, tiny_keras_model: Path) -> None:
+    """Two specs whose filters overlap (2 and 3), started together on one `cache:`: both plan before
+    either has stored anything, so without claims both would compute the overlap (8 results in all)."""
+    (tmp_path / "models").mkdir()
+    shutil.copyfile(tiny_keras_model, tmp_path / "models" / "tiny.keras")
+    (tmp_path / "specs").mkdir()
+    specs = {"a": "[0, 1, 2, 3]", "b": "[2, 3, 4, 5]"}
+    for name, filters in specs.items():
+        text = SHARED_SPEC.format(name=name, filters=filters)
+        (tmp_path / "specs" / f"{name}.yaml").write_text(text, encoding="utf-8")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "reportgen", "run", str(tmp_path / "specs" / f"{name}.yaml"),
+             "--batch-size", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name in specs
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    computed = sum(
+        int(re.search(r"(\d+) results computed", out).group(1))  # type: ignore[union-attr]
+        for out, _ in outputs
+    )
+    assert computed == 6  # filters 0-5 of conv_b, each computed by exactly one of the runs
+    for name in specs:
+        assert (tmp_path / "out" / name / "report.pdf").is_file()
+    assert not list((tmp_path / "cache").rglob("*.claim"))
