@@ -182,3 +182,25 @@ def test_tensorflow_start_up_messages_are_quiet(tiny_keras_model: Path) -> None:
         if any(word in line.lower() for word in ("cuda", "cuinit", "onednn", "absl"))
     ]
     assert noisy == []
+
+
+def test_a_huge_message_is_capped(tmp_path: Path, cli_main) -> None:
+    """An exception may quote a huge value (here a 100 000-character file name): one short line."""
+    code, _, err = cli_main("schema", "-o", tmp_path / ("x" * 100_000))
+    assert code == 1
+    (line,) = err.splitlines()
+    assert line.startswith("reportgen: OSError: [Errno 36] File name too long: ")
+    assert line.endswith("…; run with -v for the traceback") and len(line) < 400
+
+
+def test_out_of_memory_is_one_line() -> None:
+    """A real MemoryError (numpy refuses a 1 EiB array) becomes the line main() prints for it."""
+    import numpy as np
+
+    from reportgen.cli import _environment_error
+
+    with pytest.raises(MemoryError) as caught:
+        np.ones(1 << 60, np.uint8)
+    line = _environment_error(caught.value, verbose=False)
+    assert line.startswith("reportgen: out of memory (Unable to allocate 1.00 EiB for an array")
+    assert "lower --batch-size" in line and "\n" not in line
