@@ -159,8 +159,9 @@ def _megapixels(pixels: int) -> str:
 
 
 def check_size(path: Path | str, max_pixels: int = MAX_PIXELS_CEILING) -> str | None:
-    """The decoder for a file about to be decoded: TensorFlow for JPEG and PNG, Pillow for the rest.
-    Raises TooLargeError when its header promises more than `max_pixels`, so nothing decodes a bomb."""
+    """The format of a file about to be decoded (it picks the decoder: TensorFlow for JPEG and PNG,
+    Pillow for the rest); TooLargeError when its header promises more than `max_pixels`, so that no
+    decode path ever starts on a bomb."""
     fmt, pixels, size = probe(path)
     if pixels > max_pixels:
         raise TooLargeError(f"{path}: {size}, over the {_megapixels(max_pixels)} limit")
@@ -177,10 +178,8 @@ def _marked_report(folder: Path) -> bool:
     return (folder / MARKER).exists() or (folder / "manifest.json").is_file() and is_legacy_report(folder)
 
 
-def _folders_to_skip(spec: Spec | None) -> set[Path]:
+def _folders_to_skip(spec: Spec) -> set[Path]:
     """The spec's output and cache folders: a dataset around them must not read the report's own PNGs."""
-    if spec is None:
-        return set()
     folders = [Path(spec.output)] + ([Path(spec.cache)] if spec.cache else [])
     return {p.resolve() for p in folders if p.is_absolute()}
 
@@ -206,10 +205,10 @@ class _Walker:
     def subfolders(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and self.enter(p))
 
-    def files(self, top: Path, recurse: bool = True) -> list[Path]:
+    def files(self, top: Path) -> list[Path]:
         found: list[Path] = []
         for here, dirnames, filenames in os.walk(top, followlinks=False):
-            dirnames[:] = [d for d in dirnames if recurse and self.enter(Path(here) / d)]
+            dirnames[:] = [d for d in dirnames if self.enter(Path(here) / d)]
             found += [
                 Path(here) / f
                 for f in filenames
