@@ -490,6 +490,7 @@ class Contents:
     setup: Callable[[Path, Path], None]  # (dataset folder, assets)
     decoded: frozenset[str]  # image names the report shows (predictions.csv)
     skipped: frozenset[str] = frozenset()  # names the report lists as skipped
+    shown: frozenset[str] = frozenset()  # other text the report must show literally
     rss: bool = False
 
 
@@ -506,9 +507,11 @@ def _truncated_jpeg(path: Path, assets: Path) -> None:
 
 
 def _class_folders(folder: Path, assets: Path) -> None:
+    """Class names that matplotlib reads as mathtext: `a$b$c` parses (and must show literally),
+    `x$^$y` is invalid TeX (its chart label raised ValueError)."""
     for name in ("a.png", "b.jpg", "c.png"):
         (folder / name).unlink()
-    for cls, name in (("a$b$c", "a.png"), ("a$b$c", "b.jpg"), ("plain", "c.png")):
+    for cls, name in (("a$b$c", "a.png"), ("x$^$y", "b.jpg"), ("plain", "c.png")):
         (folder / cls).mkdir(exist_ok=True)
         shutil.copyfile(assets / name, folder / cls / name)
 
@@ -537,8 +540,8 @@ CONTENTS = [
                           frozenset({"bomb.png"}), rss=True), id="decompression-bomb-png"),
     pytest.param(Contents(_up_link, FLAT), id="symlink-up-to-parent"),
     pytest.param(Contents(_linked_image, FLAT | {"linked.png"}), id="symlinked-image-file"),
-    pytest.param(Contents(_class_folders, frozenset({"a$b$c/a.png", "a$b$c/b.jpg", "plain/c.png"})),
-                 id="class-folder-with-dollars"),
+    pytest.param(Contents(_class_folders, frozenset({"a$b$c/a.png", "x$^$y/b.jpg", "plain/c.png"}),
+                          shown=frozenset({"a$b$c", "x$^$y"})), id="class-folder-with-dollars"),
     pytest.param(Contents(_add("deep16.tif", lambda p, a: shutil.copyfile(a / "deep16.tif", p)),
                           FLAT | {"deep16.tif"}), id="tiff-16-bit"),
     pytest.param(Contents(_add("rgb8.tif", lambda p, a: shutil.copyfile(a / "rgb8.tif", p)),
@@ -569,6 +572,8 @@ def test_dataset_contents_skipped_or_decoded(case: Contents, project: Project) -
     html = (report / "report.html").read_text(encoding="utf-8")
     for name in case.skipped:
         assert name in html, f"{name} is not listed as skipped in the report"
+    for text in case.shown:
+        assert text in html, f"{text} is not shown in the report"
     if case.rss:
         assert res.maxrss < GIB, f"peak RSS {res.maxrss / GIB:.2f} GiB"
     assert changed_entries(before, snapshot(project.tmp)) == []
