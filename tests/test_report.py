@@ -441,7 +441,7 @@ def test_filters_lead_height_estimate_matches_weasyprint(
         "id": "s1", "type": "filters", "title": title, "model": "m", "seconds": 1.0, "ascent_seconds": 0.0,
         "findings": finding_texts, "observations": render_markdown(markdown), "notes": [],
         "context": {"layers": [], "recipes": recipes, "overrides": {"crop": 4}, "model": "m",
-                    "side_by_side": True, "dead_caption": "dead filters are greyed out"},
+                    "side_by_side": True},
     }
     body = environment().get_template("base.html.j2").render(
         title="T", author=None, introduction="", sections=[section], models=[],
@@ -473,8 +473,8 @@ def test_side_by_side_grids_stay_inside_the_page(tmp_path: Path) -> None:
 
     Image.new("RGB", (900, 600), (90, 90, 90)).save(tmp_path / "grid.png")  # wider than a cell
     grids = [{"recipe": r, "dead": 0, "grid": "grid.png"} for r in ("keras-example", "regularized")]
-    layer = {"name": "conv1", "count": 16, "channels": 16, "grids": grids, "max_height": None}
-    context = {"recipes": [], "overrides": {}, "layers": [layer], "side_by_side": True, "dead_caption": ""}
+    layer = {"name": "conv1", "count": 16, "channels": 16, "grids": grids, "max_height": None, "caption": ""}
+    context = {"recipes": [], "overrides": {}, "layers": [layer], "side_by_side": True}
     pages = laid_out(partial("filters", context), tmp_path)
     page = pages[0]._page_box
     right = page.content_box_x() + page.width

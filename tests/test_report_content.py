@@ -65,7 +65,7 @@ def section(html: str, title: str) -> str:
 def test_pre_relu_filters_are_never_positive_not_dead(html: str) -> None:
     pre = section(html, "Pre-ReLU filters")
     assert "early: 1 of 2 filters never turn positive" in pre
-    assert "before its ReLU" in pre and "never turn positive" in pre
+    assert "output before the ReLU (the label) stays at or below 0" in pre
     assert "stays ~0" not in pre and " dead" not in pre
     plain = section(html, "Plain filters")
     assert "1 of 2 filters are dead (activation stays ~0)" in plain
@@ -118,3 +118,87 @@ def test_readme_lists_every_bundled_image_and_the_real_crop_default() -> None:
     assert Recipe().size == 0 and Recipe().crop == 25  # what the sentence below describes
     assert "the default 25 is for\n180-px images" not in readme
     assert "default 224-px ascent" in readme
+
+
+PLAN = [  # the demo's plan, as its run logged it
+    "5 of 5 passes to run on CPU, 9.7 GiB for batches, precision float32: 0 of 80 results stored, 80 "
+    "to compute, est. 31.55 TFLOP",
+    "pass 1: ascent vgg (recipe size=112, crop=12, pre_relu=True): 16 filters over 1 layer "
+    "(block1_conv2) at 112x112 px, 30 steps, batch 4 (4 chunks), est. 929.47 GFLOP, ~18.4 MiB a "
+    "sample; 0 of 16 stored",
+    "pass 2: ascent vgg (recipe size=112, crop=12, pre_relu=True): 16 filters over 1 layer "
+    "(block3_conv1) at 112x112 px, 30 steps, batch 4 (4 chunks), est. 2.71 TFLOP, ~33.3 MiB a sample;"
+    " 0 of 16 stored",
+    "pass 3: ascent vgg (recipe size=112, crop=12, pre_relu=True): 16 filters over 1 layer "
+    "(block5_conv1) at 112x112 px, 30 steps, batch 4 (4 chunks), est. 6.92 TFLOP, ~42.5 MiB a sample;"
+    " 0 of 16 stored",
+    "pass 4: ascent vgg (recipe size=112, crop=12): 16 filters over 1 layer (block4_conv3) at 112x112"
+    " px, 30 steps, batch 4 (4 chunks), est. 6.70 TFLOP, ~41.9 MiB a sample; 0 of 16 stored",
+    "pass 5: ascent vgg (recipe steps=64, size=112, crop=12, jitter=8, rotate=5.0, scale=0.05, "
+    "blur_every=4, decay=0.0005, pre_relu=True): 16 filters over 1 layer (block4_conv3) at 112x112 "
+    "px, 64 steps, batch 4 (4 chunks), est. 14.29 TFLOP, ~41.9 MiB a sample; 0 of 16 stored",
+    "section s1-early-middle-and-deep-layers-classic-recipe: 0 of 48 ascent results stored",
+    "section s2-block4-conv3-classic-vs-regularized-recipe: 0 of 32 ascent results stored",
+]
+
+
+def page_fill(page: object) -> float:
+    """The share of the page's content height down to its lowest line, image or table row."""
+    box = page._page_box  # type: ignore[attr-defined]
+    root = next(c for c in box.children if getattr(c, "element_tag", None) == "html")
+    bottom = box.content_box_y()
+    for b in root.descendants():
+        if type(b).__name__ in ("LineBox", "InlineReplacedBox", "BlockReplacedBox", "TableRowBox"):
+            bottom = max(bottom, b.position_y + b.margin_height())
+    return (bottom - box.content_box_y()) / box.height
+
+
+def test_no_near_empty_page_and_the_plan_stays_on_the_metadata_page(tmp_path: Path) -> None:
+    """The demo's layout: four face predictions under their findings used to leave the last one alone on
+    a page, and the run metadata pushed the plan's last lines onto a page of their own."""
+    from PIL import Image
+    from weasyprint import HTML
+
+    from reportgen.report.render import environment, template_dir
+
+    Image.new("RGB", (256, 256), (120, 90, 60)).save(tmp_path / "face.png")
+    predictions = {
+        "model": "fer", "dataset": "faces", "k": 3, "classes": 7, "names_source": "class names of the model",
+        "csv": "predictions.csv",
+        "images": [
+            {"thumb": "face.png", "file": f"face_{i}.png", "label": None,
+             "preds": [{"rank": r, "name": f"class {r}", "p": 0.5 / r} for r in (1, 2, 3)]}
+            for i in range(4)
+        ],
+    }
+    section = {
+        "id": "s1", "type": "predictions", "title": "An emotion classifier on faces", "model": "fer",
+        "seconds": 1.0, "ascent_seconds": 0.0, "notes": [], "observations": "", "context": predictions,
+        "findings": ["Most confident: astronaut_face.png is happy (99.9%).",
+                     "Least confident: lfw_face_000.png is fear (35.2%); runner-up angry (30.5%)."],
+    }
+    meta = {
+        "versions": {k: "1.2.3" for k in ("reportgen", "python", "tensorflow", "keras", "numpy", "weasyprint",
+                                          "pydantic", "jinja2")},
+        "spec_sha256": "0" * 64, "finished_human": "", "spec_name": "demo.yaml", "seed": 0,
+        "spec_path": "/home/user/project/specs/demo.yaml", "precision": "float32",
+        "device": "CPU: Intel(R) Xeon(R) Platinum 8480+, 2 cores", "started": "", "finished": "",
+        "computed": 84, "reused": 0, "plan": PLAN,
+        "steps": [{"name": f"step {i}", "seconds": 1.0, "computed": 1, "reused": 0} for i in range(8)],
+    }
+    models = [{"key": k, "description": "a model", "input_size": (224, 224), "sizes": [(112, 112)],
+               "channels": 3, "digest": "0" * 64} for k in ("vgg", "fer")]
+    html = environment().get_template("base.html.j2").render(
+        title="T", author=None, introduction="", sections=[section, {**section, "id": "s2"}], meta=meta,
+        models=models,
+    )
+    (tmp_path / "report.html").write_text(html, encoding="utf-8")
+    (tmp_path / "report.css").write_bytes((template_dir() / "report.css").read_bytes())
+    pages = HTML(filename=str(tmp_path / "report.html"), base_url=str(tmp_path)).render().pages
+    fills = [page_fill(p) for p in pages[2:-1]]  # after the title and contents pages, before the last
+    assert min(fills) >= 0.3, [round(f, 2) for f in fills]
+    metadata_page = next(i for i, p in enumerate(pages)
+                         if any(getattr(b, "element_tag", None) == "h1"
+                                and "Run metadata" in "".join(b.element.itertext())
+                                for b in p._page_box.descendants()))
+    assert metadata_page == len(pages) - 1, "the plan spilled onto a page of its own"

@@ -177,12 +177,14 @@ def plan_grid_heights(lead: float, layers: list[dict[str, Any]], side_by_side: b
     MIN_GRID_SCALE of its grid's size or more is shrunk to fit; any other starts a new page at full size.
     """
     width = SIDE_BY_SIDE_WIDTH if side_by_side else PAGE_WIDTH
-    # h2 (its 12 pt top margin dropped at the top of a page), a two-line caption, the grids' margins and,
-    # side by side, the table's margins and the recipe title over each grid
-    head = 1.4 * 13 + 8.5 + 2 * 1.4 * 8.5 + (8.5 + 1.4 * 9 + 4 if side_by_side else 8.5)
+    # h2 (its 12 pt top margin dropped at the top of a page), the caption (`caption`: its text, else two
+    # lines), the grids' margins and, side by side, the table's margins and the recipe title over each grid
+    extra = 8.5 + 1.4 * 9 + 4 if side_by_side else 8.5
     tail = 4 + (4 if side_by_side else 0)
     y, caps = lead % PAGE_HEIGHT, []  # a lead longer than a page ends on a later one
     for layer in layers:
+        caption = text_lines(layer["caption"], 8.5, PAGE_WIDTH) if layer.get("caption") else 2
+        head = 1.4 * 13 + 8.5 + caption * 1.4 * 8.5 + extra
         natural = max(
             min(h * 0.75, width * h / w, GRID_MAX_HEIGHT)  # a CSS px is 0.75 pt
             for w, h in (g["px"] for g in layer["grids"])
@@ -280,7 +282,7 @@ class FiltersAnalysis(Analysis):
                 if g["dead"]:
                     pre_relu = resolve_recipe(name, section.params).pre_relu
                     verb = "never turn positive" if pre_relu else "are dead"
-                    why = dead_explanation(pre_relu)
+                    why = "output before the ReLU at most 0" if pre_relu else "activation stays ~0"
                     findings.append(
                         f"{tag}: {g['dead']} of {len(filters)} filters {verb} ({why}); they are greyed out."
                     )
@@ -325,6 +327,13 @@ class FiltersAnalysis(Analysis):
             ],
             bool(section.params),
         )
+        dead_caption = self.dead_caption(recipes)
+        for layer in layers:  # the template's caption, as plain text, for the layout estimate
+            layer["caption"] = (
+                f"{layer['count']} of {layer['channels']} filters; each tile is the input that maximises the "
+                "filter's mean activation (border excluded), labelled with the filter index and its final "
+                f"activation; {dead_caption}."
+            )
         for layer, cap in zip(layers, plan_grid_heights(lead, layers, len(recipes) > 1), strict=True):
             layer["max_height"] = cap
         return SectionResult(
@@ -334,7 +343,6 @@ class FiltersAnalysis(Analysis):
                 "overrides": dict(section.params),
                 "model": section.model,
                 "side_by_side": len(recipes) > 1,
-                "dead_caption": self.dead_caption(recipes),
             },
             artifacts=artifacts,
             findings=findings,
@@ -352,8 +360,8 @@ class FiltersAnalysis(Analysis):
                 return f"dead filters (activation stays ~0) are greyed out and marked {DEAD_MARK}"
             return (
                 f"filters that never turn positive are greyed out and marked {DEAD_MARK}: their output "
-                "before the ReLU stays at or below 0 even at the optimum (the label is that value), so "
-                "after the ReLU they are silent for every image tried"
+                "before the ReLU (the label) stays at or below 0 even at the optimum, so the ReLU "
+                "silences them"
             )
         parts = "; ".join(f"{r['name']}: {r['dead_label']}, {r['dead_explanation']}" for r in recipes)
         return f"filters that stay silent are greyed out and marked {DEAD_MARK} ({parts})"
