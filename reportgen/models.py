@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reportgen.errors import ReportgenError, WeightsUnavailableError
+from reportgen.errors import ReportgenError, SpecError, WeightsUnavailableError, echo
 from reportgen.spec.schema import KERAS_APPS, ModelSpec, Preprocess
 
 if TYPE_CHECKING:
@@ -111,14 +111,17 @@ class LoadedModel:
         names = [lyr.name for lyr in self.model.layers]
         if name in names:
             return self.model.get_layer(name)
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        # difflib on a megabyte-long name would take minutes: only short names get suggestions
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) if len(name) < 100 else []
         hint = (
             f"did you mean {', '.join(repr(c) for c in close)}?"
             if close
             else "list them with `reportgen layers`"
         )
-        prefix = f"{where}: " if where else ""
-        raise ReportgenError(f"{prefix}model {self.key!r} has no layer {name!r}; {hint}")
+        message = f"model {self.key!r} has no layer {echo(name)}; {hint}"
+        if where:  # a layer named in the spec: a spec problem (exit 2), located at its field
+            raise SpecError([f"{where}: {message}"])
+        raise ReportgenError(message)
 
     def layer_channels(self, name: str) -> int:
         return int(self.layer(name).output.shape[-1])

@@ -174,10 +174,10 @@ def test_failed_run_leaves_previous_output_untouched(report: tuple[Path, RunSumm
     text = SPEC.replace("layers: [conv_b]", "layers: [conv_bb]")
     bad.write_text(text, encoding="utf-8")
     code, stdout, stderr = cli_main("run", bad)
-    assert code == 1 and stdout == ""
+    assert code == 2 and stdout == ""  # a layer the spec names: a spec problem
     line = next(i for i, ln in enumerate(text.splitlines(), 1) if "conv_bb" in ln)
     assert re.fullmatch(
-        rf"reportgen: {re.escape(str(bad))}:{line}:\d+: model 'tiny' has no layer 'conv_bb'; "
+        rf"{re.escape(str(bad))}:{line}:\d+: model 'tiny' has no layer 'conv_bb'; "
         r"did you mean 'conv_b'.*\n", stderr
     ), stderr  # one line: where, what, and the likely fix
     assert snapshot(out) == before

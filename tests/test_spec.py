@@ -394,9 +394,9 @@ def test_validate_models_flags_unknown_layer_with_location(tmp_path: Path, tiny_
     )
     path = write(tmp_path, text)
     code, out, err = cli_main("validate", path, "--models")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""  # a layer the spec names: a spec problem
     assert err == (
-        f"reportgen: {path}:{line_of(text, 'conv_bb')}:{col_of(text, 'conv_bb')}: model 'tiny' has no layer "
+        f"{path}:{line_of(text, 'conv_bb')}:{col_of(text, 'conv_bb')}: model 'tiny' has no layer "
         "'conv_bb'; did you mean 'conv_b', 'conv_a'?\n"
     )
     good = write(tmp_path, text.replace("conv_bb", "conv_b"), "good.yaml")
