@@ -42,6 +42,23 @@ class Recipe:
     clip_weak: float = 0.0  # zero pixels whose norm is below this percentile (0-100), every blur step
     dead_threshold: float = 1e-6  # a filter whose final activation stays below this is "dead"
     pre_relu: bool = False  # maximise the conv output before its ReLU: gradients exist even where it is 0
+    # image parameterisation (reportgen.engine.parameterization) and optimiser
+    fourier: bool = False  # optimise 1/f-scaled Fourier coefficients instead of pixels (lucid fft_image)
+    phase_only: bool = False  # with fourier: optimise only the phase, magnitude fixed (MaCo)
+    decorrelate: bool = False  # with fourier: ImageNet colour decorrelation
+    decay_power: float = 1.0  # with fourier: the coefficients' scale is 1 / f^decay_power
+    adam: bool = False  # Adam steps on the raw gradient instead of steps along the L2-normalised gradient
+    nesterov: bool = False  # with adam: Nadam (Keras' schedule)
+    standardize: bool = True  # display: standardise around gray (pixel recipes) or show the image as is
+    # lucid's standard transforms beside jitter/rotate/scale: gray padding, a second jitter after them
+    pad: int = 0
+    jitter_after: int = 0
+    # MaCo's random crops and noise
+    crops: int = 0  # random crops per sample and step (0: the whole image, with the transforms above)
+    crop_start: float = 0.5  # mean crop side, as a share of the image side, at the first step
+    crop_end: float = 0.05  # ... and at the last step (linear in between)
+    noise: float = 0.0  # std of the Gaussian (and width of the uniform) noise added to what the model sees
+    diversity_weight: float = 100.0  # lucid's weight of the Gram-similarity penalty (filters `diversity`)
 
     def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
         """A copy with `overrides` (already checked by `param_problem`) converted to the fields' types."""
@@ -55,6 +72,15 @@ class Recipe:
         return any(
             (self.jitter, self.rotate, self.scale, self.blur_every, self.decay, self.tv, self.clip_weak)
         )
+
+    @property
+    def parameterization(self) -> str:
+        """`pixel`, `fourier` or `phase` (see reportgen.engine.parameterization)."""
+        return "pixel" if not self.fourier else "phase" if self.phase_only else "fourier"
+
+    @property
+    def optimizer(self) -> str:
+        return "nadam" if self.adam and self.nesterov else "adam" if self.adam else "normalized"
 
 
 @dataclass(frozen=True)
@@ -89,6 +115,53 @@ RECIPES: dict[str, RecipeInfo] = {
         "Yosinski et al. (2015)-style regularised ascent: random jitter, rotation and zoom each step "
         "(transform robustness), periodic Gaussian blur and L2 decay towards gray; by default the objective "
         "is the conv output before its ReLU, so filters silent on a gray start still get a gradient.",
+    ),
+    "fourier": RecipeInfo(
+        Recipe(
+            steps=256,
+            lr=0.05,
+            size=128,
+            init_scale=0.01,
+            crop=0,
+            jitter=8,
+            jitter_after=4,
+            pad=12,
+            rotate=10.0,
+            scale=0.1,
+            fourier=True,
+            decorrelate=True,
+            adam=True,
+            standardize=False,
+            pre_relu=True,
+        ),
+        "lucid's feature visualisation (Olah et al., Distill 2017): the image is parameterised by its "
+        "Fourier coefficients scaled by 1/f, with ImageNet colour decorrelation and a sigmoid; lucid's "
+        "standard transforms (gray pad 12, jitter 8, zoom 0.9-1.1, rotation 10 degrees, jitter 4) each step; "
+        "Adam, lr 0.05, 256 steps at 128 px (lucid: 512; 256 already converges on VGG16's block4/block5).",
+    ),
+    "maco": RecipeInfo(
+        Recipe(
+            steps=256,
+            lr=1.0,
+            size=128,
+            init_scale=1.0,
+            crop=0,
+            fourier=True,
+            phase_only=True,
+            decorrelate=True,
+            adam=True,
+            nesterov=True,
+            standardize=False,
+            crops=8,
+            crop_start=0.5,
+            crop_end=0.05,
+            noise=0.08,
+            pre_relu=True,
+        ),
+        "MaCo (Fel et al., NeurIPS 2023): only the Fourier phase is optimised, the magnitude stays that of "
+        "natural images (a power law fitted to the bundled photos); each step the model sees random crops "
+        "(mean side shrinking from 50% to 5%) with noise 0.08; Nadam, lr 1.0, 256 steps at 128 px; 8 crops "
+        "a step (xplique: 32, 4x the cost). The accumulated gradient magnitude is its transparency mask.",
     ),
 }
 
@@ -135,7 +208,7 @@ class Range:
         return {"anyOf": [{"const": 0}, bounds]} if self.zero else bounds
 
 
-# Every numeric field of Recipe; `pre_relu` is a plain true/false.
+# Every numeric field of Recipe; the bools (BOOL_DOCS) are plain true/false.
 PARAM_RANGES: dict[str, Range] = {
     "steps": Range(1, 10_000, doc="Gradient-ascent steps."),
     "lr": Range(
@@ -157,6 +230,26 @@ PARAM_RANGES: dict[str, Range] = {
     "dead_threshold": Range(
         -math.inf, doc='A filter whose final activation stays at or below this is "dead".'
     ),
+    "decay_power": Range(0, 4, doc="With fourier: the coefficients' scale is 1 / f^decay_power."),
+    "pad": Range(0, 1024, doc="Gray padding on each side before the random transforms (0 disables)."),
+    "jitter_after": Range(0, 1024, doc="Max random translation after zoom and rotation (0 disables)."),
+    "crops": Range(0, 256, doc="Random crops per sample and step (MaCo; 0: the whole image)."),
+    "crop_start": Range(
+        0, 1, low_open=True, doc="Mean crop side at the first step, share of the image side."
+    ),
+    "crop_end": Range(0, 1, low_open=True, doc="Mean crop side at the last step, share of the image side."),
+    "noise": Range(0, 1, doc="Std of the noise added to what the model sees each step (0 disables)."),
+    "diversity_weight": Range(0, doc="Weight of the Gram-similarity penalty of `diversity` (lucid: 100)."),
+}
+
+BOOL_DOCS: dict[str, str] = {
+    "pre_relu": "Maximise the conv output before its ReLU.",
+    "fourier": "Optimise 1/f-scaled Fourier coefficients instead of pixels.",
+    "phase_only": "With fourier: optimise only the phase, the magnitude fixed to a natural-image spectrum.",
+    "decorrelate": "With fourier: ImageNet colour decorrelation.",
+    "adam": "Adam steps on the raw gradient instead of steps along the L2-normalised gradient.",
+    "nesterov": "With adam: Nadam.",
+    "standardize": "Display: standardise the image around gray (false: show it as it is).",
 }
 
 
@@ -226,7 +319,7 @@ def params_json_schema(schema: dict[str, Any]) -> None:
     for f in fields(Recipe):
         default = getattr(Recipe(), f.name)
         if isinstance(default, bool):
-            props[f.name] = {"type": "boolean", "description": "Maximise the conv output before its ReLU."}
+            props[f.name] = {"type": "boolean", "description": BOOL_DOCS[f.name]}
             continue
         rule = PARAM_RANGES[f.name]
         kind = "integer" if isinstance(default, int) else "number"

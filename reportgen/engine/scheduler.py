@@ -26,7 +26,8 @@ from reportgen.store import Store, content_key
 
 # Bump when the ascent's numbers change, so that stored results are recomputed. ascent-2: host-side
 # augmentation transforms and exact-sqrt gradient normalisation (batch-invariant), channel picked first.
-ASCENT_CODE_VERSION = "ascent-2"
+# ascent-3: objectives, diversity, Fourier parameterisations; quality figures stored with each result.
+ASCENT_CODE_VERSION = "ascent-3"
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,30 @@ class AscentRequest:
     filter: int
     recipe: Recipe
     seed: int
+    objective: str = "channel"  # see reportgen.engine.ascent.AscentJob
+    position: tuple[int, int] | None = None
+    direction: tuple[float, ...] | None = None
+    variant: int = 0
+    diversity: int = 1
+
+    def job(self) -> Any:
+        from reportgen.engine.ascent import AscentJob
+
+        return AscentJob(
+            self.layer, self.filter, self.seed, self.objective, self.position, self.direction,
+            self.variant, self.diversity,
+        )  # fmt: skip
 
 
-def ascent_key(lm: Any, layer: str, filt: int, recipe: Recipe, seed: int, precision: str) -> str:
-    """Content key of one ascent result; cluster workers recompute it to check they see the same model."""
+def ascent_key(
+    lm: Any, layer: str, filt: int, recipe: Recipe, seed: int, precision: str, unit: tuple[Any, ...] = ()
+) -> str:
+    """Content key of one ascent result; cluster workers recompute it to check they see the same model.
+    `unit`: (objective, position, direction, variant, diversity) when not the default channel objective."""
     from reportgen.engine.ascent import ascent_size
 
     return content_key(
+        *unit,
         ASCENT_CODE_VERSION,
         lm.digest,
         lm.preprocessing.model_dump(),
@@ -59,14 +77,17 @@ def store_result(store: Store, key: str, res: Any) -> None:
     """PNG, raw array, then the metrics JSON: the JSON is what marks the result as present."""
     store.put_png(key, res.image)
     store.put_npy(key, res.raw.astype(np.float16))
-    store.put_json(
-        key,
-        {
-            "activation": res.activation,
-            "initial_activation": res.initial_activation,
-            "dead": res.dead,
-        },
-    )
+    meta = {
+        "activation": res.activation,
+        "initial_activation": res.initial_activation,
+        "dead": res.dead,
+        "hf_energy": res.hf_energy,
+        "robustness": res.robustness,
+    }
+    if res.mask is not None:  # MaCo's transparency: stored under the result's key with a suffix
+        store.put_npy(key + "-mask", res.mask.astype(np.float32))
+        meta["mask"] = True
+    store.put_json(key, meta)
 
 
 class AscentScheduler:
@@ -87,7 +108,11 @@ class AscentScheduler:
 
     def key(self, req: AscentRequest) -> str:
         lm = self.models.get(req.model)
-        return ascent_key(lm, req.layer, req.filter, req.recipe, req.seed, self.precision)
+        unit = (req.objective, req.position, req.direction, req.variant, req.diversity)
+        default = unit == ("channel", None, None, 0, 1)
+        return ascent_key(
+            lm, req.layer, req.filter, req.recipe, req.seed, self.precision, () if default else unit
+        )
 
     @contextmanager
     def section(self, sid: str) -> Iterator[None]:
@@ -156,20 +181,24 @@ class AscentScheduler:
         self.seconds = time.perf_counter() - t0
 
     def _run_pass(self, p: Any, progress: Any) -> None:
-        from reportgen.engine.ascent import AscentJob, program_for
+        from reportgen.engine.ascent import chunk_ranges, program_for
 
         lm = self.models.get(p.model)
         program = program_for(lm, p.layers, p.recipe, self.precision)
-        jobs = [AscentJob(r.layer, r.filter, r.seed) for r in p.requests]
+        jobs = [r.job() for r in p.requests]
         layers = f"{len(p.layers)} layer{'s' if len(p.layers) != 1 else ''}"
         label = f"ascent {p.model} ({layers}, {p.recipe.steps} steps)"
         with progress.task(label, len(jobs)) as advance:
             # store each chunk as it finishes, so a killed run resumes from it; claim its keys first, so a
             # run of another spec sharing the store waits for them instead of computing them too
-            for start in range(0, len(jobs), p.batch_size):
-                keys = p.keys[start : start + p.batch_size]
+            for start, end in chunk_ranges(jobs, p.batch_size):
+                keys = p.keys[start:end]
                 with self.store.claim_all(keys):
-                    todo = [i for i, key in enumerate(keys) if not self.store.has(key, "json")]
+                    missing = {
+                        jobs[start + i].group for i, key in enumerate(keys) if not self.store.has(key, "json")
+                    }
+                    # a diversity group is optimised together: one missing variant recomputes them all
+                    todo = [i for i in range(len(keys)) if jobs[start + i].group in missing]
                     if skipped := len(keys) - len(todo):  # stored by that other run meanwhile
                         self.reused += skipped
                         advance(skipped)

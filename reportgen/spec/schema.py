@@ -182,6 +182,21 @@ class FiltersSection(SectionBase):
     columns: int | None = Field(
         None, ge=1, le=256, description="Grid columns (default: square grid); the grid is one image."
     )
+    objective: Literal["channel", "neuron", "layer", "direction"] = Field(
+        "channel",
+        description="What each image maximises: a filter's mean (channel), its unit at one position "
+        "(neuron), the whole layer's mean square (layer: one image per layer), or the dot product with "
+        "`direction` (one image per layer).",
+    )
+    position: list[int] | None = Field(
+        None, min_length=2, max_length=2, description="neuron: [y, x] in the layer's map; default its centre."
+    )
+    direction: list[float] | str | None = Field(
+        None, description="direction: one weight per channel of the layer, or a .npy file (spec-relative)."
+    )
+    diversity: int = Field(
+        1, ge=1, le=16, description="Images per filter, pushed apart by lucid's Gram-similarity penalty."
+    )
 
     _f = field_validator("filters")(check_filter_selection)
 
