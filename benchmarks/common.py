@@ -132,7 +132,7 @@ def select_kernels(mode: str, precision: str = "float32") -> None:
     """Choose TensorFlow's CPU kernels for this process; must run before TensorFlow is imported.
 
     `reportgen`: what `reportgen run` picks for a spec of a keras.applications model at this precision
-    (reportgen/__init__.py turns oneDNN off; `runner.select_cpu_kernels` turns it back on for models known
+    (reportgen/__init__.py turns oneDNN off; `device.select_cpu_kernels` turns it back on for models known
     to be safe with it, as here). `on` / `off`: oneDNN forced,
     as a user setting TF_ENABLE_ONEDNN_OPTS would. The naive approaches run in the same process, so
     both sides of every comparison use the same kernels.
@@ -146,7 +146,7 @@ def select_kernels(mode: str, precision: str = "float32") -> None:
         os.environ.pop("REPORTGEN_ONEDNN_SET", None)  # reportgen then treats it as the user's choice
         return
     import reportgen  # noqa: F401  (applies reportgen's default before TensorFlow loads)
-    from reportgen.runner import select_cpu_kernels
+    from reportgen.device import select_cpu_kernels
     from reportgen.spec.schema import FiltersSection, ModelSpec, Spec
 
     spec = Spec(title="benchmark", output="unused", precision=precision,
@@ -165,7 +165,7 @@ def machine(kernels_label: str | None = None) -> str:
     `kernels_label` replaces this process's kernel setting where the work runs elsewhere."""
     import tensorflow as tf
 
-    from reportgen.runner import cpu_model
+    from reportgen.device import cpu_model
 
     cpu = cpu_model()
     gpus = tf.config.list_physical_devices("GPU")

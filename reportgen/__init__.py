@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 # Whether the user chose oneDNN themselves (not inherited from a reportgen parent process): bfloat16
-# runs switch it on otherwise (reportgen.runner.select_cpu_kernels).
+# runs switch it on otherwise (reportgen.device.select_cpu_kernels).
 _ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "")
 ONEDNN_FROM_USER = _ONEDNN not in ("", os.environ.get("REPORTGEN_ONEDNN_SET"))
 if "TF_ENABLE_ONEDNN_OPTS" not in os.environ:

@@ -460,6 +460,25 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
     )
 
 
+class ModelRegistry:
+    """Loads each model of a spec once, on first use. A keras_app model keeps its classifier head when a
+    section on it needs class scores (its section model says `needs_top`)."""
+
+    def __init__(self, spec: Any):
+        self.spec = spec
+        self._loaded: dict[str, LoadedModel] = {}
+        self.need_top = {getattr(s, "model", None) for s in spec.sections if s.needs_top}
+
+    def get(self, key: str) -> LoadedModel:
+        if key not in self._loaded:
+            self._loaded[key] = load_model(
+                key, self.spec.models[key], need_top=key in self.need_top, seed=self.spec.seed
+            )
+        return self._loaded[key]
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
 def model_spec_from_reference(ref: str) -> ModelSpec:
     """`reportgen layers` accepts a builtin name, a keras.applications name or a model file."""
     from reportgen.spec.schema import BUILTIN_MODELS

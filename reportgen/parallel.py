@@ -56,6 +56,13 @@ class Backend:
         """Local processes share this machine's memory; dask workers size batches on their own machine."""
         return 1.0 / self.jobs if self.name == "loky" else 1.0
 
+    def run_passes(
+        self, passes: list[Any], spec_path: Any, precision: str, progress: Any, batch_size: int | None
+    ) -> tuple[set[str], set[str]]:
+        """`run_passes` on this backend: the scheduler calls it through the backend it is handed, so the
+        scheduler never imports this module (which imports the scheduler's key and store functions)."""
+        return run_passes(passes, spec_path, precision, self, progress, batch_size)
+
     def describe(self) -> str:
         if self.name == "dask":
             return f"dask cluster at {self.scheduler}"
@@ -92,8 +99,8 @@ _WORKER_MODELS: dict[tuple[str, str, str], Any] = {}
 
 def _worker_model(spec_path: str, model: str) -> Any:
     """The model of a spec, loaded once per worker process (keyed by the spec file's content)."""
-    from reportgen.runner import ModelRegistry
-    from reportgen.spec import load_spec, spec_sha256
+    from reportgen.models import ModelRegistry
+    from reportgen.spec.load import load_spec, spec_sha256
 
     cache_key = (spec_path, spec_sha256(spec_path), model)
     if cache_key not in _WORKER_MODELS:
@@ -103,8 +110,8 @@ def _worker_model(spec_path: str, model: str) -> Any:
 
 def run_ascent_work(work: AscentWork) -> dict[str, Any]:
     """Worker entry point: load the model from the spec, run the piece's chunks, store every result."""
-    from reportgen.runner import select_cpu_kernels
-    from reportgen.spec import load_spec
+    from reportgen.device import select_cpu_kernels
+    from reportgen.spec.load import load_spec
 
     spec = load_spec(work.spec_path)
     select_cpu_kernels(spec)
@@ -115,12 +122,12 @@ def run_ascent_work(work: AscentWork) -> dict[str, Any]:
             tf.config.threading.set_intra_op_parallelism_threads(work.threads)
         except RuntimeError:  # the worker already ran TensorFlow: keep its pool
             pass
+    from reportgen.device import device_description
     from reportgen.engine.ascent import AscentJob, program_for
     from reportgen.engine.recipes import Recipe
     from reportgen.engine.scheduler import ascent_key, store_result
     from reportgen.plan import batch_size_for, device_budget, sample_cost
-    from reportgen.runner import device_description, store_root
-    from reportgen.store import Store
+    from reportgen.store import Store, store_root
 
     t0 = time.perf_counter()
     host = socket.gethostname()

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from reportgen.errors import ReportgenError
+
 
 def content_key(*parts: Any) -> str:
     """sha256 of the canonical JSON of parts (dict keys sorted; tuples as lists)."""
@@ -155,3 +157,24 @@ class Store:
         from reportgen.imaging import png_bytes
 
         return self.put_bytes(key, "png", png_bytes(image))
+
+
+def store_root(spec: Any) -> Path:
+    """The result store's folder of a spec (`reportgen.spec.Spec`): its `cache:`, or .reportgen-cache
+    beside the output."""
+    output = Path(spec.output)
+    cache = Path(spec.cache) if spec.cache else output.parent / ".reportgen-cache"
+    return cache / "results"
+
+
+def create_store_root(spec: Any) -> None:
+    """Create the result store's folder before any compute, so that an unwritable `cache:` is one line
+    (exit 1) now rather than a traceback after the first pass."""
+    root = store_root(spec)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportgenError(
+            f"cannot create the result store {exc.filename or root}: {exc.strerror or exc}; make that "
+            "folder writable for this user (or free space there), or set `cache:` to another folder"
+        ) from None

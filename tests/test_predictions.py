@@ -16,8 +16,8 @@ from reportgen.analyses.predictions import ANALYSIS
 from reportgen.datasets import DatasetRegistry, load_pixels
 from reportgen.errors import ReportgenError
 from reportgen.labels import imagenet_name
+from reportgen.models import ModelRegistry
 from reportgen.progress import Progress
-from reportgen.runner import ModelRegistry
 from reportgen.spec import load_spec
 from reportgen.store import Store
 

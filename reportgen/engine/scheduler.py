@@ -165,16 +165,14 @@ class AscentScheduler:
             if not p.pending:
                 progress.info(f"{p.describe()}; nothing to compute")
         if parallel:
-            from reportgen.parallel import run_passes
-
-            done, devices = run_passes(todo, spec_path, self.precision, backend, progress, self.batch_size)
+            done, devices = backend.run_passes(todo, spec_path, self.precision, progress, self.batch_size)
             self.computed_keys |= done
             self.devices |= devices
         else:
             for p in todo:
                 self._run_pass(p, progress)
             if todo:
-                from reportgen.runner import device_description
+                from reportgen.device import device_description
 
                 self.devices.add(device_description())
         self.computed = len(self.computed_keys)
