@@ -17,6 +17,7 @@ import yaml
 from reportgen.engine.ascent import AscentJob, AscentProgram, program_for
 from reportgen.engine.recipes import resolve_recipe
 from reportgen.engine.scheduler import AscentRequest, AscentScheduler
+from reportgen.models import ModelRegistry
 from reportgen.plan import (
     MAX_BATCH,
     MEMORY_FACTOR,
@@ -27,7 +28,8 @@ from reportgen.plan import (
     sample_cost,
 )
 from reportgen.progress import Progress
-from reportgen.runner import ModelRegistry, run, run_lock
+from reportgen.publish import run_lock
+from reportgen.runner import run
 from reportgen.spec import load_spec
 from reportgen.store import Store
 
@@ -181,11 +183,11 @@ def test_out_of_memory_halves_the_chunk_and_gives_identical_results(tmp_path: Pa
     program = program_for(injected.models.get("tiny"), p.layers, p.recipe)
     real, sizes = program._run, []
 
-    def once_out_of_memory(x0, layer_idx, filter_idx, transforms):  # noqa: ANN001, ANN202
+    def once_out_of_memory(x0, *rest):  # noqa: ANN001, ANN002, ANN202
         sizes.append(int(x0.shape[0]))
         if len(sizes) == 1:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor (injected)")
-        return real(x0, layer_idx, filter_idx, transforms)
+        return real(x0, *rest)
 
     program._run = once_out_of_memory
     injected.execute(Progress(quiet=True))

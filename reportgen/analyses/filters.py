@@ -13,9 +13,10 @@ from PIL import Image
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.engine.ascent import ascent_size
+from reportgen.engine.quality import NOT_ROBUST
 from reportgen.engine.recipes import RECIPES, resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
-from reportgen.errors import ReportgenError
+from reportgen.errors import ReportgenError, SpecError
 from reportgen.imaging import compact_number, grid, text_lines
 from reportgen.report.markdown import render_markdown
 from reportgen.report.render import environment
@@ -72,11 +73,64 @@ def border_notes(lm: Any, layers: list[str], border: int, size: tuple[int, int])
 
 
 def filter_requests(
-    section: Any, ctx: RunContext, layer: str, filters: list[int], recipe_name: str, params: dict[str, Any]
+    section: Any,
+    ctx: RunContext,
+    layer: str,
+    filters: list[int],
+    recipe_name: str,
+    params: dict[str, Any],
+    unit: dict[str, Any] | None = None,
 ) -> list[AscentRequest]:
-    """Ascent requests for filters of one layer; shared with `circuit`, which visualises input channels."""
+    """Ascent requests for filters of one layer; shared with `circuit`, which visualises input channels.
+    `unit` (`unit_options`): the objective, position, direction and diversity; the `diversity` variants
+    of a filter are consecutive (they are optimised together)."""
     recipe = resolve_recipe(recipe_name, params)
-    return [AscentRequest(section.model, layer, f, recipe, ctx.spec.seed) for f in filters]
+    unit = unit or {}
+    n = unit.get("diversity", 1)
+    extra = {k: unit[k] for k in ("objective", "position", "direction") if unit.get(k) is not None}
+    return [
+        AscentRequest(section.model, layer, f, recipe, ctx.spec.seed, variant=v, diversity=n, **extra)
+        for f in filters
+        for v in range(n)
+    ]
+
+
+def unit_options(section: FiltersSection, ctx: RunContext, index: int, layer: str) -> dict[str, Any]:
+    """The section's objective settings for one layer, checked against it: a direction has one weight per
+    channel (given inline or as a .npy file next to the spec)."""
+    out: dict[str, Any] = {"objective": section.objective, "diversity": section.diversity}
+    if section.objective == "neuron" and section.position is not None:
+        out["position"] = tuple(int(v) for v in section.position)
+    if section.objective != "direction":
+        return out
+    where = ctx.where(index, "direction")
+    if section.direction is None:
+        raise SpecError([f"{where}: direction: missing; give one weight per channel or a .npy file"])
+    values: Any = section.direction
+    if isinstance(values, str):
+        path = ctx.spec_path.parent / values
+        try:
+            values = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SpecError(
+                [f"{where}: direction: cannot read {values!r} as .npy ({exc}); fix the path"]
+            ) from None
+    vec = np.asarray(values, np.float64).ravel()
+    channels = ctx.models.get(section.model).layer_channels(layer)
+    if vec.size != channels or not np.all(np.isfinite(vec)):
+        raise SpecError(
+            [
+                f"{where}: direction: {vec.size} finite weights given; give one per channel of {layer!r} "
+                f"({channels})"
+            ]
+        )
+    out["direction"] = tuple(float(v) for v in vec)
+    return out
+
+
+def units_of(section: FiltersSection, filters: list[int]) -> list[int]:
+    """Filters of a layer the section visualises: `layer` and `direction` objectives have one unit each."""
+    return [0] if section.objective in ("layer", "direction") else filters
 
 
 def layer_filters(section: FiltersSection, ctx: RunContext, index: int) -> dict[str, list[int]]:
@@ -94,6 +148,27 @@ def layer_filters(section: FiltersSection, ctx: RunContext, index: int) -> dict[
             )
         out[layer] = [f for f in chosen if f < channels]
     return out
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(median(known)) if known else None
+
+
+def mask_alpha(mask: np.ndarray, crop: int) -> np.ndarray:
+    """MaCo's transparency (H, W) as alpha in [0, 1]: cropped like the image, scaled so the 99th percentile
+    is opaque (a few extreme gradients would otherwise leave everything else invisible)."""
+    m = np.asarray(mask, np.float64)
+    if crop and m.shape[0] > 2 * crop + 8 and m.shape[1] > 2 * crop + 8:
+        m = m[crop:-crop, crop:-crop]
+    top = np.percentile(m, 99)
+    return np.clip(m / top, 0.0, 1.0) if top > 0 else np.ones_like(m)
+
+
+def overlay(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The image over white with the given alpha: where the mask is low the image fades out."""
+    a = alpha[..., None]
+    return (image.astype(np.float64) * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
 
 
 # -- page layout ---------------------------------------------------------------------------------------
@@ -210,8 +285,11 @@ class FiltersAnalysis(Analysis):
 
     def prepare(self, section: FiltersSection, ctx: RunContext, index: int) -> None:
         for layer, filters in layer_filters(section, ctx, index).items():
+            unit = unit_options(section, ctx, index, layer)
             for name in section.recipes:
-                for req in filter_requests(section, ctx, layer, filters, name, section.params):
+                for req in filter_requests(
+                    section, ctx, layer, units_of(section, filters), name, section.params, unit
+                ):
                     ctx.ascent.request(req)
 
     def _grid(
@@ -222,41 +300,89 @@ class FiltersAnalysis(Analysis):
         layer: str,
         filters: list[int],
         recipe_name: str,
+        index: int,
     ) -> tuple[dict[str, Any], list[Artifact]]:
         """One recipe's grid for one layer: tiles labelled with index and activation, dead ones dimmed."""
         recipe = resolve_recipe(recipe_name, section.params)
         tiles, labels, dead, rows, artifacts = [], [], [], [], []
-        for f in filters:
-            path, meta = ctx.ascent.result(AscentRequest(section.model, layer, f, recipe, ctx.spec.seed))
-            rel = out.copy(f"{layer}_{recipe_name}_f{f:04d}.png", path)
-            tiles.append(np.asarray(Image.open(path).convert("RGB")))
-            mark = f" {DEAD_MARK}" if meta["dead"] else ""
-            labels.append(f"#{f} {compact_number(meta['activation'])}{mark}")
-            dead.append(meta["dead"])
-            rows.append({"filter": f, "activation": meta["activation"], "dead": meta["dead"], "path": rel})
-            artifacts.append(
-                Artifact(
-                    "filter",
-                    rel,
-                    section.model,
-                    layer,
-                    f,
-                    {
-                        "recipe": recipe_name,
-                        "activation": meta["activation"],
-                        "dead": meta["dead"],
-                        "initial_activation": meta["initial_activation"],
-                    },
-                )
+        unit = unit_options(section, ctx, index, layer)
+        per_unit = section.objective not in ("layer", "direction")
+        for req in filter_requests(
+            section, ctx, layer, units_of(section, filters), recipe_name, section.params, unit
+        ):
+            f, v = req.filter, req.variant
+            path, meta = ctx.ascent.result(req)
+            stem = (
+                f"{layer}_{recipe_name}_f{f:04d}"
+                if per_unit
+                else f"{layer}_{recipe_name}_{section.objective}"
             )
-        image = grid(tiles, labels, columns=section.columns, tile_side=128, dim=dead)
+            stem += f"_v{v}" if section.diversity > 1 else ""
+            rel = out.copy(f"{stem}.png", path)
+            tile = np.asarray(Image.open(path).convert("RGB"))
+            quality = {"hf_energy": meta.get("hf_energy"), "robustness": meta.get("robustness")}
+            mask_rel = None
+            if meta.get("mask"):  # MaCo: the transparency mask as its own artifact, the tile as an overlay
+                mask = ctx.store.get_npy(ctx.ascent.requests[req] + "-mask")
+                alpha = mask_alpha(mask, recipe.crop)
+                mask_rel = out.array(f"{stem}_mask.npy", mask)
+                png = out.image(f"{stem}_mask.png", (alpha * 255).astype(np.uint8))
+                artifacts.append(
+                    Artifact(
+                        "mask",
+                        png,
+                        section.model,
+                        layer,
+                        f if per_unit else None,
+                        {
+                            "recipe": recipe_name,
+                            "array": mask_rel,
+                            **({"variant": v} if section.diversity > 1 else {}),
+                        },
+                    )
+                )
+                tile = overlay(tile, alpha)
+            tiles.append(tile)
+            mark = f" {DEAD_MARK}" if meta["dead"] else ""
+            name = f"#{f}" if per_unit else section.objective
+            labels.append(
+                f"{name}{f'.{v}' if section.diversity > 1 else ''} {compact_number(meta['activation'])}{mark}"
+            )
+            dead.append(meta["dead"])
+            rows.append(
+                {
+                    "filter": f,
+                    "variant": v,
+                    "activation": meta["activation"],
+                    "dead": meta["dead"],
+                    "path": rel,
+                    **quality,
+                }
+            )
+            metrics = {
+                "recipe": recipe_name,
+                "activation": meta["activation"],
+                "dead": meta["dead"],
+                "initial_activation": meta["initial_activation"],
+                "objective": section.objective,
+                **quality,
+            }
+            if section.diversity > 1:
+                metrics["variant"] = v
+            artifacts.append(Artifact("filter", rel, section.model, layer, f if per_unit else None, metrics))
+        # with diversity, one row per filter: its variants side by side
+        columns = section.diversity if section.diversity > 1 else section.columns
+        image = grid(tiles, labels, columns=columns, tile_side=128, dim=dead)
         grid_rel = out.image(f"{layer}_{recipe_name}_grid.png", np.asarray(image))
         artifacts.append(
             Artifact(
                 "grid", grid_rel, section.model, layer, None, {"recipe": recipe_name, "filters": len(filters)}
             )
         )
+        live = [r for r in rows if not r["dead"]]
         info = {
+            "hf_energy": _median([r["hf_energy"] for r in live]),
+            "robustness": _median([r["robustness"] for r in live]),
             "recipe": recipe_name,
             "grid": grid_rel,
             "filters": rows,
@@ -274,11 +400,22 @@ class FiltersAnalysis(Analysis):
         for layer, filters in layer_filters(section, ctx, index).items():
             grids = []
             for name in section.recipes:
-                g, arts = self._grid(section, ctx, out, layer, filters, name)
+                g, arts = self._grid(section, ctx, out, layer, filters, name, index)
                 grids.append(g)
                 artifacts += arts
                 alive = [r for r in g["filters"] if not r["dead"]]
                 tag = f"{layer} ({name})" if len(section.recipes) > 1 else layer
+                shaky = [r for r in alive if r["robustness"] is not None and r["robustness"] < NOT_ROBUST]
+                if shaky:
+                    names = ", ".join(
+                        f"{r['filter']}" + (f".{r['variant']}" if section.diversity > 1 else "")
+                        for r in shaky[:8]
+                    )
+                    findings.append(
+                        f"{tag}: the visualisation of {len(shaky)} of {len(alive)} live units is not robust "
+                        "(under small unseen shifts, zooms and rotations it keeps less than "
+                        f"{NOT_ROBUST:.0%} of its activation): {names}{', ...' if len(shaky) > 8 else ''}."
+                    )
                 if g["dead"]:
                     pre_relu = resolve_recipe(name, section.params).pre_relu
                     verb = "never turn positive" if pre_relu else "are dead"
@@ -343,6 +480,7 @@ class FiltersAnalysis(Analysis):
                 "overrides": dict(section.params),
                 "model": section.model,
                 "side_by_side": len(recipes) > 1,
+                "masked": any(resolve_recipe(n, section.params).phase_only for n in section.recipes),
             },
             artifacts=artifacts,
             findings=findings,
