@@ -12,6 +12,7 @@ file may change during a long run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -19,17 +20,19 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from reportgen.decoded_cache import CacheReader, CacheWriter, DecodedSource, source_of
 from reportgen.errors import ReportgenError, SpecError
 from reportgen.labels import readable_class
 from reportgen.progress import log
 from reportgen.spec.schema import MAX_PIXELS_CEILING, DatasetSpec, Spec
+from reportgen.store import store_root
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -62,6 +65,9 @@ class ImageItem:
     name: str  # path relative to the dataset root, e.g. "n01440764/x.jpg" or "astronaut.png"
     label: int | None  # class index into Dataset.class_names, None for flat folders
     class_name: str | None
+    # Set on every item of a dataset with `decoded_cache: true`: where `stream` reads and writes its
+    # decoded pixels. Not part of equality: the same file is the same item with or without it.
+    decoded: DecodedSource | None = field(default=None, compare=False, repr=False)
 
     @property
     def stem(self) -> str:
@@ -245,10 +251,18 @@ def too_large_note(key: str, too_large: dict[str, str], max_pixels: int) -> str:
     )
 
 
-def scan_folder(key: str, root: Path, spec: DatasetSpec, seed: int = 0, skip: Iterable[Path] = ()) -> Dataset:
+def scan_folder(
+    key: str,
+    root: Path,
+    spec: DatasetSpec,
+    seed: int = 0,
+    skip: Iterable[Path] = (),
+    decoded_folder: Path | None = None,
+) -> Dataset:
     """Flat folder -> unlabelled items; subfolders -> one class each (sorted names = label order).
 
-    `skip`: folders never read (the spec's output and cache)."""
+    `skip`: folders never read (the spec's output and cache). `decoded_folder`: where a dataset with
+    `decoded_cache: true` keeps its decoded pixels (`<cache>/decoded`)."""
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DatasetFileError(
@@ -290,7 +304,14 @@ def scan_folder(key: str, root: Path, spec: DatasetSpec, seed: int = 0, skip: It
             f"dataset {key!r}: {found} ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}{links}; "
             + ("raise `max_pixels:`" if too_large else "fix `path:` or add images"),
         )
-    return Dataset(key, root, items, class_names, _digest(items), notes, too_large)
+    digest = _digest(items)
+    if spec.decoded_cache and decoded_folder is not None:
+        # Cached pixels are rounded to uint8 after the resize (decoded ones are float): results computed
+        # from them get their own keys, so turning the cache on or off never mixes the two.
+        digest = hashlib.sha256(f"{digest}|decoded-uint8".encode()).hexdigest()
+        source = DecodedSource(decoded_folder, digest, tuple(it.name for it in items))
+        items = [dataclasses.replace(it, decoded=source) for it in items]
+    return Dataset(key, root, items, class_names, digest, notes, too_large)
 
 
 # -- builtin photo sets ---------------------------------------------------------------------------
@@ -374,6 +395,12 @@ def builtin_folder(name: str) -> Path:
     raise ReportgenError(f"unknown builtin dataset {name!r}")
 
 
+def decoded_folder(spec: Spec) -> Path:
+    """`<cache>/decoded`, beside the result store (`<cache>/results`): one `cache:` folder holds everything
+    reportgen keeps between runs, and dataset discovery never enters it."""
+    return store_root(spec).parent / "decoded"
+
+
 class DatasetRegistry:
     """Scans each dataset of the spec once, on first use, never entering the spec's output or cache."""
 
@@ -385,7 +412,9 @@ class DatasetRegistry:
         if key not in self._cache:
             ds = self.spec.datasets[key]
             root = builtin_folder(ds.builtin) if ds.builtin else Path(ds.path or "")
-            self._cache[key] = scan_folder(key, root, ds, self.spec.seed, _folders_to_skip(self.spec))
+            self._cache[key] = scan_folder(
+                key, root, ds, self.spec.seed, _folders_to_skip(self.spec), decoded_folder(self.spec)
+            )
         return self._cache[key]
 
 
@@ -453,8 +482,11 @@ def _route(path: Any) -> np.int32:
     return np.int32(TF_DECODER if fmt is None or fmt in TF_FORMATS else PILLOW_DECODER)
 
 
-def _decoder(size: tuple[int, int], channels: int) -> Any:
-    """The one decode+resize used for every model input, batched or not, so all analyses agree."""
+def _decoder(size: tuple[int, int], channels: int, to_uint8: bool = False) -> Any:
+    """The one decode+resize used for every model input, batched or not, so all analyses agree.
+
+    `to_uint8`: round the resized pixels to uint8, as the decoded-image cache stores them (a dataset
+    with `decoded_cache: true` gets these pixels on every pass, cached or not)."""
     import tensorflow as tf
 
     def with_pillow(path: Any) -> np.ndarray:
@@ -472,7 +504,15 @@ def _decoder(size: tuple[int, int], channels: int) -> Any:
             return tf.ensure_shape(pixels, (None, None, channels))
 
         img = tf.cond(tf.equal(route, TF_DECODER), by_tf, by_pillow)
-        img = tf.image.resize(tf.cast(img, tf.float32), size, method="bilinear", antialias=True)
+        img = tf.cast(img, tf.float32)
+        # A resize to the image's own size returns it exactly (checked in tests): skip it for folders
+        # already at the model's size, where it would cost as much as the decode.
+        same = tf.reduce_all(tf.equal(tf.shape(img)[:2], size))
+        img = tf.cond(
+            same, lambda: img, lambda: tf.image.resize(img, size, method="bilinear", antialias=True)
+        )
+        if to_uint8:
+            img = tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
         return tf.ensure_shape(img, (size[0], size[1], channels))
 
     return decode
@@ -495,23 +535,84 @@ def load_pixels(items: list[ImageItem], size: tuple[int, int], channels: int) ->
     return np.stack(arrays), bad
 
 
-def stream(
-    items: list[ImageItem], size: tuple[int, int], channels: int, batch_size: int = 8
-) -> tf.data.Dataset:
-    """Batches of (pixels float32 0..255 (B, H, W, C), index int32 (B,)) decoded and resized in parallel.
+class Batches:
+    """What `stream` returns: iterate for (pixels float32 0..255 (B, H, W, C), index int32 (B,)) batches.
+
+    Counts where the pixels of the last iteration came from (`decoded` files, rows read `from_cache`) and
+    whether it built the decoded-image cache, so callers and tests can tell a cached pass from a decoded
+    one without timing it."""
+
+    def __init__(self, items: list[ImageItem], size: tuple[int, int], channels: int, batch_size: int):
+        self.items, self.size, self.channels, self.batch_size = items, tuple(size), channels, batch_size
+        self.source = source_of(items)
+        self.decoded = 0
+        self.from_cache = 0
+        self.built = False
+
+    def __iter__(self) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        self.decoded = self.from_cache = 0
+        self.built = False
+        if self.source is None:
+            return self._decode(self._pipeline(to_uint8=False), None)
+        names = [it.name for it in self.items]
+        reader = CacheReader.open(self.source, self.size, self.channels)
+        if reader is not None and reader.has(names):
+            return self._cached(reader, names)
+        writer = (
+            CacheWriter(self.source, self.size, self.channels) if self.source.covers(names) else None
+        )
+        return self._decode(self._pipeline(to_uint8=True), writer)
+
+    def _pipeline(self, to_uint8: bool) -> tf.data.Dataset:
+        import tensorflow as tf
+
+        decode = _decoder(self.size, self.channels, to_uint8)
+        paths = [str(it.path) for it in self.items]
+        ds = tf.data.Dataset.from_tensor_slices((paths, tf.range(len(paths), dtype=tf.int32)))
+        ds = ds.map(lambda p, i: (decode(p), i), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors()
+        return ds.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
+
+    def _decode(
+        self, pipeline: tf.data.Dataset, writer: CacheWriter | None
+    ) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        import tensorflow as tf
+
+        names = [it.name for it in self.items] if writer is not None else []
+        complete = False
+        try:
+            for pixels, index in pipeline:
+                self.decoded += int(index.shape[0])
+                if pixels.dtype == tf.uint8:
+                    if writer is not None:
+                        writer.write(pixels.numpy(), index.numpy(), names)
+                    pixels = tf.cast(pixels, tf.float32)
+                yield pixels, index
+            complete = True
+        finally:  # a pass that stopped early (error, interrupt, caller gone) leaves no cache behind
+            if writer is not None and complete:
+                self.built = writer.commit()
+            elif writer is not None:
+                writer.abort()
+
+    def _cached(self, reader: CacheReader, names: list[str]) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        import tensorflow as tf
+
+        for pixels, index in reader.batches(names, self.batch_size):
+            self.from_cache += len(index)
+            yield tf.cast(tf.constant(pixels), tf.float32), tf.constant(index)
+
+
+def stream(items: list[ImageItem], size: tuple[int, int], channels: int, batch_size: int = 8) -> Batches:
+    """Batches of (pixels float32 0..255 (B, H, W, C), index int32 (B,)) decoded and resized in parallel
+    (a `tf.data` map with prefetch), or read from the dataset's decoded-image cache when it has one.
 
     Files that fail to decode, or whose header is over the pixel limit, are dropped by `ignore_errors`;
     callers find them as the indices that never arrive (see `missing_indices`), so one corrupt file is
-    reported, not fatal.
+    reported, not fatal. A cache records such files and skips them the same way. A full pass over a
+    dataset with `decoded_cache: true` and no cache yet builds it (see `reportgen.decoded_cache`).
     """
-    import tensorflow as tf
-
-    decode = _decoder(size, channels)
-    paths = [str(it.path) for it in items]
-    ds = tf.data.Dataset.from_tensor_slices((paths, tf.range(len(paths), dtype=tf.int32)))
-    ds = ds.map(lambda p, i: (decode(p), i), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return Batches(list(items), size, channels, batch_size)
 
 
 def missing_indices(total: int, seen: Any) -> list[int]:

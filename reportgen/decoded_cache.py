@@ -1,0 +1,247 @@
+"""Opt-in cache of a dataset's decoded, resized model-input pixels (`decoded_cache: true`).
+
+Why: on a CPU box, decoding and resizing JPEGs competes with the convolutions for the same cores, and a
+nightly report over a big, unchanged folder with a new checkpoint would decode the same images again
+every night. The first streamed pass at a given input size writes each image's pixels, rounded to
+uint8, as one fixed-size row of a flat file; later passes (any model with that input size and channel
+count) read the rows back instead of decoding.
+
+Layout, under the store's cache folder (`<cache>/decoded/`):
+
+    <key>.u8     N rows of H*W*C bytes, row i = the dataset's i-th image (rows of unreadable files stay 0)
+    <key>.json   the index: the key's inputs, the row size, the dataset's names in row order, and the
+                 names that could not be decoded (the stream skips them, as decoding would)
+
+The key hashes the dataset digest (every file's name, size, mtime and label), the input size, the
+channel count and the resize method, so a changed, added or removed file gives a new key, never stale
+pixels. Both files are written under temporary names and renamed, data first and index last: the index
+is the commit mark, so a run killed mid-build leaves no cache that a later run would read (its temporary
+file is removed by the next build). Writing is best effort: a full disk or an unwritable folder costs one
+warning and the pass goes on decoding.
+
+Rows are read with plain `pread`s into one batch buffer, not through `np.memmap`: pages of a mapped
+file count towards the process's resident memory as they are touched, so a pass over a 10 GB cache
+would look like (and, under memory pressure, behave like) a 10 GB process. Memory stays O(batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reportgen.errors import ReportgenError
+from reportgen.progress import log
+
+FORMAT = "1"
+# The stream's resize (tf.image.resize, bilinear with antialiasing): part of the key, because another
+# method gives other pixels for the same file and size.
+RESIZE_METHOD = "bilinear-antialias"
+# Room left free beside a new cache: filling the disk would break the store's own atomic writes.
+FREE_MARGIN = 256 * 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedSource:
+    """Where an opted-in dataset keeps decoded pixels; every item of the dataset carries the same one,
+    so any stream over its items (a whole pass, a shard, a few chosen images) finds the cache."""
+
+    folder: Path  # <cache>/decoded
+    digest: str  # the dataset's digest: changes with any file
+    names: tuple[str, ...]  # the dataset's item names; row i holds names[i]
+
+    @functools.cached_property
+    def rows(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def key(self, size: tuple[int, int], channels: int) -> str:
+        parts = [FORMAT, self.digest, int(size[0]), int(size[1]), int(channels), RESIZE_METHOD]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:40]
+
+    def paths(self, size: tuple[int, int], channels: int) -> tuple[Path, Path]:
+        """(data file, index file) of the cache at this input size."""
+        key = self.key(size, channels)
+        return self.folder / f"{key}.u8", self.folder / f"{key}.json"
+
+    def covers(self, names: Sequence[str]) -> bool:
+        """Whether these names are the whole dataset (a full pass may build the cache; a part may not,
+        since the rows it leaves out would look decoded)."""
+        return len(names) == len(self.names) and len(set(names)) == len(self.names) and all(
+            n in self.rows for n in names
+        )
+
+
+def _row_bytes(size: tuple[int, int], channels: int) -> int:
+    return int(size[0]) * int(size[1]) * int(channels)
+
+
+class CacheReader:
+    """A committed cache: batches of uint8 rows by item name, read with `pread` into one buffer."""
+
+    def __init__(self, source: DecodedSource, size: tuple[int, int], channels: int, data: Path,
+                 unreadable: set[str]):
+        self.source, self.size, self.channels, self.data = source, size, channels, data
+        self.unreadable = unreadable
+        self.row_bytes = _row_bytes(size, channels)
+
+    @classmethod
+    def open(cls, source: DecodedSource, size: tuple[int, int], channels: int) -> CacheReader | None:
+        """The committed cache for this input size, or None when there is none (or it does not match,
+        e.g. a data file left by a build killed between its two renames)."""
+        data, index = source.paths(size, channels)
+        try:
+            meta = json.loads(index.read_text(encoding="utf-8"))
+            length = data.stat().st_size
+        except (OSError, ValueError):
+            return None
+        if (
+            meta.get("format") != FORMAT
+            or meta.get("key") != source.key(size, channels)
+            or meta.get("rows") != len(source.names)
+            or length != len(source.names) * _row_bytes(size, channels)
+        ):
+            return None
+        return cls(source, size, channels, data, set(meta.get("unreadable", [])))
+
+    def has(self, names: Sequence[str]) -> bool:
+        rows = self.source.rows
+        return all(n in rows for n in names)
+
+    def batches(self, names: Sequence[str], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(uint8 (B, H, W, C), positions in `names` (B,) int32) in order; names recorded as unreadable
+        never arrive, as a failed decode never does."""
+        keep = [i for i, n in enumerate(names) if n not in self.unreadable]
+        shape = (batch_size, *self.size, self.channels)
+        buf = np.empty(shape, np.uint8)
+        with open(self.data, "rb", buffering=0) as f:
+            fd = f.fileno()
+            for start in range(0, len(keep), batch_size):
+                chunk = keep[start:start + batch_size]
+                for j, i in enumerate(chunk):
+                    offset = self.source.rows[names[i]] * self.row_bytes
+                    got = os.preadv(fd, [memoryview(buf[j]).cast("B")], offset)
+                    if got != self.row_bytes:
+                        raise ReportgenError(
+                            f"decoded-image cache {self.data} is shorter than its index says; delete it "
+                            "(the next pass decodes again and rebuilds it)"
+                        )
+                yield buf[: len(chunk)].copy(), np.asarray(chunk, np.int32)
+
+
+class CacheWriter:
+    """Builds the cache during a full pass: rows written as batches arrive, committed by two renames.
+
+    Every method swallows OSError after one warning (`active` turns False): the cache only saves time."""
+
+    def __init__(self, source: DecodedSource, size: tuple[int, int], channels: int):
+        self.source, self.size, self.channels = source, size, channels
+        self.row_bytes = _row_bytes(size, channels)
+        self.data, self.index = source.paths(size, channels)
+        self.tmp = self.data.with_name(f".{self.data.name}.tmp-{os.getpid()}")
+        self.written: set[int] = set()
+        self.fd: int | None = None
+        need = len(source.names) * self.row_bytes
+        try:
+            source.folder.mkdir(parents=True, exist_ok=True)
+            self._remove_stale()
+            free = shutil.disk_usage(source.folder).free
+            if free < need + FREE_MARGIN:
+                log.warning(
+                    "decoded-image cache not built: it needs %.1f GB and %s has %.1f GB free; free space "
+                    "there or set `decoded_cache: false`", need / 1e9, source.folder, free / 1e9)
+                return
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(self.fd, need)
+        except OSError as exc:
+            self._fail(exc)
+
+    @property
+    def active(self) -> bool:
+        return self.fd is not None
+
+    def _remove_stale(self) -> None:
+        """Temporary files of builds whose process is gone (killed runs): they are never read."""
+        for tmp in self.source.folder.glob(f".{self.data.name}.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
+    def _fail(self, exc: OSError) -> None:
+        log.warning("decoded-image cache not built (%s: %s); the pass goes on decoding",
+                    exc.filename or self.source.folder, exc.strerror or exc)
+        self.abort()
+
+    def write(self, pixels: np.ndarray, positions: np.ndarray, names: Sequence[str]) -> None:
+        """Rows of one batch: pixels uint8 (B, H, W, C), positions into `names` (the stream's items)."""
+        if self.fd is None:
+            return
+        try:
+            for row_pixels, i in zip(pixels, positions, strict=True):
+                row = self.source.rows[names[int(i)]]
+                os.pwrite(self.fd, np.ascontiguousarray(row_pixels).tobytes(), row * self.row_bytes)
+                self.written.add(row)
+        except OSError as exc:
+            self._fail(exc)
+
+    def commit(self) -> bool:
+        """Rename the finished data file into place, then write the index (the commit mark)."""
+        if self.fd is None:
+            return False
+        unreadable = [n for i, n in enumerate(self.source.names) if i not in self.written]
+        meta = {
+            "format": FORMAT,
+            "key": self.source.key(self.size, self.channels),
+            "digest": self.source.digest,
+            "size": list(self.size),
+            "channels": self.channels,
+            "method": RESIZE_METHOD,
+            "rows": len(self.source.names),
+            "row_bytes": self.row_bytes,
+            "names": list(self.source.names),
+            "unreadable": unreadable,
+        }
+        index_tmp = self.index.with_name(f".{self.index.name}.tmp-{os.getpid()}")
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            os.replace(self.tmp, self.data)
+            index_tmp.write_text(json.dumps(meta), encoding="utf-8")
+            os.replace(index_tmp, self.index)
+        except OSError as exc:
+            index_tmp.unlink(missing_ok=True)
+            self._fail(exc)
+            return False
+        return True
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def source_of(items: Sequence[Any]) -> DecodedSource | None:
+    """The decoded-image cache all these items share (None when any item has none or they differ)."""
+    first = getattr(items[0], "decoded", None) if items else None
+    if first is None or any(getattr(it, "decoded", None) is not first for it in items):
+        return None
+    return first
