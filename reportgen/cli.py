@@ -124,6 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         batch_size=args.batch_size,
     )
+    if args.dry_run and args.json:
+        print(json.dumps({"passes": summary.passes}, indent=1))
+        return 0
     if args.dry_run:
         done = "plan: nothing to compute, every planned result is in the store"
         print("plan:" if summary.to_compute else done)
@@ -140,12 +143,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from reportgen.spec import load_spec
+    from reportgen.spec.load import load_spec
 
     spec = load_spec(args.spec)
     if args.models:
         from reportgen.analyses.base import RunContext  # noqa: F401 - imports TF only when asked
-        from reportgen.runner import ModelRegistry
+        from reportgen.models import ModelRegistry
 
         registry = ModelRegistry(spec)
         from reportgen.datasets import DatasetRegistry
@@ -176,7 +179,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from reportgen.models import load_model, model_spec_from_reference
 
     if args.model_key:
-        from reportgen.spec import load_spec
+        from reportgen.spec.load import load_spec
 
         spec = load_spec(args.model)
         if args.model_key not in spec.models:
@@ -203,7 +206,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from reportgen.spec import json_schema
+    from reportgen.spec.schema import json_schema
 
     text = json.dumps(json_schema(), indent=2)
     if args.output:
@@ -231,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the plan (passes, batch sizes, estimated FLOPs) and what the store holds",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="with --dry-run: print the plan as JSON, one row per pass of every kind",
     )
     p.add_argument(
         "--jobs",
@@ -284,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--backend dask needs --scheduler ADDRESS (or DASK_SCHEDULER_ADDRESS)")
         if args.jobs < 1:
             parser.error(f"--jobs must be at least 1 (got {args.jobs})")
+        if args.json and not args.dry_run:
+            parser.error("--json needs --dry-run (it prints the plan)")
         if args.batch_size is not None and args.batch_size < 1:
             parser.error(f"--batch-size must be at least 1 (got {args.batch_size})")
     _quiet_libraries(args.verbose)

@@ -191,6 +191,7 @@ class AscentPass:
     stored: int
     batch_size: int = 1
     cost: SampleCost = field(default_factory=lambda: SampleCost(0, 0))
+    all_keys: list[str] = field(default_factory=list)  # of every result of the pass, stored or not
 
     @property
     def pending(self) -> int:
@@ -309,6 +310,7 @@ def build_plan(
                 [k for _, k in pending],
                 total=len(mine),
                 stored=len(mine) - len(pending),
+                all_keys=[k for _, k in mine],
             )
             if pending:
                 p.cost = sample_cost(lm, group, size, precision)
@@ -389,3 +391,302 @@ def check_samples_fit(spec: Any, models: Any, budget: DeviceBudget) -> None:
             break
     if problems:
         raise SpecError(problems)
+
+
+# -- every kind of work: dataset passes, activation maps, gradient batches ------------------------------
+
+# Forward-only passes keep no activations for a backward pass; batches of ~8 were best on the 2-core CPU
+# (see DESIGN.md), larger ones only on a GPU.
+MAX_FORWARD_BATCH = {"CPU": 8, "GPU": 256}
+# A dataset pass runs in shards of at most this many images (file ranges): each is stored as it finishes
+# (a killed run over a big folder resumes from the last one) and is the grain of work sent to a cluster.
+SHARD_IMAGES = 1024
+
+
+def forward_batch_for(cost: SampleCost, budget: DeviceBudget, override: int | None = None) -> int:
+    """Images per forward batch: what fits the budget (no backward, so no MEMORY_FACTOR), capped."""
+    if override:
+        return int(override)
+    cap = MAX_FORWARD_BATCH.get(budget.kind, 8)
+    return int(max(1, min(cap, budget.free_bytes // max(1, cost.activation_bytes))))
+
+
+def shard_ranges(n: int, workers: int = 1) -> list[tuple[int, int]]:
+    """[start, end) file ranges of a dataset pass over `n` images: at least one per worker (when there
+    are images enough), more for big folders, none larger than SHARD_IMAGES."""
+    if n <= 0:
+        return []
+    count = min(n, max(workers, math.ceil(n / SHARD_IMAGES)))
+    size = math.ceil(n / count)
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def shard_key(piece_keys: list[str] | tuple[str, ...], start: int, end: int) -> str:
+    """Key of one shard's partial results: the pieces it computes and its file range."""
+    from reportgen.store import content_key
+
+    return content_key("dataset-shard", sorted(piece_keys), start, end)
+
+
+@dataclass
+class DatasetPass:
+    """One streamed forward pass over (model, dataset, image selection), serving every section that asked.
+
+    `pieces`: name -> content key of everything the requests want ("means:<layer>", "outputs"); `pending`:
+    the names the store lacks. The pass computes only those, in shards of file ranges."""
+
+    model: str
+    dataset: str
+    images: tuple[str, ...] | None  # None: every image of the dataset
+    items: list[Any]  # ImageItem, in pass order (rows of every stored array)
+    pieces: dict[str, str]
+    pending: list[str]
+    sections: list[str]
+    batch_size: int = 1
+    cost: SampleCost = field(default_factory=lambda: SampleCost(0, 0))
+    shards: list[tuple[int, int]] = field(default_factory=list)
+    cached_images: int = 0  # images whose shard of the pending pieces is stored (a killed run's work)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Layers to compute (pending pieces only), in request order."""
+        return tuple(p.split(":", 1)[1] for p in self.pending if p.startswith("means:"))
+
+    @property
+    def outputs(self) -> bool:
+        return "outputs" in self.pending
+
+    @property
+    def pending_keys(self) -> list[str]:
+        return [self.pieces[p] for p in self.pending]
+
+    def shard_key(self, start: int, end: int) -> str:
+        return shard_key(self.pending_keys, start, end)
+
+    @property
+    def cached(self) -> int:
+        return len(self.items) if not self.pending else self.cached_images
+
+    @property
+    def flops(self) -> int:
+        return self.cost.flops * (len(self.items) - self.cached_images) if self.pending else 0
+
+    def describe(self) -> str:
+        what = ", ".join(sorted(self.pieces)) or "nothing"
+        chosen = "all" if self.images is None else "chosen"
+        head = f"dataset {self.model} over {self.dataset} ({len(self.items)} {chosen} images; {what})"
+        if not self.pending:
+            return f"{head}: all {len(self.pieces)} results stored"
+        return (
+            f"{head}: {len(self.pending)} of {len(self.pieces)} results to compute in "
+            f"{len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}, batch {self.batch_size}, "
+            f"est. {human_flops(self.flops)}, ~{human_bytes(self.cost.activation_bytes)} a sample; "
+            f"{self.cached} of {len(self.items)} images stored"
+        )
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "kind": "dataset",
+            "model": self.model,
+            "dataset": self.dataset,
+            "sections": self.sections,
+            "items": len(self.items),
+            "cached": self.cached,
+            "batch": self.batch_size if self.pending else 0,
+            "flops": self.flops,
+            "bytes_per_sample": self.cost.activation_bytes,
+            "shards": len(self.shards),
+        }
+
+
+@dataclass
+class ImagePass:
+    """Activation maps or gradient batches of one kind and model over chosen images, listed by the planner
+    and computed by their sections (cached per section under the request's key)."""
+
+    kind: str
+    model: str
+    requests: list[tuple[str, Any]]  # (section id, ImageRequest)
+    stored: set[str]  # keys of the requests the store holds
+    batch_size: int = 1
+    cost: SampleCost = field(default_factory=lambda: SampleCost(0, 0))
+
+    @property
+    def sections(self) -> list[str]:
+        return list(dict.fromkeys(sid for sid, _ in self.requests))
+
+    @property
+    def items(self) -> int:
+        return sum(r.images for _, r in self.requests)
+
+    @property
+    def cached(self) -> int:
+        return sum(r.images for _, r in self.requests if r.key in self.stored)
+
+    @property
+    def flops(self) -> int:
+        todo = [r for _, r in self.requests if r.key not in self.stored]
+        return sum(self.cost.flops * (2 if r.backward else 1) * r.samples for r in todo)
+
+    @property
+    def bytes_per_sample(self) -> int:
+        backward = any(r.backward for _, r in self.requests)
+        return int(self.cost.activation_bytes * (MEMORY_FACTOR if backward else 1))
+
+    def describe(self) -> str:
+        samples = sum(r.samples for _, r in self.requests if r.key not in self.stored)
+        n = len(self.sections)
+        head = f"{self.kind} {self.model} ({n} section{'s' if n != 1 else ''})"
+        if self.cached == self.items:
+            return f"{head}: all {self.items} images stored"
+        return (
+            f"{head}: {samples} samples over {self.items - self.cached} images, batch {self.batch_size}, "
+            f"est. {human_flops(self.flops)}, ~{human_bytes(self.bytes_per_sample)} a sample; "
+            f"{self.cached} of {self.items} images stored"
+        )
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "model": self.model,
+            "sections": self.sections,
+            "items": self.items,
+            "cached": self.cached,
+            "batch": self.batch_size,
+            "flops": self.flops,
+            "bytes_per_sample": self.bytes_per_sample,
+            "shards": 1,
+        }
+
+
+def plan_dataset(
+    board: Any,
+    store: Any,
+    models: Any,
+    datasets: Any,
+    budget: DeviceBudget,
+    precision: str = "float32",
+    batch_size: int | None = None,
+    workers: int = 1,
+) -> list[DatasetPass]:
+    """Merge the dataset requests of all sections into one pass per (model, dataset, image selection)."""
+    from reportgen.work import means_key, outputs_key
+
+    groups: dict[tuple[str, str, tuple[str, ...] | None], list[tuple[str, Any]]] = {}
+    for sid, req in board.dataset:
+        groups.setdefault((req.model, req.dataset, req.images), []).append((sid, req))
+    passes = []
+    for (model, dataset, images), reqs in groups.items():
+        lm, ds = models.get(model), datasets.get(dataset)
+        items = ds.items if images is None else ds.select(list(images))
+        pieces: dict[str, str] = {}
+        for _, req in reqs:
+            for layer in req.layers:
+                for stat in req.stats:
+                    pieces.setdefault(f"{stat}:{layer}", means_key(lm, ds, layer))
+        if any(req.outputs for _, req in reqs):
+            pieces["outputs"] = outputs_key(lm, ds, images)
+        pending = [name for name, key in pieces.items() if not store.has(key, "npz")]
+        p = DatasetPass(
+            model, dataset, images, list(items), pieces, pending, list(dict.fromkeys(s for s, _ in reqs))
+        )
+        if pending:
+            deepest = [*p.layers, *([lm.model.layers[-1].name] if p.outputs else [])]
+            p.cost = sample_cost(lm, deepest, lm.input_size, precision)
+            p.batch_size = forward_batch_for(p.cost, budget, batch_size)
+            p.shards = shard_ranges(len(items), workers)
+            p.cached_images = sum(e - s for s, e in p.shards if store.has(p.shard_key(s, e), "npz"))
+        passes.append(p)
+    return passes
+
+
+def plan_images(
+    board: Any,
+    store: Any,
+    models: Any,
+    budget: DeviceBudget,
+    precision: str = "float32",
+    batch_size: int | None = None,
+) -> list[ImagePass]:
+    """Group activation-map and gradient requests per (kind, model); size their batches from the device's
+    memory (or `batch_size`) and record each request's batch on the board, where its section reads it."""
+    groups: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+    for sid, req in board.images:
+        groups.setdefault((req.kind, req.model), []).append((sid, req))
+    passes = []
+    for (kind, model), reqs in groups.items():
+        lm = models.get(model)
+        layers = list(dict.fromkeys(ly for _, r in reqs for ly in r.layers))
+        p = ImagePass(kind, model, reqs, {r.key for _, r in reqs if store.has(r.key, "npz")})
+        p.cost = sample_cost(lm, layers, lm.input_size, precision)
+        backward = any(r.backward for _, r in reqs)
+        p.batch_size = (
+            batch_size_for(p.cost, budget, batch_size)
+            if backward
+            else forward_batch_for(p.cost, budget, batch_size)
+        )
+        for _, r in reqs:
+            board.batch[r.key] = p.batch_size
+        passes.append(p)
+    return passes
+
+
+@dataclass
+class WorkPlan:
+    """Every pass of a run: ascent (its own planner, `Plan`), dataset passes, activation maps, gradients."""
+
+    ascent: Plan
+    dataset: list[DatasetPass]
+    images: list[ImagePass]
+    owners: dict[str, list[str]] = field(default_factory=dict)  # ascent: section id -> keys
+
+    @property
+    def pending(self) -> int:
+        """Results still to compute, over every kind."""
+        return (
+            self.ascent.pending
+            + sum(len(p.pending) for p in self.dataset)
+            + sum(len(p.requests) - len(p.stored) for p in self.images)
+        )
+
+    def lines(self) -> list[str]:
+        """Human-readable plan: the ascent planner's lines, then one line per pass of the other kinds."""
+        if not (self.dataset or self.images):
+            return self.ascent.lines()
+        lines = self.ascent.lines() if self.ascent.passes else []
+        lines += [f"dataset pass: {p.describe()}" for p in self.dataset]
+        lines += [f"{p.kind} pass: {p.describe()}" for p in self.images]
+        return lines
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The plan for machines (`run --dry-run --json`): one row per pass of every kind."""
+        rows = []
+        for p in self.ascent.passes:
+            keys = set(p.all_keys)
+            rows.append(
+                {
+                    "kind": "ascent",
+                    "model": p.model,
+                    "sections": [sid for sid, ks in self.owners.items() if keys & set(ks)],
+                    "items": p.total,
+                    "cached": p.stored,
+                    "batch": p.batch_size if p.pending else 0,
+                    "flops": p.flops,
+                    "bytes_per_sample": int(p.cost.activation_bytes * MEMORY_FACTOR),
+                    "shards": p.chunks,
+                }
+            )
+        return rows + [p.row() for p in self.dataset] + [p.row() for p in self.images]
+
+
+def plan_work(
+    ctx: Any, memory_share: float = 1.0, batch_size: int | None = None, workers: int = 1
+) -> WorkPlan:
+    """The whole run's plan from the requests sections declared in `prepare` (ctx: a RunContext)."""
+    ascent = ctx.ascent.plan(memory_share=memory_share)
+    board = ctx.work
+    dataset = plan_dataset(
+        board, ctx.store, ctx.models, ctx.datasets, ascent.budget, ctx.spec.precision, batch_size, workers
+    )
+    images = plan_images(board, ctx.store, ctx.models, ascent.budget, ctx.spec.precision, batch_size)
+    return WorkPlan(ascent, dataset, images, ctx.ascent.owners)

@@ -27,7 +27,8 @@ from typing import Any
 
 from reportgen import __version__
 from reportgen.errors import ReportgenError
-from reportgen.plan import check_samples_fit
+from reportgen.execute import execute_dataset
+from reportgen.plan import check_samples_fit, plan_work
 from reportgen.progress import Progress, log
 from reportgen.publish import clean_stale, new_staging, publish, run_lock
 from reportgen.spec import Spec, load_spec, spec_sha256
@@ -139,6 +140,7 @@ def device_description() -> str:
 @dataclass
 class RunSummary:
     output: Path
+    passes: list[dict[str, Any]] = field(default_factory=list)  # the plan for machines (--dry-run --json)
     pages: int = 0
     computed: int = 0
     reused: int = 0
@@ -187,9 +189,9 @@ def run(
                 batch_size,
                 root if root.exists() else Path(tmp) / "store",
             )
-            plan = ctx.ascent.plan(memory_share=engine.memory_share)
-            check_samples_fit(spec, ctx.models, plan.budget)
-            summary.plan, summary.to_compute = plan.lines(), plan.pending
+            work = plan_work(ctx, engine.memory_share, batch_size)
+            check_samples_fit(spec, ctx.models, work.ascent.budget)
+            summary.plan, summary.to_compute, summary.passes = work.lines(), work.pending, work.rows()
         summary.seconds = time.perf_counter() - t_start
         return summary
     with run_lock(output):
@@ -242,6 +244,7 @@ def _prepare(
         datasets=datasets,
         ascent=AscentScheduler(store, models, spec.precision, batch_size),
         progress=progress,
+        batch_size=batch_size or RunContext.batch_size,
     )
     titled = []
     for i, section in enumerate(spec.sections):
@@ -249,7 +252,7 @@ def _prepare(
         title = section.title or analysis.default_title(section)
         sid = f"s{i + 1}-{slugify(title)}"
         counts = {"computed": 0, "reused": 0}
-        with ctx.timed(sid), ctx.ascent.section(sid), _counting(ctx, counts):
+        with ctx.timed(sid), ctx.ascent.section(sid), ctx.work.section(sid), _counting(ctx, counts):
             analysis.prepare(section, ctx, i)
         titled.append((section, analysis, title, sid, counts))
     return ctx, titled
@@ -301,13 +304,16 @@ def _run_locked(
 
     started = _now()
     ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size)
-    plan = ctx.ascent.plan(memory_share=engine.memory_share)
+    work = plan_work(ctx, engine.memory_share, batch_size)
+    plan = work.ascent
     check_samples_fit(spec, ctx.models, plan.budget)
-    summary.plan, summary.to_compute = plan.lines(), plan.pending
+    summary.plan, summary.to_compute, summary.passes = work.lines(), work.pending, work.rows()
     for line in summary.plan:
         progress.info(f"plan: {line}")
     with ctx.timed("engine: ascent"):
         ctx.ascent.execute(progress, engine, spec_path)
+    with ctx.timed("engine: forward"):
+        execute_dataset(work.dataset, ctx, engine, spec_path, batch_size)
     ascent_counts = ctx.ascent.section_counts()
     ascent_seconds = ascent_shares(plan, ctx.ascent.owners, ctx.timings.get("engine: ascent", 0.0))
     sizes: dict[str, set[tuple[int, int]]] = {}  # model -> input sizes the run used
@@ -353,12 +359,13 @@ def _run_locked(
     summary.computed = ctx.ascent.computed + ctx.computed
     summary.reused = ctx.ascent.reused + ctx.reused
     here = device_description()
+    remote = ctx.ascent.devices | ctx.work.devices
     summary.device = (
         here
-        if engine.in_process or not ctx.ascent.devices
+        if engine.in_process or not remote
         else (
-            f"{here} (planning and rendering); ascent passes on {engine.describe()}: "
-            + "; ".join(sorted(ctx.ascent.devices))
+            f"{here} (planning and rendering); ascent and dataset passes on {engine.describe()}: "
+            + "; ".join(sorted(remote))
         )
     )
     finished = _now()

@@ -18,15 +18,18 @@ import pytest
 import yaml
 from PIL import Image
 
+from reportgen.analyses import analysis_for
 from reportgen.analyses.base import RunContext, SectionOutput
 from reportgen.analyses.class_ranking import ANALYSIS
 from reportgen.datasets import DatasetRegistry, ImageItem, load_pixels
 from reportgen.engine.forward import forward, program_for
 from reportgen.errors import ReportgenError
-from reportgen.models import PRESETS, LoadedModel
+from reportgen.execute import execute_dataset
+from reportgen.models import PRESETS, LoadedModel, ModelRegistry
+from reportgen.plan import device_budget, plan_dataset
 from reportgen.progress import Progress
-from reportgen.runner import ModelRegistry, run
-from reportgen.spec import load_spec
+from reportgen.runner import run
+from reportgen.spec.load import load_spec
 from reportgen.store import Store
 
 TINTS = {"red": (1.0, 0.3, 0.3), "green": (0.3, 1.0, 0.3), "blue": (0.3, 0.3, 1.0)}
@@ -81,7 +84,7 @@ def colors(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_ctx(root: Path, sections: list[dict[str, Any]], tmp_path: Path,
-             folder: str = "colors", model: Path | None = None) -> RunContext:
+             folder: str = "colors", model: Path | None = None, prepare: bool = True) -> RunContext:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "title": "t", "output": str(tmp_path / "out"), "formats": ["html"],
@@ -90,9 +93,21 @@ def make_ctx(root: Path, sections: list[dict[str, Any]], tmp_path: Path,
         "sections": sections,
     }))
     spec = load_spec(spec_path)
-    return RunContext(spec=spec, spec_path=spec_path, store=Store(tmp_path / "store"),
-                      staging=tmp_path / "staging", models=ModelRegistry(spec),
-                      datasets=DatasetRegistry(spec), ascent=None, progress=Progress(quiet=True))
+    ctx = RunContext(spec=spec, spec_path=spec_path, store=Store(tmp_path / "store"),
+                     staging=tmp_path / "staging", models=ModelRegistry(spec),
+                     datasets=DatasetRegistry(spec), ascent=None, progress=Progress(quiet=True))
+    if prepare:
+        run_dataset_requests(ctx)
+    return ctx
+
+
+def run_dataset_requests(ctx: RunContext) -> None:
+    """What the runner does before any section builds: every section's prepare, then the planned passes."""
+    for i, s in enumerate(ctx.spec.sections):
+        with ctx.work.section(f"s{i}"):
+            analysis_for(s.type).prepare(s, ctx, i)
+    passes = plan_dataset(ctx.work, ctx.store, ctx.models, ctx.datasets, device_budget())
+    execute_dataset(passes, ctx)
 
 
 def section(**kw: Any) -> dict[str, Any]:
@@ -130,9 +145,9 @@ def test_sections_on_two_layers_share_one_pass(colors: Path, tmp_path: Path) -> 
     """`gap` (a rank-2 output) averages the colour maps: its filter k is the same signal as `color`'s."""
     ctx = make_ctx(colors, [section(filters=0), {**section(filters=[0, 2]), "layer": "gap"}], tmp_path)
     conv = build(ctx, 0)
-    assert (ctx.computed, ctx.reused) == (2, 0)  # both layers from one pass, before section 2 builds
+    assert (ctx.computed, ctx.reused) == (1, 0)  # each section counts the piece it reads
     pooled = build(ctx, 1)
-    assert (ctx.computed, ctx.reused) == (2, 0)  # no second pass
+    assert (ctx.computed, ctx.reused) == (2, 0)  # both pieces from the one pass that ran before any build
     lm = ctx.models.get("rgb")
     assert list(lm.extractors) == [("forward", ("color", "gap"), False, (32, 32))]
     assert lm.extractors[("forward", ("color", "gap"), False, (32, 32))].trace_count == 1
@@ -207,11 +222,12 @@ def test_filter_that_never_fires_is_not_ranked(colors: Path, tmp_path: Path) -> 
 
 
 def test_out_of_range_filter_and_unknown_layer_are_clear_errors(colors: Path, tmp_path: Path) -> None:
-    ctx = make_ctx(colors, [section(filters=[7]), {**section(filters=0), "layer": "colour"}], tmp_path)
+    sections = [section(filters=[7]), {**section(filters=0), "layer": "colour"}]
+    ctx = make_ctx(colors, sections, tmp_path, prepare=False)
     with pytest.raises(ReportgenError, match=r"spec.yaml:\d+:\d+: filter 7 does not exist.*3 channels"):
-        build(ctx, 0)
+        ANALYSIS.prepare(ctx.spec.sections[0], ctx, 0)  # before any pass runs
     with pytest.raises(ReportgenError, match="did you mean 'color'"):
-        build(ctx, 1)
+        ANALYSIS.prepare(ctx.spec.sections[1], ctx, 1)
 
 
 def test_forward_pass_equals_naive_per_image_loop(colors: Path, tmp_path: Path) -> None:
@@ -245,18 +261,16 @@ def test_forward_pass_equals_naive_per_image_loop(colors: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_end_to_end_run_then_everything_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import reportgen.analyses.dataset_pass as dataset_pass
-    import reportgen.analyses.predictions as predictions
+    import reportgen.engine.forward as engine_forward
 
     passes: list[tuple[tuple[str, ...], bool]] = []
-    real_forward = dataset_pass.forward
+    real_forward = engine_forward.forward
 
     def counted(lm: Any, items: Any, layers: Any, outputs: bool = False, **kw: Any) -> Any:
         passes.append((tuple(layers), outputs))
         return real_forward(lm, items, layers, outputs=outputs, **kw)
 
-    monkeypatch.setattr(dataset_pass, "forward", counted)
-    monkeypatch.setattr(predictions, "forward", counted)
+    monkeypatch.setattr(engine_forward, "forward", counted)  # the executor's only way to the model
     data = tmp_path / "data"
     write_color_folders(data, {"red": "n01440764", "green": "green_tint", "blue": "blue_tint"})
     (data / "blue_tint" / "empty.jpg").write_bytes(b"")

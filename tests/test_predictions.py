@@ -15,10 +15,12 @@ from reportgen.analyses.base import RunContext, SectionOutput, SectionResult
 from reportgen.analyses.predictions import ANALYSIS
 from reportgen.datasets import DatasetRegistry, load_pixels
 from reportgen.errors import ReportgenError
+from reportgen.execute import execute_dataset
 from reportgen.labels import imagenet_name
 from reportgen.models import ModelRegistry
+from reportgen.plan import device_budget, plan_dataset
 from reportgen.progress import Progress
-from reportgen.spec import load_spec
+from reportgen.spec.load import load_spec
 from reportgen.store import Store
 
 NAMES = ["ant", "bee", "cat", "dog", "eel"]
@@ -62,6 +64,8 @@ def run_section(folder: Path, tmp_path: Path, model: keras.Model, model_extra: d
     ctx = RunContext(spec=spec, spec_path=spec_path, store=Store(tmp_path / "store"),
                      staging=tmp_path / "staging", models=ModelRegistry(spec), datasets=DatasetRegistry(spec),
                      ascent=None, progress=Progress(quiet=True))
+    ANALYSIS.prepare(spec.sections[0], ctx, 0)  # declares the dataset pass, which runs before build
+    execute_dataset(plan_dataset(ctx.work, ctx.store, ctx.models, ctx.datasets, device_budget()), ctx)
     result = ANALYSIS.build(spec.sections[0], ctx, SectionOutput(ctx.staging, "s1"), 0)
     return result, ctx
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from reportgen.imaging import colormap, png_bytes
 from reportgen.store import Store, atomic_write
+from reportgen.work import WorkBoard
 
 
 @dataclass
@@ -157,8 +158,10 @@ class RunContext:
     datasets: Any  # reportgen.datasets.DatasetRegistry
     ascent: Any  # reportgen.engine.scheduler.AscentScheduler
     progress: Any  # reportgen.progress.Progress
-    batch_size: int = 16
+    batch_size: int = 16  # samples per batch of work that the planner did not size (--batch-size sets it)
     timings: dict[str, float] = field(default_factory=dict)
+    # requests of every kind but ascent (reportgen.work): sections declare them in prepare, read in build
+    work: WorkBoard = field(default_factory=WorkBoard)
     computed: int = 0  # results computed by analyses outside the ascent scheduler
     reused: int = 0
     fresh: set[str] = field(default_factory=set)  # keys computed in this run (not "reused" when read)

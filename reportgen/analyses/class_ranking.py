@@ -1,7 +1,8 @@
 """`class_ranking`: which classes, and which images, of a dataset drive a filter the most.
 
-One streamed forward pass (shared with the other class rankings and predictions on the same model and
-dataset: `dataset_pass`) computes the spatial mean of every channel of the layer for every image; it
+One streamed forward pass (requested in `prepare`, planned with the other class rankings and predictions
+on the same model and dataset, run by `reportgen.execute` before any section builds) computes the spatial
+mean of every channel of the layer for every image; it
 is cached for the whole layer, so any other filter of that layer (in this section, another section or a
 later run) is ranked from the same (N, C) array without touching the model again. A class's value is
 the mean over its decodable images of the filter's per-image mean activation (per-class running sums);
@@ -24,6 +25,7 @@ from reportgen.errors import ReportgenError
 from reportgen.imaging import chart_text, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.schema import ClassRankingSection, expand_filters
+from reportgen.work import DatasetRequest
 
 THUMB_SIDE = 192  # thumbnails are fitted into this square; smaller images are upscaled to stay sharp
 TABLE_ROWS_SHOWN = 25  # rows printed in the report; the CSV artifact has every class
@@ -115,13 +117,18 @@ class ClassRankingAnalysis(Analysis):
             )
         return list(dict.fromkeys(filters))
 
+    def prepare(self, section: ClassRankingSection, ctx: RunContext, index: int) -> None:
+        """Check the layer and filters, and ask for the layer's per-image channel means."""
+        self._filters(section, ctx, ctx.models.get(section.model), index)
+        dataset_pass.request(ctx, DatasetRequest(section.model, section.dataset, layers=(section.layer,)))
+
     def build(
         self, section: ClassRankingSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
         lm = ctx.models.get(section.model)
         filters = self._filters(section, ctx, lm, index)
         ds = ctx.datasets.get(section.dataset)
-        data = dataset_pass.layer_means(ctx, lm, ds, section.model, section.dataset, section.layer)
+        data = dataset_pass.layer_means(ctx, lm, ds, section.layer)
         means, missing = data["means"], [int(i) for i in data["missing"]]
         items, n_classes = ds.items, len(ds.class_names)
         labelled = n_classes > 0

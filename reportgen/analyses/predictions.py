@@ -1,7 +1,8 @@
 """`predictions`: the model's top-k classes, with probabilities, for chosen images of a dataset.
 
-All images go through one batched, streamed forward pass (the same decode as every other analysis),
-cached per (model, preprocessing, input size, dataset content, selected images). Class names come from
+The class outputs come from a dataset pass (`dataset_pass`, requested in `prepare`): the whole dataset's
+when a class ranking reads it anyway, else one over just the chosen images, stored per (model,
+preprocessing, input size, dataset content, selected images). Class names come from
 the model spec, else from the offline ImageNet index for 1000-way models, else are class indices.
 """
 
@@ -15,12 +16,12 @@ from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.analyses.class_ranking import skipped_note, thumbnail
 from reportgen.datasets import Dataset, ImageItem
-from reportgen.engine.forward import class_count, forward, to_probabilities
+from reportgen.engine.forward import class_count, to_probabilities
 from reportgen.errors import ReportgenError
 from reportgen.labels import IMAGENET_NUM_CLASSES, decode_top_k
 from reportgen.models import LoadedModel
 from reportgen.spec.schema import PredictionsSection
-from reportgen.store import content_key
+from reportgen.work import DatasetRequest
 
 
 def class_names(lm: LoadedModel, ctx: RunContext, n_classes: int) -> tuple[list[str], str]:
@@ -49,41 +50,31 @@ class PredictionsAnalysis(Analysis):
     def default_title(self, section: PredictionsSection) -> str:
         return f"Top-{section.top_k} predictions of {section.model}"
 
+    @staticmethod
+    def _images(
+        section: PredictionsSection, ctx: RunContext, index: int
+    ) -> tuple[LoadedModel, Dataset, list[ImageItem], tuple[str, ...] | None]:
+        """Model, dataset, chosen images, and the images the dataset pass runs over: None (every image)
+        when a class ranking reads the whole (model, dataset) anyway, else just the chosen ones."""
+        lm = ctx.models.get(section.model)
+        class_count(lm)
+        ds = ctx.datasets.get(section.dataset)
+        items = ds.select(section.images, section.limit, ctx.where(index, "images"))
+        shared = dataset_pass.shares_pass(ctx, section.model, section.dataset)
+        return lm, ds, items, None if shared else tuple(it.name for it in items)
+
+    def prepare(self, section: PredictionsSection, ctx: RunContext, index: int) -> None:
+        """Ask for the class outputs of the chosen images (or of every image, riding a ranking's pass)."""
+        _, _, _, images = self._images(section, ctx, index)
+        dataset_pass.request(ctx, DatasetRequest(section.model, section.dataset, outputs=True, images=images))
+
     def build(
         self, section: PredictionsSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
-        lm = ctx.models.get(section.model)
+        lm, ds, items, images = self._images(section, ctx, index)
         n_classes = class_count(lm)
         names, names_source = class_names(lm, ctx, n_classes)
-        ds = ctx.datasets.get(section.dataset)
-        items = ds.select(section.images, section.limit, ctx.where(index, "images"))
-        key = content_key(
-            "predictions",
-            self.version,
-            lm.digest,
-            lm.preprocessing.model_dump(),
-            lm.channels,
-            lm.input_size,
-            ds.digest,
-            [it.name for it in items],
-        )
-
-        def compute() -> dict[str, np.ndarray]:
-            label = f"{section.model}: predictions"
-            with ctx.timed("engine: forward"), ctx.progress.task(label, len(items)) as advance:
-                result = forward(lm, items, [], outputs=True, on_batch=advance)
-            assert result.outputs is not None
-            probs, applied = to_probabilities(result.outputs)
-            return {
-                "probs": probs,
-                "softmax_applied": np.asarray(applied),
-                "missing": np.asarray(result.missing, np.int64),
-            }
-
-        if dataset_pass.shares_pass(ctx, section.model, section.dataset):
-            data = self._from_shared_pass(ctx, lm, ds, section, items)
-        else:
-            data = ctx.cached(key, compute)
+        data = self._probabilities(ctx, lm, ds, items, images)
         probs, missing = data["probs"], {int(i) for i in data["missing"]}
         k = min(section.top_k, n_classes)
         notes = [n for n in [skipped_note(items, sorted(missing))] if n]
@@ -142,16 +133,17 @@ class PredictionsAnalysis(Analysis):
         )
 
     @staticmethod
-    def _from_shared_pass(
-        ctx: RunContext, lm: LoadedModel, ds: Dataset, section: PredictionsSection, items: list[ImageItem]
+    def _probabilities(
+        ctx: RunContext, lm: LoadedModel, ds: Dataset, items: list[ImageItem], images: tuple[str, ...] | None
     ) -> dict[str, np.ndarray]:
-        """The rows of the chosen images from the class outputs of the whole dataset, computed in the
-        pass a class ranking on the same model and dataset makes anyway (`dataset_pass`)."""
-        shared = dataset_pass.class_outputs(ctx, lm, ds, section.model, section.dataset)
-        position = {it.name: i for i, it in enumerate(ds.items)}
+        """The chosen images' rows of the class outputs the dataset pass stored (over every image of the
+        dataset, or over the chosen ones), as probabilities."""
+        stored = dataset_pass.class_outputs(ctx, lm, ds, images)
+        pass_items = ds.items if images is None else items
+        position = {it.name: i for i, it in enumerate(pass_items)}
         rows = [position[it.name] for it in items]
-        bad = {int(i) for i in shared["missing"]}
-        probs, applied = to_probabilities(shared["outputs"][[r for r in rows if r not in bad]])
+        bad = {int(i) for i in stored["missing"]}
+        probs, applied = to_probabilities(stored["outputs"][[r for r in rows if r not in bad]])
         full = np.full((len(items), probs.shape[1]), np.nan, np.float32)
         full[[i for i, r in enumerate(rows) if r not in bad]] = probs
         missing = [i for i, r in enumerate(rows) if r in bad]

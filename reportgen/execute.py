@@ -1,0 +1,263 @@
+"""The executor of dataset passes: one chunk loop (compute -> store atomically -> progress), here, on
+local processes or on a Dask cluster, with out-of-memory back-off.
+
+A pass (`reportgen.plan.DatasetPass`) is cut into shards of file ranges (`plan.shard_ranges`). Each shard
+runs one streamed forward pass over its images and is stored under its own key as soon as it finishes,
+so a killed run over a big folder resumes from the last stored shard. With a parallel backend the shards
+run on the workers: only plain data travels (`DatasetShard`: the spec's path, model and dataset keys, the
+file range, the content keys), each worker loads the spec, the model and the dataset itself, recomputes
+the content keys and refuses work whose keys differ (other weights, other files, other code), and writes
+its shard into the shared store. The host then merges the shards exactly: per-image rows are placed at
+their file's index (per-class sums are computed from them by the section), undecodable files are listed
+by their index in the pass.
+
+`with_backoff` is the out-of-memory back-off of every kind: the batch is halved and the work retried,
+as the ascent program does for its chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from reportgen.errors import ReportgenError
+from reportgen.progress import log
+
+T = TypeVar("T")
+
+
+def with_backoff(run: Callable[[int], T], batch: int, what: str) -> T:
+    """`run(batch)`, halving the batch after each out-of-memory error until it fits (or one sample fails)."""
+    import tensorflow as tf
+
+    while True:
+        try:
+            return run(batch)
+        except tf.errors.ResourceExhaustedError:
+            if batch <= 1:
+                raise
+            log.warning("%s: out of memory with a batch of %d; retrying with %d", what, batch, batch // 2)
+            batch //= 2
+
+
+def compute_shard(
+    lm: Any,
+    items: list[Any],
+    layers: tuple[str, ...],
+    outputs: bool,
+    batch: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """One shard's arrays: "means:<layer>" (n, C), "outputs" (n, K), "missing" (indices in the shard)."""
+    from reportgen.engine.forward import forward
+
+    result = with_backoff(
+        lambda b: forward(lm, items, list(layers), outputs=outputs, batch_size=b, on_batch=on_batch),
+        batch,
+        f"dataset pass {lm.key}",
+    )
+    arrays = {f"means:{layer}": result.means[layer] for layer in layers}
+    if outputs:
+        assert result.outputs is not None
+        arrays["outputs"] = result.outputs
+    arrays["missing"] = np.asarray(result.missing, np.int64)
+    arrays["pid"] = np.asarray(os.getpid(), np.int64)
+    return arrays
+
+
+def merge_shards(p: Any, store: Any) -> list[str]:
+    """Place every stored shard's rows at their index in the pass, store each pending piece under its key;
+    returns the keys stored. Rows are copied, never recomputed or averaged: the merge is exact."""
+    shards = []
+    for start, end in p.shards:
+        arrays = store.get_arrays(p.shard_key(start, end))
+        if arrays is None:
+            raise ReportgenError(f"dataset pass {p.model}/{p.dataset}: shard {start}:{end} is missing")
+        shards.append((start, arrays))
+    missing = np.asarray(
+        sorted(int(i) + start for start, arrays in shards for i in arrays["missing"]), np.int64
+    )
+    stored = []
+    for piece in p.pending:
+        name = "means" if piece.startswith("means:") else "outputs"
+        rows = np.concatenate([arrays[piece] for _, arrays in shards], axis=0)
+        store.put_arrays(p.pieces[piece], {name: rows, "missing": missing})
+        stored.append(p.pieces[piece])
+    for start, end in p.shards:  # the merged pieces hold everything now
+        store.path(p.shard_key(start, end), "npz").unlink(missing_ok=True)
+    return stored
+
+
+@dataclass(frozen=True)
+class DatasetShard:
+    """One shard of a dataset pass, as plain data for a worker."""
+
+    spec_path: str
+    model: str
+    dataset: str
+    images: tuple[str, ...] | None
+    pieces: tuple[tuple[str, str], ...]  # (piece, content key) of the pending pieces
+    start: int
+    end: int
+    batch_size: int | None  # None: the worker sizes batches for its own device
+    memory_share: float = 1.0
+    threads: int | None = None
+
+
+_WORKER_DATASETS: dict[tuple[str, str], Any] = {}
+
+
+def _worker_dataset(spec: Any, spec_path: str, dataset: str) -> Any:
+    """The dataset of a spec, scanned once per worker process."""
+    from reportgen.datasets import DatasetRegistry
+
+    if (spec_path, dataset) not in _WORKER_DATASETS:
+        _WORKER_DATASETS[(spec_path, dataset)] = DatasetRegistry(spec).get(dataset)
+    return _WORKER_DATASETS[(spec_path, dataset)]
+
+
+def run_dataset_shard(shard: DatasetShard) -> dict[str, Any]:
+    """Worker entry point: load spec, model and dataset, check the keys, compute and store one shard."""
+    from reportgen.device import select_cpu_kernels
+    from reportgen.spec.load import load_spec
+
+    spec = load_spec(shard.spec_path)
+    select_cpu_kernels(spec)
+    import tensorflow as tf
+
+    if shard.threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(shard.threads)
+        except RuntimeError:  # the worker already ran TensorFlow: keep its pool
+            pass
+    from reportgen.device import device_description
+    from reportgen.parallel import _worker_model
+    from reportgen.plan import device_budget, forward_batch_for, sample_cost, shard_key
+    from reportgen.store import Store, store_root
+    from reportgen.work import means_key, outputs_key
+
+    t0 = time.perf_counter()
+    host = socket.gethostname()
+    lm = _worker_model(shard.spec_path, shard.model)
+    ds = _worker_dataset(spec, shard.spec_path, shard.dataset)
+    for piece, key in shard.pieces:
+        mine = outputs_key(lm, ds, shard.images) if piece == "outputs" else means_key(lm, ds, piece[6:])
+        if mine != key:
+            raise ReportgenError(
+                f"worker {host}: model {shard.model!r} or dataset {shard.dataset!r} of {shard.spec_path} is "
+                f"not what the run planned with; every worker must see the same spec, model files, images "
+                "and reportgen version at the same paths"
+            )
+    items = ds.items if shard.images is None else ds.select(list(shard.images))
+    layers = tuple(piece[6:] for piece, _ in shard.pieces if piece.startswith("means:"))
+    outputs = any(piece == "outputs" for piece, _ in shard.pieces)
+    deepest = [*layers, *([lm.model.layers[-1].name] if outputs else [])]
+    batch = shard.batch_size or forward_batch_for(
+        sample_cost(lm, deepest, lm.input_size), device_budget(shard.memory_share)
+    )
+    store = Store(store_root(spec))
+    key = shard_key([k for _, k in shard.pieces], shard.start, shard.end)
+    if not store.has(key, "npz"):  # a retried shard may be stored already
+        store.put_arrays(key, compute_shard(lm, items[shard.start : shard.end], layers, outputs, batch))
+    return {
+        "key": key,
+        "items": shard.end - shard.start,
+        "pid": os.getpid(),
+        "device": f"{host}: {device_description()}",
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _run_local(p: Any, lm: Any, store: Any, progress: Any) -> None:
+    label = f"dataset {p.model} over {p.dataset}: {', '.join(p.pending)}"
+    with progress.task(label, len(p.items)) as advance:
+        for start, end in p.shards:
+            key = p.shard_key(start, end)
+            if store.has(key, "npz"):  # stored by a killed run
+                advance(end - start)
+                continue
+            arrays = compute_shard(lm, p.items[start:end], p.layers, p.outputs, p.batch_size, advance)
+            store.put_arrays(key, arrays)
+
+
+def _run_parallel(
+    passes: list[Any], store: Any, spec_path: Any, backend: Any, progress: Any, batch_size: int | None
+) -> tuple[set[str], set[int]]:
+    from joblib import Parallel, delayed
+
+    if spec_path is None:
+        raise ReportgenError("parallel runs need the spec's path: workers load the models from it")
+    spec_path = str(os.path.abspath(spec_path))
+    threads = max(1, (os.cpu_count() or 1) // backend.jobs) if backend.name == "loky" else None
+    devices: set[str] = set()
+    pids: set[int] = set()
+    with progress.board() as board:
+        advances = {}
+        works = []
+        for index, p in enumerate(passes):
+            label = f"dataset {p.model} over {p.dataset} on {backend.describe()}"
+            advances[index] = board.add(label, len(p.items))
+            for start, end in p.shards:
+                if store.has(p.shard_key(start, end), "npz"):
+                    advances[index](end - start)
+                    continue
+                chunk = batch_size if backend.name == "dask" else p.batch_size
+                pieces = tuple((piece, p.pieces[piece]) for piece in p.pending)
+                shard = DatasetShard(
+                    spec_path, p.model, p.dataset, p.images, pieces, start, end, chunk,
+                    backend.memory_share, threads,
+                )  # fmt: skip
+                works.append((index, shard))
+        results = Parallel(batch_size=1, return_as="generator_unordered")(
+            delayed(_tagged)(index, shard) for index, shard in works
+        )
+        for index, res in results:
+            advances[index](res["items"])
+            devices.add(res["device"])
+            pids.add(res["pid"])
+    return devices, pids
+
+
+def _tagged(index: int, shard: DatasetShard) -> tuple[int, dict[str, Any]]:
+    return index, run_dataset_shard(shard)
+
+
+def execute_dataset(
+    passes: list[Any], ctx: Any, backend: Any = None, spec_path: Any = None, batch_size: int | None = None
+) -> None:
+    """Run every pending dataset pass (shards here or on the backend's workers), merge, store each piece.
+
+    Every piece key of a pass is claimed meanwhile, so another run sharing the store waits for them
+    instead of computing them too; pieces stored meanwhile are not recomputed."""
+    from contextlib import ExitStack
+
+    todo = [p for p in passes if p.pending]
+    if not todo:
+        return
+    store, parallel = ctx.store, backend is not None and not backend.in_process
+    with ExitStack() as stack:
+        for p in todo:
+            stack.enter_context(store.claim_all(p.pending_keys))
+        todo = [p for p in todo if not all(store.has(k, "npz") for k in p.pending_keys)]
+        if parallel:
+            from reportgen.parallel import _joblib_backend
+            from reportgen.plan import shard_ranges
+
+            with _joblib_backend(backend) as workers:
+                for p in todo:  # at least one shard per worker
+                    p.shards = shard_ranges(len(p.items), workers)
+                devices, pids = _run_parallel(todo, store, spec_path, backend, ctx.progress, batch_size)
+            ctx.work.devices |= devices
+            ctx.work.pids |= pids
+        else:
+            for p in todo:
+                _run_local(p, ctx.models.get(p.model), store, ctx.progress)
+            ctx.work.pids.add(os.getpid())
+        for p in todo:
+            ctx.work.fresh.update(merge_shards(p, store))

@@ -1,0 +1,134 @@
+"""Work requests: what sections need from the engines, as plain data declared in `prepare`.
+
+A section never runs an engine itself to get what it needs: in `prepare` it adds requests to the run's
+`WorkBoard` (`ctx.work`), the planner (`reportgen.plan.plan_work`) merges the requests of all sections,
+drops what the store holds and sizes batches, the executor (`reportgen.execute`) runs what is left, and
+`build` only reads results from the store. Requests are frozen dataclasses of strings and numbers, so
+they hash (the planner merges them), print (`--dry-run`) and travel to cluster workers unchanged.
+
+Kinds (the `kind` of a planned pass):
+- `ascent`: activation maximization, still registered through `reportgen.engine.scheduler` (its own
+  request type and planner, which `plan_work` lists first).
+- `dataset`: a streamed forward pass over a dataset's images (`DatasetRequest`): per-image channel means
+  of layers, class outputs. One pass per (model, dataset, image selection) serves every section.
+- `activations` / `gradient`: batched work over a few chosen images (`ImageRequest`): activation maps;
+  Grad-CAM, saliency, occlusion batches. Declared so that the planner lists them, sizes their batch and
+  counts what the store holds; their sections still compute them (cached under `key`) in `build`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from reportgen.store import content_key
+
+# Bump when the dataset pass's numbers change, so that stored results are recomputed.
+DATASET_VERSION = "1"
+# What a dataset pass can compute per layer. "means": the (N, C) spatial mean of every channel. Exemplars
+# will add "topk" (each channel's k largest positions over the dataset); a statistic is one more value
+# here, one more reduction in the pass, and one more key per layer.
+STATISTICS = ("means",)
+
+
+@dataclass(frozen=True)
+class DatasetRequest:
+    """What one section needs from one streamed pass over a dataset.
+
+    `images`: None for every image of the dataset (rankings), else the names of the chosen images (a
+    predictions section over a few images of a big folder reads only those). `layers`: layers whose
+    per-image statistics (`stats`) are needed. `outputs`: whether the model's class outputs are needed."""
+
+    model: str
+    dataset: str
+    layers: tuple[str, ...] = ()
+    outputs: bool = False
+    images: tuple[str, ...] | None = None
+    stats: tuple[str, ...] = ("means",)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stats if s not in STATISTICS]
+        if unknown:
+            raise ValueError(f"dataset statistic {unknown[0]!r} is not one of {', '.join(STATISTICS)}")
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """Batched work of one section over chosen images, stored under `key` (the section's cache key).
+
+    `samples`: forward/backward samples it costs (an occlusion section runs one per mask per image);
+    `layers`: the deepest layers the work computes (the planner's cost estimate); `backward`: whether it
+    takes gradients (Grad-CAM, saliency), which roughly doubles the FLOPs."""
+
+    kind: str  # "activations" | "gradient"
+    model: str
+    dataset: str
+    key: str
+    images: int
+    samples: int
+    layers: tuple[str, ...]
+    backward: bool = False
+
+
+def means_key(lm: Any, ds: Any, layer: str) -> str:
+    """Key of one layer's (N, C) channel means over every image of the dataset."""
+    return content_key(
+        "class_ranking",
+        DATASET_VERSION,
+        lm.digest,
+        lm.preprocessing.model_dump(),
+        lm.channels,
+        ds.digest,
+        layer,
+        lm.input_size,
+    )
+
+
+def outputs_key(lm: Any, ds: Any, images: tuple[str, ...] | None = None) -> str:
+    """Key of the model's (N, K) class outputs over every image of the dataset, or over `images`."""
+    parts: tuple[Any, ...] = () if images is None else (list(images),)
+    return content_key(
+        "dataset_outputs",
+        DATASET_VERSION,
+        lm.digest,
+        lm.preprocessing.model_dump(),
+        lm.channels,
+        ds.digest,
+        lm.input_size,
+        *parts,
+    )
+
+
+@dataclass
+class WorkBoard:
+    """Requests of all sections of a run, in declaration order, with the section ids that made them."""
+
+    dataset: list[tuple[str, DatasetRequest]] = field(default_factory=list)
+    images: list[tuple[str, ImageRequest]] = field(default_factory=list)
+    batch: dict[str, int] = field(default_factory=dict)  # ImageRequest key -> the planner's batch size
+    fresh: set[str] = field(default_factory=set)  # dataset pieces the executor stored in this run
+    counted: set[str] = field(default_factory=set)  # fresh pieces already counted as computed
+    devices: set[str] = field(default_factory=set)  # where dataset shards ran (cluster workers)
+    pids: set[int] = field(default_factory=set)  # processes that computed dataset shards
+    current: str = ""  # the section whose `prepare` is running
+
+    @contextmanager
+    def section(self, sid: str) -> Iterator[None]:
+        """Requests added inside are owned by section `sid` (the plan lists the sections a pass serves)."""
+        previous, self.current = self.current, sid
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def add(self, request: DatasetRequest | ImageRequest) -> None:
+        if isinstance(request, DatasetRequest):
+            self.dataset.append((self.current, request))
+        else:
+            self.images.append((self.current, request))
+
+    def batch_for(self, key: str, default: int) -> int:
+        """The planner's batch for an image request (`default` when the section was not planned)."""
+        return self.batch.get(key, default)
