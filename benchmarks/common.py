@@ -146,8 +146,10 @@ def select_kernels(mode: str, precision: str = "float32") -> None:
         os.environ.pop("REPORTGEN_ONEDNN_SET", None)  # reportgen then treats it as the user's choice
         return
     import reportgen  # noqa: F401  (applies reportgen's default before TensorFlow loads)
+    from reportgen.analyses.filters import FiltersSection
     from reportgen.device import select_cpu_kernels
-    from reportgen.spec.schema import FiltersSection, ModelSpec, Spec
+    from reportgen.spec.fields import ModelSpec
+    from reportgen.spec.schema import Spec
 
     spec = Spec(title="benchmark", output="unused", precision=precision,
                 models={"m": ModelSpec(keras_app="VGG16", weights="none")},
@@ -184,7 +186,7 @@ def build_keras_app(name: str, seed: int = 0) -> Any:
     ImageNet weights cannot be downloaded here; the FLOPs and the code paths are the same.
     """
     from reportgen.models import load_model
-    from reportgen.spec.schema import ModelSpec
+    from reportgen.spec.fields import ModelSpec
 
     return load_model(name.lower(), ModelSpec(keras_app=name, weights="none"), seed=seed)
 
@@ -192,7 +194,7 @@ def build_keras_app(name: str, seed: int = 0) -> Any:
 def build_model(name: str, seed: int = 0) -> Any:
     """`vgg16-hed` (reportgen's builtin, real weights) or any keras.applications name (random weights)."""
     from reportgen.models import load_model
-    from reportgen.spec.schema import BUILTIN_MODELS, ModelSpec
+    from reportgen.spec.fields import BUILTIN_MODELS, ModelSpec
 
     if name in BUILTIN_MODELS:
         return load_model(name, ModelSpec(builtin=name), seed=seed)

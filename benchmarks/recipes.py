@@ -35,7 +35,7 @@ SIZE = 128
 
 def vgg16_hed() -> Any:
     from reportgen.models import load_model
-    from reportgen.spec.schema import ModelSpec
+    from reportgen.spec.fields import ModelSpec
 
     return load_model("hed", ModelSpec(builtin="vgg16-hed"))
 

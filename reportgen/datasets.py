@@ -31,11 +31,13 @@ from reportgen.decoded_cache import CacheReader, CacheWriter, DecodedSource, sou
 from reportgen.errors import ReportgenError, SpecError
 from reportgen.labels import readable_class
 from reportgen.progress import log
-from reportgen.spec.schema import MAX_PIXELS_CEILING, DatasetSpec, Spec
+from reportgen.spec.fields import MAX_PIXELS_CEILING, DatasetSpec
 from reportgen.store import store_root
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+    from reportgen.spec.schema import Spec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Decoded by TensorFlow, as they always were (JPEG decoders differ slightly, so results stay comparable).

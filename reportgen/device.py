@@ -13,7 +13,7 @@ from pathlib import Path
 
 import reportgen
 from reportgen.progress import log
-from reportgen.spec import Spec
+from reportgen.spec.schema import Spec
 
 
 def onednn_safe(spec: Spec) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from reportgen.errors import ReportgenError, SpecError, WeightsUnavailableError, echo
-from reportgen.spec.schema import KERAS_APPS, ModelSpec, Preprocess
+from reportgen.spec.fields import BUILTIN_MODELS, KERAS_APPS, ModelSpec, Preprocess
 
 if TYPE_CHECKING:
     import keras
@@ -481,8 +481,6 @@ class ModelRegistry:
 
 def model_spec_from_reference(ref: str) -> ModelSpec:
     """`reportgen layers` accepts a builtin name, a keras.applications name or a model file."""
-    from reportgen.spec.schema import BUILTIN_MODELS
-
     if ref in BUILTIN_MODELS:
         return ModelSpec(builtin=ref)
     if ref in KERAS_APPS:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reportgen.engine.recipes import Recipe
+from reportgen.engine.recipes import Recipe, ascent_size
 
 MEMORY_FACTOR = 3.0
 # A pass computes every sample up to its deepest layer. Layers whose forward cost exceeds DEPTH_RATIO x the
@@ -278,8 +278,6 @@ def build_plan(
 
     A key requested twice (two sections, or two model entries with the same weights) is computed once,
     in the pass of its first request."""
-    from reportgen.engine.ascent import ascent_size
-
     budget = budget or device_budget()
     groups: dict[tuple[str, Recipe], list[tuple[Any, str]]] = {}
     seen: set[str] = set()
@@ -358,7 +356,6 @@ def check_samples_fit(spec: Any, models: Any, budget: DeviceBudget) -> None:
     planned and then die with an out-of-memory error after the run started (`size: 100000`: 7152 GiB a
     sample vs an 11.2 GiB budget). The estimate is the planner's (`sample_cost` x MEMORY_FACTOR), checked
     for each section's own layers before any compute; the error names the field that set the size."""
-    from reportgen.engine.ascent import ascent_size
     from reportgen.engine.recipes import resolve_recipe
     from reportgen.errors import SpecError
     from reportgen.spec.load import dotted, locate

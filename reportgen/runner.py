@@ -11,130 +11,34 @@ passes (`reportgen.plan`) and runs them here, on local processes or on a Dask cl
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from reportgen import __version__
-from reportgen.errors import ReportgenError
+from reportgen.analyses import analysis_for
+from reportgen.analyses.base import RunContext, SectionOutput, slugify
+from reportgen.datasets import DatasetRegistry, dataset_notes
+from reportgen.device import device_description, select_cpu_kernels
+from reportgen.engine.scheduler import AscentScheduler
 from reportgen.execute import execute_dataset
+from reportgen.models import ModelRegistry
+from reportgen.parallel import Backend
 from reportgen.plan import check_samples_fit, plan_work
 from reportgen.progress import Progress, log
 from reportgen.publish import clean_stale, new_staging, publish, run_lock
-from reportgen.spec import Spec, load_spec, spec_sha256
-from reportgen.spec.load import locate
+from reportgen.report.context import now, report_context, run_meta, section_entry, write_manifest
+from reportgen.report.render import render_html, render_pdf
+from reportgen.spec.files import check_files
+from reportgen.spec.load import load_spec, locate
+from reportgen.spec.schema import Spec
+from reportgen.store import Store, create_store_root, store_root
 
-# Section types that need class scores, so keras_app models keep their classifier head.
-NEEDS_TOP = {"predictions", "gradcam", "occlusion", "saliency", "class_model"}
 EXIT_OK, EXIT_FAILED, EXIT_SPEC, EXIT_LOCKED = 0, 1, 2, 3
-
-
-class ModelRegistry:
-    """Loads each model of the spec once, on first use."""
-
-    def __init__(self, spec: Spec):
-        self.spec = spec
-        self._loaded: dict[str, Any] = {}
-        self.need_top = {getattr(s, "model", None) for s in spec.sections if s.type in NEEDS_TOP}
-
-    def get(self, key: str) -> Any:
-        if key not in self._loaded:
-            from reportgen.models import load_model
-
-            self._loaded[key] = load_model(
-                key, self.spec.models[key], need_top=key in self.need_top, seed=self.spec.seed
-            )
-        return self._loaded[key]
-
-    def loaded(self) -> list[Any]:
-        return list(self._loaded.values())
-
-
-def store_root(spec: Spec) -> Path:
-    """The result store's folder: `cache:` of the spec, or .reportgen-cache beside the output."""
-    output = Path(spec.output)
-    cache = Path(spec.cache) if spec.cache else output.parent / ".reportgen-cache"
-    return cache / "results"
-
-
-def _create_store(spec: Spec) -> None:
-    """Create the result store's folder before any compute, so that an unwritable `cache:` is one line
-    (exit 1) now rather than a traceback after the first pass."""
-    root = store_root(spec)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ReportgenError(
-            f"cannot create the result store {exc.filename or root}: {exc.strerror or exc}; make that "
-            "folder writable for this user (or free space there), or set `cache:` to another folder"
-        ) from None
-
-
-def onednn_safe(spec: Spec) -> bool:
-    """Models known to take input gradients safely with oneDNN on: the VGG16-HED backbone and
-    keras.applications models (VGG16, ResNet50V2, MobileNetV2 measured). The FER mini-Xception segfaults
-    with it (TF 2.20/2.21 CPU), and saved models of unknown make are not risked in a nightly job."""
-    return all(m.builtin == "vgg16-hed" or m.keras_app for m in spec.models.values())
-
-
-def select_cpu_kernels(spec: Spec) -> None:
-    """Choose TensorFlow's CPU kernels before it is imported. reportgen turns oneDNN off by default
-    (reportgen/__init__); a spec whose models are all `onednn_safe` turns it back on: float32 ascent on
-    VGG16 runs ~2x faster with it (benchmarks/filters.py), and bfloat16 is only fast with its AVX512-BF16 /
-    AMX kernels (Eigen's bfloat16 convolutions run ~7x slower than float32). A user who set
-    TF_ENABLE_ONEDNN_OPTS keeps their choice."""
-    import reportgen
-
-    if "tensorflow" in sys.modules or reportgen.ONEDNN_FROM_USER:
-        return
-    if not onednn_safe(spec):
-        if spec.precision == "bfloat16":
-            log.warning("precision bfloat16 without oneDNN (a model here may crash with it): slow on CPU")
-        return
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = os.environ["REPORTGEN_ONEDNN_SET"] = "1"
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"reportgen": __version__, "python": platform.python_version()}
-    for dist in ("tensorflow", "keras", "numpy", "weasyprint", "pydantic", "jinja2"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
-def cpu_model() -> str:
-    """The processor's marketing name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
-
-
-def device_description() -> str:
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return f"GPU: {details.get('device_name', gpus[0].name)} ({len(gpus)} visible)"
-    return f"CPU: {cpu_model()}, {os.cpu_count()} cores"
 
 
 @dataclass
@@ -151,10 +55,6 @@ class RunSummary:
     device: str = ""
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def run(
     spec_path: str | Path,
     *,
@@ -168,8 +68,6 @@ def run(
 ) -> RunSummary:
     """Run a spec. `jobs`/`backend`/`scheduler`: where independent passes run (reportgen.parallel);
     `batch_size`: samples per chunk instead of sizing chunks from free memory."""
-    from reportgen.parallel import Backend
-
     t_start = time.perf_counter()
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
@@ -196,7 +94,7 @@ def run(
         return summary
     with run_lock(output):
         clean_stale(output)
-        _create_store(spec)
+        create_store_root(spec)
         staging = new_staging(output)
         try:
             _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary)
@@ -219,21 +117,9 @@ def _prepare(
 ) -> tuple[Any, list[tuple[Any, Any, str, str, dict[str, int]]]]:
     """The run context, and every section's (section, analysis, title, id, result counts) after `prepare`
     registered its batched work."""
-    from reportgen.analyses import analysis_for
-    from reportgen.analyses.base import RunContext, slugify
-    from reportgen.engine.scheduler import AscentScheduler
-    from reportgen.store import Store
-
     store = Store(root or store_root(spec))
     models = ModelRegistry(spec)
-    try:
-        from reportgen.datasets import DatasetRegistry
-
-        datasets = DatasetRegistry(spec)
-    except ImportError:  # datasets arrive with the image-folder analyses
-        datasets = None
-    from reportgen.spec.files import check_files
-
+    datasets = DatasetRegistry(spec)
     check_files(spec, models, datasets)  # every file the spec names, before any compute: exit 2 at its line
     ctx = RunContext(
         spec=spec,
@@ -297,12 +183,7 @@ def _run_locked(
     batch_size: int | None,
     summary: RunSummary,
 ) -> None:
-    from reportgen.analyses.base import SectionOutput
-    from reportgen.datasets import dataset_notes
-    from reportgen.report.markdown import render_markdown
-    from reportgen.report.render import render_html, render_pdf
-
-    started = _now()
+    started = now()
     ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size)
     work = plan_work(ctx, engine.memory_share, batch_size)
     plan = work.ascent
@@ -333,21 +214,9 @@ def _run_locked(
         seconds = ctx.timings.get(sid, 0.0) + ascent_seconds.get(sid, 0.0)
         results = {"computed": counts["computed"] + a_computed, "reused": counts["reused"] + a_reused}
         summary.sections[title] = results
+        notes = dataset_notes(ctx.datasets, section)
         sections.append(
-            {
-                "id": sid,
-                "type": section.type,
-                "title": title,
-                "model": getattr(section, "model", None),
-                "context": result.context,
-                "findings": result.findings,
-                "notes": result.notes + dataset_notes(ctx.datasets, section),
-                "observations": render_markdown(section.observations),
-                "artifacts": result.artifacts,
-                "seconds": seconds,
-                "ascent_seconds": ascent_seconds.get(sid, 0.0),
-                "results": results,
-            }
+            section_entry(section, sid, title, result, notes, seconds, ascent_seconds.get(sid, 0.0), results)
         )
         steps.append({"name": title, "seconds": seconds, **results})
     for name, seconds in ctx.timings.items():
@@ -368,46 +237,8 @@ def _run_locked(
             + "; ".join(sorted(remote))
         )
     )
-    finished = _now()
-    meta = {
-        "spec_path": str(spec_path.resolve()),
-        "spec_name": spec_path.name,
-        "spec_sha256": spec_sha256(spec_path),
-        "seed": spec.seed,
-        "precision": spec.precision,
-        "device": summary.device,
-        "versions": versions(),
-        "started": started,
-        "finished": finished,
-        "finished_human": finished.replace("T", " "),
-        "computed": summary.computed,
-        "reused": summary.reused,
-        "plan": summary.plan,
-        "steps": steps,
-        "timings": {
-            **{s["title"]: s["seconds"] for s in sections},
-            **{k: v for k, v in ctx.timings.items() if k.startswith("engine")},
-        },
-    }
-    context = {
-        "title": spec.title,
-        "author": spec.author,
-        "introduction": render_markdown(spec.introduction),
-        "sections": sections,
-        "meta": meta,
-        "models": [
-            {
-                "key": m.key,
-                "description": m.description,
-                "input_size": m.input_size,
-                # what ran: a fixed input is the only size; a flexible one, the sizes sections used
-                "sizes": [m.input_size] if m.fixed_input else sorted(sizes.get(m.key, ())),
-                "channels": m.channels,
-                "digest": m.digest,
-            }
-            for m in ctx.models.loaded()
-        ],
-    }
+    meta = run_meta(spec, spec_path, summary, started, steps, sections, ctx.timings)
+    context = report_context(spec, meta, sections, ctx.models.loaded(), sizes)
     with ctx.timed("render: html"):
         render_html(context, staging / "report.html")
     if "pdf" in spec.formats:
@@ -415,27 +246,4 @@ def _run_locked(
             summary.pages = render_pdf(staging / "report.html", staging / "report.pdf")
     if "html" not in spec.formats:
         (staging / "report.html").unlink()
-    manifest = {
-        "title": spec.title,
-        "sections": [
-            {
-                "type": s["type"],
-                "title": s["title"],
-                "findings": s["findings"],
-                "results": s["results"],
-                "artifacts": [a.manifest() for a in s["artifacts"]],
-            }
-            for s in sections
-        ],
-        "spec_sha256": meta["spec_sha256"],
-        "started": started,
-        "finished": _now(),
-        "versions": meta["versions"],
-        "device": meta["device"],
-        "seed": spec.seed,
-        "precision": spec.precision,
-        "computed": summary.computed,
-        "reused": summary.reused,
-        "timings": {k: round(v, 3) for k, v in ctx.timings.items()},
-    }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_manifest(staging / "manifest.json", spec, meta, sections, ctx.timings)

@@ -14,6 +14,7 @@ tf = pytest.importorskip("tensorflow")
 
 from reportgen.analyses.activations import (  # noqa: E402
     ActivationProgram,
+    ActivationsSection,  # noqa: E402
     display_shape,
     shown_channels,
     silent_channels,
@@ -21,7 +22,7 @@ from reportgen.analyses.activations import (  # noqa: E402
 from reportgen.datasets import scan_folder  # noqa: E402
 from reportgen.errors import ReportgenError  # noqa: E402
 from reportgen.models import LoadedModel  # noqa: E402
-from reportgen.spec.schema import ActivationsSection, DatasetSpec, Preprocess  # noqa: E402
+from reportgen.spec.fields import DatasetSpec, Preprocess  # noqa: E402
 
 SIDE = 40
 

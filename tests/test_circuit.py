@@ -16,7 +16,7 @@ from reportgen.analyses.circuit import (  # noqa: E402
 )
 from reportgen.errors import ReportgenError  # noqa: E402
 from reportgen.models import LoadedModel  # noqa: E402
-from reportgen.spec.schema import Preprocess  # noqa: E402
+from reportgen.spec.fields import Preprocess  # noqa: E402
 
 
 def _model() -> keras.Model:

@@ -17,7 +17,8 @@ from PIL import Image
 from reportgen.datasets import Dataset, DatasetRegistry, ImageItem, scan_folder, stream
 from reportgen.engine.forward import forward
 from reportgen.models import PRESETS, LoadedModel
-from reportgen.spec.schema import DatasetSpec, Spec
+from reportgen.spec.fields import DatasetSpec
+from reportgen.spec.schema import Spec
 
 SIZE = (24, 24)
 

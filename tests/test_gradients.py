@@ -19,7 +19,7 @@ from PIL import Image
 
 from reportgen.engine.gradients import GradientEngine, saliency_map, smoothgrad_noise
 from reportgen.models import PRESETS, LoadedModel
-from reportgen.spec.schema import Preprocess
+from reportgen.spec.fields import Preprocess
 
 SIDE = 32
 CLASSES = ["red", "green", "background"]

@@ -28,7 +28,7 @@ from reportgen.datasets import (
     stream,
 )
 from reportgen.errors import SpecError
-from reportgen.spec.schema import DatasetSpec
+from reportgen.spec.fields import DatasetSpec
 
 GIB = 2**30
 

@@ -29,7 +29,7 @@ from reportgen.models import (
     load_model,
     model_spec_from_reference,
 )
-from reportgen.spec.schema import ModelSpec, Preprocess
+from reportgen.spec.fields import ModelSpec, Preprocess
 
 
 def sha256(path: Path) -> str:
@@ -157,7 +157,7 @@ def test_missing_imagenet_weights_name_the_file_the_cache_and_the_fix(tmp_path: 
         import json, sys
         from reportgen.errors import WeightsUnavailableError
         from reportgen.models import load_model
-        from reportgen.spec.schema import ModelSpec
+        from reportgen.spec.fields import ModelSpec
         try:
             load_model("mob", ModelSpec(keras_app="MobileNetV2", weights="imagenet"))
             result = {{"raised": None}}

@@ -30,7 +30,7 @@ from reportgen.plan import (
 from reportgen.progress import Progress
 from reportgen.publish import run_lock
 from reportgen.runner import run
-from reportgen.spec import load_spec
+from reportgen.spec.load import load_spec
 from reportgen.store import Store
 
 PARAMS = {"steps": 6, "size": 32, "crop": 2}

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from reportgen.errors import SpecError
-from reportgen.spec import json_schema, load_spec, spec_sha256
-from reportgen.spec.schema import SECTION_TYPES, Section, expand_filters
+from reportgen.spec.fields import expand_filters
+from reportgen.spec.load import load_spec, spec_sha256
+from reportgen.spec.schema import SECTION_TYPES, Section, json_schema
 
 # The example spec of the design document, written in block style as a user would.
 EXAMPLE = """\
@@ -379,9 +380,28 @@ def test_schema_and_validate_never_import_tensorflow(tmp_path: Path) -> None:
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         f"    assert main(['validate', {str(path)!r}]) == 0\n    assert main(['schema']) == 0\n"
         "assert 'tensorflow' not in sys.modules, 'validate/schema imported TensorFlow'\n"
+        # the section types' own modules declare the schema, so they were imported, without TensorFlow
+        "assert all(f'reportgen.analyses.{t}' in sys.modules for t in ['filters', 'gradcam', 'occlusion'])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_section_type_is_one_module_and_one_template() -> None:
+    """The registry, the `sections` union and the messages' type list all come from the modules of
+    reportgen.analyses that define ANALYSIS; each type's module owns its section model."""
+    from reportgen.analyses import analyses
+
+    found = analyses()
+    assert sorted(found) == sorted(SECTION_TYPES) and len(found) >= 9
+    templates = Path(__file__).resolve().parents[1] / "templates" / "sections"
+    for name, analysis in found.items():
+        assert analysis.type == name == typing.get_args(analysis.section.model_fields["type"].annotation)[0]
+        assert analysis.section.__module__ == type(analysis).__module__ == f"reportgen.analyses.{name}"
+        assert (templates / f"{name}.html.j2").is_file(), name
+    assert {name for name, a in found.items() if a.section.needs_top} == {
+        "predictions", "gradcam", "occlusion", "saliency", "class_model"
+    }
 
 
 # -- layer names are checked against the real model -------------------------------------------------

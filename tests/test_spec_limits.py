@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from reportgen.errors import SpecError
-from reportgen.spec import json_schema, load_spec
+from reportgen.spec.load import load_spec
+from reportgen.spec.schema import json_schema
 
 GIB = 1 << 30
 CLI_TIMEOUT_S = 180

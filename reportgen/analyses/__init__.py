@@ -1,28 +1,39 @@
-"""Section types. Each module defines one `Analysis` subclass; ANALYSES maps `type:` to an instance.
+"""Section types, found by looking: every module of this package that defines `ANALYSIS` is one type.
 
-Modules are imported lazily so that `reportgen validate` and `schema` never import TensorFlow.
+A type's module declares everything about it: its section model (the `type:` name and fields, whether it
+needs the classifier head), the work it requests in `prepare` and the `build` that turns results into
+the template context. The registry here, the spec's `sections` union and the JSON Schema are derived from
+those modules, so adding a type is one module, one template partial and the regenerated schema file.
+Modules without `ANALYSIS` (base, shared helpers) are skipped.
+
+Every module here must import without TensorFlow (`reportgen validate` and `schema` load them all).
 """
 
 from __future__ import annotations
 
 import importlib
-
-from reportgen.analyses.base import Analysis
-
-_MODULES = {
-    "filters": "reportgen.analyses.filters",
-    "activations": "reportgen.analyses.activations",
-    "class_ranking": "reportgen.analyses.class_ranking",
-    "predictions": "reportgen.analyses.predictions",
-    "gradcam": "reportgen.analyses.gradcam",
-    "occlusion": "reportgen.analyses.occlusion",
-    "saliency": "reportgen.analyses.saliency",
-    "class_model": "reportgen.analyses.class_model",
-    "circuit": "reportgen.analyses.circuit",
-}
+import pkgutil
+from functools import cache
+from typing import Any
 
 
-def analysis_for(section_type: str) -> Analysis:
-    """The Analysis instance for a section type (its module defines `ANALYSIS`)."""
-    module = importlib.import_module(_MODULES[section_type])
-    return module.ANALYSIS
+@cache
+def analyses() -> dict[str, Any]:
+    """`type:` -> the `Analysis` instance of every section type, in module-name order."""
+    found: dict[str, Any] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        analysis = getattr(module, "ANALYSIS", None)
+        if analysis is not None:
+            found[analysis.type] = analysis
+    return found
+
+
+def analysis_for(section_type: str) -> Any:
+    """The `Analysis` of a section type (`reportgen.analyses.base.Analysis`)."""
+    return analyses()[section_type]
+
+
+def section_models() -> list[type]:
+    """The pydantic models of every section type, for the spec's `sections` union."""
+    return [analysis.section for analysis in analyses().values()]

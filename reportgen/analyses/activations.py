@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from reportgen.analyses.base import (
     Analysis,
@@ -28,8 +29,35 @@ from reportgen.datasets import ImageItem, load_image, missing_indices, stream
 from reportgen.errors import ReportgenError
 from reportgen.imaging import colormap, grid, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
-from reportgen.spec.schema import ActivationsSection, expand_filters
+from reportgen.spec.fields import (
+    FilterSelection,
+    ImagesMixin,
+    SectionBase,
+    check_filter_selection,
+    expand_filters,
+)
 from reportgen.store import content_key
+
+
+class ActivationsSection(SectionBase, ImagesMixin):
+    type: Literal["activations"]
+    model: str
+    layers: list[str] = Field(min_length=1)
+    channels: FilterSelection = "all"
+    max_channels: int = Field(64, ge=1, description="Cap of maps shown per layer and image.")
+    colormap: str = "viridis"
+    map_size: int = Field(
+        64, ge=4, description="Maps larger than this (pixels a side) are downsampled for display."
+    )
+    zero_tolerance: float = Field(
+        1e-3,
+        ge=0,
+        lt=1,
+        description="A channel stays ~0 for an image when its peak |activation| is at most this share of the "
+        "layer's peak for that image (ReLU channels that never fire are exactly 0).",
+    )
+
+    _f = field_validator("channels")(check_filter_selection)
 
 TABLE_ROWS = 25  # rows of the top-filter table shown in the report; the CSV has them all
 TILE_SIDE = 64  # display side of one feature-map tile (nearest upscaling of small maps)
@@ -178,7 +206,7 @@ def _check_colormap(name: str, where: str) -> None:
 
 
 class ActivationsAnalysis(Analysis):
-    type = "activations"
+    section = ActivationsSection
     version = "2"  # 2: the shown maps at the layer's own resolution are stored too
 
     def default_title(self, section: ActivationsSection) -> str:

@@ -13,6 +13,7 @@ import io
 import re
 import shutil
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,10 +132,17 @@ def slugify(text: str) -> str:
 
 
 class Analysis:
-    """Base class of a section type; subclasses set `type` and implement `build` (and maybe `prepare`)."""
+    """Base class of a section type. A subclass sets `section` (its pydantic model, whose `type` literal is
+    the type's name) and implements `build` (and `prepare` where it requests batched work); its module
+    sets `ANALYSIS = TheSubclass()`, which is how `reportgen.analyses` finds it."""
 
-    type: ClassVar[str]
+    section: ClassVar[type[Any]]
+    type: ClassVar[str]  # derived from `section`
     version: ClassVar[str] = "1"  # bump when results change, so cached results are recomputed
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type = typing.get_args(cls.section.model_fields["type"].annotation)[0]
 
     def default_title(self, section: Any) -> str:
         return self.type.replace("_", " ").capitalize()
@@ -154,7 +162,7 @@ class RunContext:
     spec_path: Path
     store: Store
     staging: Path
-    models: Any  # reportgen.runner.ModelRegistry
+    models: Any  # reportgen.models.ModelRegistry
     datasets: Any  # reportgen.datasets.DatasetRegistry
     ascent: Any  # reportgen.engine.scheduler.AscentScheduler
     progress: Any  # reportgen.progress.Progress

@@ -12,21 +12,34 @@ from __future__ import annotations
 import csv
 import io
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.analyses.filters import dead_explanation, dead_label, filter_requests
-from reportgen.engine.ascent import ascent_size
-from reportgen.engine.recipes import RECIPES, resolve_recipe
+from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError
 from reportgen.imaging import chart_text, colormap
 from reportgen.models import LoadedModel
-from reportgen.spec.schema import CircuitSection
+from reportgen.spec.fields import SectionBase
 from reportgen.store import content_key
+
+
+class CircuitSection(SectionBase):
+    type: Literal["circuit"]
+    model: str
+    layer: str
+    filter: int = Field(ge=0)
+    top: int = Field(8, ge=1, description="Input channels shown.")
+    visualize: bool = Field(True, description="Visualize the top input channels with the filters engine.")
+    recipe: str = "keras-example"
+    params: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="Recipe overrides.", json_schema_extra=params_json_schema
+    )
 
 HEATMAP_SIDE = 96  # kxk weights are upscaled (nearest) to about this many pixels a side
 DIVERGING = "RdBu_r"  # red = positive weight, blue = negative, white = 0
@@ -149,7 +162,7 @@ def _heatmap(weights: np.ndarray, limit: float) -> np.ndarray:
 
 
 class CircuitAnalysis(Analysis):
-    type = "circuit"
+    section = CircuitSection
     version = "1"
 
     def default_title(self, section: CircuitSection) -> str:

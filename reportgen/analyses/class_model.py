@@ -7,16 +7,28 @@ only that class.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
-from reportgen.engine.recipes import RECIPES, resolve_recipe
+from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
 from reportgen.errors import ReportgenError
 from reportgen.imaging import to_pil, upscale_for_print
-from reportgen.spec.schema import ClassModelSection
+from reportgen.spec.fields import Index, SectionBase
 from reportgen.store import content_key
+
+
+class ClassModelSection(SectionBase):
+    type: Literal["class_model"]
+    needs_top: ClassVar[bool] = True
+    model: str
+    classes: list[Index | str] = Field(min_length=1)
+    recipe: str = "regularized"
+    params: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="Recipe overrides.", json_schema_extra=params_json_schema
+    )
 
 TABLE_ROWS = 25
 LISTED_FINDINGS = 6  # classes named one by one in the findings; more are summarised
@@ -55,7 +67,7 @@ CSV_COLUMNS = [
 
 
 class ClassModelAnalysis(Analysis):
-    type = "class_model"
+    section = ClassModelSection
     version = "1"
 
     def default_title(self, section: ClassModelSection) -> str:
@@ -80,7 +92,6 @@ class ClassModelAnalysis(Analysis):
     def build(
         self, section: ClassModelSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
-        from reportgen.engine.ascent import ascent_size
         from reportgen.engine.class_model import class_model_program
 
         lm, recipe, targets = self._plan(section, ctx, index)

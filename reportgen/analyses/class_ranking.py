@@ -14,9 +14,10 @@ from __future__ import annotations
 import io
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult, slugify
@@ -24,8 +25,20 @@ from reportgen.datasets import Dataset, ImageItem, load_image
 from reportgen.errors import ReportgenError
 from reportgen.imaging import chart_text, upscale_for_print
 from reportgen.models import LoadedModel
-from reportgen.spec.schema import ClassRankingSection, expand_filters
+from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
 from reportgen.work import DatasetRequest
+
+
+class ClassRankingSection(SectionBase):
+    type: Literal["class_ranking"]
+    model: str
+    dataset: str
+    layer: str
+    filters: FilterSelection = Field(description="Filters to rank classes and images for.")
+    top: int = Field(10, ge=1, description="Classes in the table and chart.")
+    top_images: int = Field(8, ge=1, description="Thumbnails of the most activating images.")
+
+    _f = field_validator("filters")(check_filter_selection)
 
 THUMB_SIDE = 192  # thumbnails are fitted into this square; smaller images are upscaled to stay sharp
 TABLE_ROWS_SHOWN = 25  # rows printed in the report; the CSV artifact has every class
@@ -96,7 +109,7 @@ def _ratio(value: float, reference: float) -> float | None:
 
 
 class ClassRankingAnalysis(Analysis):
-    type = "class_ranking"
+    section = ClassRankingSection
     version = "1"
 
     def default_title(self, section: ClassRankingSection) -> str:

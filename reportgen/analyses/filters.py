@@ -3,24 +3,77 @@ optionally with several recipes side by side."""
 
 from __future__ import annotations
 
+import difflib
 import html
 import re
 from statistics import median
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field, field_validator
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
-from reportgen.engine.ascent import ascent_size
 from reportgen.engine.quality import NOT_ROBUST
-from reportgen.engine.recipes import RECIPES, resolve_recipe
+from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
-from reportgen.errors import ReportgenError, SpecError
+from reportgen.errors import ReportgenError, SpecError, echo
 from reportgen.imaging import compact_number, grid, text_lines
 from reportgen.report.markdown import render_markdown
 from reportgen.report.render import environment
-from reportgen.spec.schema import FiltersSection, expand_filters
+from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
+
+
+class FiltersSection(SectionBase):
+    type: Literal["filters"]
+    model: str
+    layers: list[str] = Field(min_length=1)
+    filters: FilterSelection = "0:64"
+    recipe: str = "keras-example"
+    compare: list[str] = Field(
+        default_factory=list, description="More recipes, shown side by side with `recipe` for each layer."
+    )
+    params: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="Recipe overrides.", json_schema_extra=params_json_schema
+    )
+    columns: int | None = Field(
+        None, ge=1, le=256, description="Grid columns (default: square grid); the grid is one image."
+    )
+    objective: Literal["channel", "neuron", "layer", "direction"] = Field(
+        "channel",
+        description="What each image maximises: a filter's mean (channel), its unit at one position "
+        "(neuron), the whole layer's mean square (layer: one image per layer), or the dot product with "
+        "`direction` (one image per layer).",
+    )
+    position: list[int] | None = Field(
+        None, min_length=2, max_length=2, description="neuron: [y, x] in the layer's map; default its centre."
+    )
+    direction: list[float] | str | None = Field(
+        None, description="direction: one weight per channel of the layer, or a .npy file (spec-relative)."
+    )
+    diversity: int = Field(
+        1, ge=1, le=16, description="Images per filter, pushed apart by lucid's Gram-similarity penalty."
+    )
+
+    _f = field_validator("filters")(check_filter_selection)
+
+    @field_validator("compare")
+    @classmethod
+    def _known_recipes(cls, value: list[str]) -> list[str]:
+        from reportgen.engine.recipes import RECIPES
+
+        for name in value:
+            if name not in RECIPES:
+                close = difflib.get_close_matches(name, list(RECIPES), n=1) if len(name) < 100 else []
+                raise ValueError(
+                    f"unknown recipe {echo(name)}; "
+                    + (f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(RECIPES)}")
+                )
+        return value
+
+    @property
+    def recipes(self) -> list[str]:
+        return [self.recipe, *[r for r in self.compare if r != self.recipe]]
 
 DEAD_MARK = "\u2020"  # dagger after a dead filter's label: a word would not fit a small tile
 MIN_FILTERS_FOR_RATIO = 3  # live filters needed before the best one is compared with their median
@@ -278,7 +331,7 @@ def plan_grid_heights(lead: float, layers: list[dict[str, Any]], side_by_side: b
 
 
 class FiltersAnalysis(Analysis):
-    type = "filters"
+    section = FiltersSection
 
     def default_title(self, section: FiltersSection) -> str:
         return f"Filters of {', '.join(section.layers)} ({' vs '.join(section.recipes)})"

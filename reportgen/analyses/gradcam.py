@@ -6,10 +6,11 @@ target and layer checks, loading, cache keys, print-sharp display and heatmap st
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from reportgen.analyses.base import (
     Analysis,
@@ -21,12 +22,20 @@ from reportgen.analyses.base import (
     map_array,
 )
 from reportgen.datasets import Dataset, ImageItem, load_pixels
-from reportgen.engine.gradients import engine_for
 from reportgen.errors import ReportgenError
 from reportgen.imaging import overlay, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
-from reportgen.spec.schema import GradcamSection
+from reportgen.spec.fields import ImagesMixin, Index, SectionBase
 from reportgen.store import content_key
+
+
+class GradcamSection(SectionBase, ImagesMixin):
+    type: Literal["gradcam"]
+    needs_top: ClassVar[bool] = True
+    model: str
+    layer: str
+    target: Index | str | None = Field(None, description="Class index or name; default: the top prediction.")
+    alpha: float = Field(0.45, ge=0, le=1)
 
 DEFAULT_IMAGES = 12  # images shown when a section names neither `images` nor `limit`
 TABLE_ROWS = 25  # rows shown in the PDF; the CSV artifact has them all
@@ -184,7 +193,7 @@ def explained(lm: LoadedModel, target: int) -> str:
 
 
 class GradcamAnalysis(Analysis):
-    type = "gradcam"
+    section = GradcamSection
     version = "2"  # 2: the maps at the layer's own resolution are stored too
 
     def default_title(self, section: GradcamSection) -> str:
@@ -193,6 +202,8 @@ class GradcamAnalysis(Analysis):
     def build(
         self, section: GradcamSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
+        from reportgen.engine.gradients import engine_for  # imports TensorFlow
+
         lm = ctx.models.get(section.model)
         check_conv_layer(lm, section.layer, ctx.where(index, "layer"))
         target = resolve_target(lm, section.target, ctx.where(index, "target"))

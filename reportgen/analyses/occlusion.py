@@ -7,10 +7,11 @@ The Grad-CAMs of the original and the occluded image, side by side, show where t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field, field_validator
 
 from reportgen.analyses.base import (
     Analysis,
@@ -34,10 +35,40 @@ from reportgen.analyses.gradcam import (
     skipped_note,
 )
 from reportgen.datasets import ImageItem
-from reportgen.engine.gradients import engine_for, fill_source, occlude, scale_box
 from reportgen.errors import ReportgenError
 from reportgen.models import LoadedModel
-from reportgen.spec.schema import OcclusionSection
+from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
+
+
+class OcclusionMask(Strict):
+    name: str
+    box: tuple[Index, Index, Index, Index] = Field(description="[x0, y0, x1, y1] in the image's own pixels.")
+    image: str | None = Field(None, description="Apply only to this image (file name or stem).")
+    fill: Literal["gray", "black", "blur", "mean"] = "gray"
+
+    @field_validator("box")
+    @classmethod
+    def _not_empty(cls, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        x0, y0, x1, y1 = box
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"box {list(box)} is empty; [x0, y0, x1, y1] needs x1 > x0 and y1 > y0")
+        return box
+
+
+class SlidingPatch(Strict):
+    patch: int = Field(32, ge=1, description="Patch size in model-input pixels.")
+    stride: int = Field(16, ge=1)
+    fill: Literal["gray", "black", "blur", "mean"] = Field("gray", description="What the patch shows.")
+
+
+class OcclusionSection(SectionBase, ImagesMixin):
+    type: Literal["occlusion"]
+    needs_top: ClassVar[bool] = True
+    model: str
+    layer: str
+    masks: list[OcclusionMask] = Field(default_factory=list)
+    sliding: SlidingPatch | None = None
+    target: Index | str | None = None
 
 NEGLIGIBLE = 0.02  # a probability change below this is reported as "barely moves"
 
@@ -59,6 +90,8 @@ def plan_masks(
     sizes: list[tuple[int, int]],
 ) -> Plan:
     """(item index, mask index, box in model-input pixels) for every mask and image it applies to."""
+    from reportgen.engine.gradients import scale_box  # imports TensorFlow
+
     pairs, notes = [], []
     for j, mask in enumerate(section.masks):
         x0, y0, x1, y1 = mask.box
@@ -115,7 +148,7 @@ def _to_image_px(box: np.ndarray, original: tuple[int, int], size: tuple[int, in
 
 
 class OcclusionAnalysis(Analysis):
-    type = "occlusion"
+    section = OcclusionSection
     version = "2"  # 2: the Grad-CAMs at the layer's own resolution are stored too
 
     def default_title(self, section: OcclusionSection) -> str:
@@ -124,6 +157,8 @@ class OcclusionAnalysis(Analysis):
     def build(
         self, section: OcclusionSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
+        from reportgen.engine.gradients import engine_for, fill_source, occlude  # imports TensorFlow
+
         if not section.masks and section.sliding is None:
             raise ReportgenError(
                 f"{ctx.where(index, 'type')}: an occlusion section needs `masks:` (named "

@@ -8,20 +8,27 @@ the model spec, else from the offline ImageNet index for 1000-way models, else a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
 from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.analyses.class_ranking import skipped_note, thumbnail
 from reportgen.datasets import Dataset, ImageItem
-from reportgen.engine.forward import class_count, to_probabilities
 from reportgen.errors import ReportgenError
 from reportgen.labels import IMAGENET_NUM_CLASSES, decode_top_k
 from reportgen.models import LoadedModel
-from reportgen.spec.schema import PredictionsSection
+from reportgen.spec.fields import ImagesMixin, SectionBase
 from reportgen.work import DatasetRequest
+
+
+class PredictionsSection(SectionBase, ImagesMixin):
+    type: Literal["predictions"]
+    needs_top: ClassVar[bool] = True
+    model: str
+    top_k: int = Field(5, ge=1)
 
 
 def class_names(lm: LoadedModel, ctx: RunContext, n_classes: int) -> tuple[list[str], str]:
@@ -44,7 +51,7 @@ def class_names(lm: LoadedModel, ctx: RunContext, n_classes: int) -> tuple[list[
 
 
 class PredictionsAnalysis(Analysis):
-    type = "predictions"
+    section = PredictionsSection
     version = "1"
 
     def default_title(self, section: PredictionsSection) -> str:
@@ -56,6 +63,8 @@ class PredictionsAnalysis(Analysis):
     ) -> tuple[LoadedModel, Dataset, list[ImageItem], tuple[str, ...] | None]:
         """Model, dataset, chosen images, and the images the dataset pass runs over: None (every image)
         when a class ranking reads the whole (model, dataset) anyway, else just the chosen ones."""
+        from reportgen.engine.forward import class_count  # imports TensorFlow
+
         lm = ctx.models.get(section.model)
         class_count(lm)
         ds = ctx.datasets.get(section.dataset)
@@ -71,6 +80,8 @@ class PredictionsAnalysis(Analysis):
     def build(
         self, section: PredictionsSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
+        from reportgen.engine.forward import class_count  # imports TensorFlow
+
         lm, ds, items, images = self._images(section, ctx, index)
         n_classes = class_count(lm)
         names, names_source = class_names(lm, ctx, n_classes)
@@ -138,6 +149,8 @@ class PredictionsAnalysis(Analysis):
     ) -> dict[str, np.ndarray]:
         """The chosen images' rows of the class outputs the dataset pass stored (over every image of the
         dataset, or over the chosen ones), as probabilities."""
+        from reportgen.engine.forward import to_probabilities  # imports TensorFlow
+
         stored = dataset_pass.class_outputs(ctx, lm, ds, images)
         pass_items = ds.items if images is None else items
         position = {it.name: i for i, it in enumerate(pass_items)}

@@ -7,9 +7,10 @@ copies of the image, which keeps what is stable and suppresses that noise.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
 from reportgen.analyses.base import (
     Analysis,
@@ -33,9 +34,26 @@ from reportgen.analyses.gradcam import (
     select_images,
     skipped_note,
 )
-from reportgen.engine.gradients import engine_for
 from reportgen.imaging import colormap, to_pil, upscale_for_print
-from reportgen.spec.schema import SaliencySection
+from reportgen.spec.fields import ImagesMixin, Index, SectionBase
+
+
+class SaliencySection(SectionBase, ImagesMixin):
+    type: Literal["saliency"]
+    needs_top: ClassVar[bool] = True
+    model: str
+    methods: list[Literal["vanilla", "smoothgrad"]] = Field(default_factory=lambda: ["vanilla", "smoothgrad"])
+    samples: int = Field(
+        16, ge=1, le=256, description="SmoothGrad noisy samples (each a copy of the image in memory)."
+    )
+    noise: float = Field(
+        0.15,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="SmoothGrad noise std as a share of the input range.",
+    )
+    target: Index | str | None = None
 
 CMAP = "inferno"
 CLIP_PERCENTILE = 99.0  # a handful of extreme gradients would otherwise turn the rest of the map black
@@ -50,7 +68,7 @@ def render_map(values: np.ndarray) -> np.ndarray:
 
 
 class SaliencyAnalysis(Analysis):
-    type = "saliency"
+    section = SaliencySection
 
     def default_title(self, section: SaliencySection) -> str:
         return f"Saliency maps of {section.model}"
@@ -58,6 +76,8 @@ class SaliencyAnalysis(Analysis):
     def build(
         self, section: SaliencySection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
+        from reportgen.engine.gradients import engine_for  # imports TensorFlow
+
         lm = ctx.models.get(section.model)
         target = resolve_target(lm, section.target, ctx.where(index, "target"))
         ds, items, notes = select_images(section, ctx, index)

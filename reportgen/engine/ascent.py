@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from reportgen.engine.parameterization import Parameterization, optimizer_tables
 from reportgen.engine.quality import ROBUSTNESS_DRAWS, hf_energy, robustness_ratio, robustness_transforms
-from reportgen.engine.recipes import Recipe
+from reportgen.engine.recipes import Recipe, ascent_size
 from reportgen.models import LoadedModel
 
 AUG_DIMS = 4  # per step: dx, dy, angle, zoom, each uniform in [-1, 1]
@@ -98,12 +98,6 @@ def sample_seed(digest: str, layer: str, filt: int, seed: int, variant: int = 0)
     for the further images of `diversity`, the variant."""
     key = f"{digest[:16]}|{layer}|{filt}|{seed}{f'|v{variant}' if variant else ''}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
-
-
-def ascent_size(model: LoadedModel, recipe: Recipe) -> tuple[int, int]:
-    if model.fixed_input or not recipe.size:
-        return model.input_size
-    return (recipe.size, recipe.size)
 
 
 def initial_state(

@@ -326,3 +326,12 @@ def params_json_schema(schema: dict[str, Any]) -> None:
         props[f.name] = {"type": kind, **rule.json_schema(), "description": rule.doc}
     schema["properties"] = props
     schema["additionalProperties"] = False
+
+
+def ascent_size(model: Any, recipe: Recipe) -> tuple[int, int]:
+    """(height, width) the ascent optimises at on `model` (a `reportgen.models.LoadedModel`): the recipe's
+    `size` where the model takes any size, else the model's fixed input. Here, with the recipes rather than
+    with the TensorFlow program, so that sections and the planner can compute keys without TensorFlow."""
+    if model.fixed_input or not recipe.size:
+        return model.input_size
+    return (recipe.size, recipe.size)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from reportgen.engine.recipes import Recipe
+from reportgen.engine.recipes import Recipe, ascent_size
 from reportgen.store import Store, content_key
 
 # Bump when the ascent's numbers change, so that stored results are recomputed. ascent-2: host-side
@@ -57,8 +57,6 @@ def ascent_key(
 ) -> str:
     """Content key of one ascent result; cluster workers recompute it to check they see the same model.
     `unit`: (objective, position, direction, variant, diversity) when not the default channel objective."""
-    from reportgen.engine.ascent import ascent_size
-
     return content_key(
         *unit,
         ASCENT_CODE_VERSION,

@@ -1,6 +1,6 @@
-"""The spec: YAML with line numbers -> validated pydantic models -> resolved paths."""
+"""The spec: YAML with line numbers (`yaml_lines`) -> validated pydantic models (`fields`, `schema`, and the
+section models of `reportgen.analyses`) -> resolved paths (`load`).
 
-from reportgen.spec.load import load_spec, spec_sha256
-from reportgen.spec.schema import Spec, json_schema
-
-__all__ = ["Spec", "json_schema", "load_spec", "spec_sha256"]
+This package module imports nothing: `reportgen.spec.schema` imports every section type's module, and
+those import `reportgen.spec.fields`, which would otherwise pull the whole spec in half-way through.
+"""

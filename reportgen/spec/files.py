@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from reportgen.errors import ReportgenError, SpecError
+from reportgen.spec.fields import _RANGE
 from reportgen.spec.load import locate
-from reportgen.spec.schema import _RANGE, Spec
+from reportgen.spec.schema import Spec
 
 # Section types whose filter / channel selection is resolved against a layer: (selection, layer field).
 SELECTIONS = {
