@@ -79,8 +79,8 @@ def _spec(tmp_path: Path, precision: str, **model: Any) -> Path:
 def test_onednn_is_switched_on_for_safe_models_unless_the_user_chose(tmp_path: Path) -> None:
     """bfloat16 needs oneDNN's kernels on CPU and float32 is faster with them; reportgen turns oneDNN off
     by default (FER crash) and back on for specs whose models are all known to be safe with it."""
-    code = ("import os, sys, reportgen; from reportgen.spec.load import load_spec; from reportgen.device import "
-            "select_cpu_kernels; select_cpu_kernels(load_spec(sys.argv[1])); "
+    code = ("import os, sys, reportgen; from reportgen.spec.load import load_spec; "
+            "from reportgen.device import select_cpu_kernels; select_cpu_kernels(load_spec(sys.argv[1])); "
             "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], 'tensorflow' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "REPORTGEN_ONEDNN_SET")}
 

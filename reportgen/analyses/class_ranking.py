@@ -21,9 +21,10 @@ from pydantic import Field, field_validator
 
 from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult, slugify
-from reportgen.datasets import Dataset, ImageItem, load_image
+from reportgen.analyses.shared import NAMES_IN_NOTE, missing_note, thumbnail
+from reportgen.datasets import Dataset
 from reportgen.errors import ReportgenError
-from reportgen.imaging import chart_text, upscale_for_print
+from reportgen.imaging import chart_text
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
 from reportgen.work import DatasetRequest
@@ -40,30 +41,8 @@ class ClassRankingSection(SectionBase):
 
     _f = field_validator("filters")(check_filter_selection)
 
-THUMB_SIDE = 192  # thumbnails are fitted into this square; smaller images are upscaled to stay sharp
 TABLE_ROWS_SHOWN = 25  # rows printed in the report; the CSV artifact has every class
-NAMES_IN_NOTE = 8
 SILENT_MAX = 1e-6  # a filter whose largest per-image mean activation is at most this never fires
-
-
-def thumbnail(path: Path, side: int = THUMB_SIDE) -> np.ndarray:
-    """Display copy of an image: fitted into side x side, tiny images upscaled (nearest) for print."""
-    from PIL import Image
-
-    image = Image.fromarray(load_image(path))
-    image.thumbnail((side, side), Image.BILINEAR)
-    return np.asarray(upscale_for_print(image, side))
-
-
-def skipped_note(items: list[ImageItem], missing: list[int]) -> str | None:
-    """The caveat listing files that could not be decoded (they are left out, not fatal)."""
-    if not missing:
-        return None
-    names = [items[i].name for i in missing]
-    shown = ", ".join(names[:NAMES_IN_NOTE])
-    if len(names) > NAMES_IN_NOTE:
-        shown += f" and {len(names) - NAMES_IN_NOTE} more"
-    return f"{len(names)} unreadable image{'s' if len(names) != 1 else ''} skipped (not decodable): {shown}."
 
 
 def class_means(means: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +125,7 @@ class ClassRankingAnalysis(Analysis):
         items, n_classes = ds.items, len(ds.class_names)
         labelled = n_classes > 0
         valid = ~np.isnan(means).any(axis=1)
-        notes = [n for n in [skipped_note(items, missing)] if n]
+        notes = [n for n in [missing_note(items, missing)] if n]
         if labelled:
             per_class, counts = class_means(means, np.asarray([it.label for it in items]), n_classes)
             empty = [ds.class_names[k] for k in range(n_classes) if counts[k] == 0]

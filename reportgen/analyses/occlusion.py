@@ -21,7 +21,7 @@ from reportgen.analyses.base import (
     SectionResult,
     map_array,
 )
-from reportgen.analyses.gradcam import (
+from reportgen.analyses.shared import (
     as_uint8,
     check_conv_layer,
     explained,

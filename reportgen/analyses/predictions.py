@@ -15,7 +15,7 @@ from pydantic import Field
 
 from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
-from reportgen.analyses.class_ranking import skipped_note, thumbnail
+from reportgen.analyses.shared import missing_note, thumbnail
 from reportgen.datasets import Dataset, ImageItem
 from reportgen.errors import ReportgenError
 from reportgen.labels import IMAGENET_NUM_CLASSES, decode_top_k
@@ -88,7 +88,7 @@ class PredictionsAnalysis(Analysis):
         data = self._probabilities(ctx, lm, ds, items, images)
         probs, missing = data["probs"], {int(i) for i in data["missing"]}
         k = min(section.top_k, n_classes)
-        notes = [n for n in [skipped_note(items, sorted(missing))] if n]
+        notes = [n for n in [missing_note(items, sorted(missing))] if n]
         if bool(data["softmax_applied"]):
             notes.append(
                 "The model's outputs are not probabilities (no softmax layer): softmax was applied "

@@ -21,7 +21,7 @@ from reportgen.analyses.base import (
     colour_bar,
     map_array,
 )
-from reportgen.analyses.gradcam import (
+from reportgen.analyses.shared import (
     FINDING_IMAGES,
     as_uint8,
     explained,
