@@ -1,10 +1,12 @@
-"""All benchmarks in one run: matmul peak, filters, ranking and rerun; a Markdown results table.
+"""All benchmarks in one run: matmul peak, filters, ranking, rerun and dataset-pass throughput; Markdown
+results tables.
 
 Every ratio compares reportgen with the naive approach measured in this same run, and every FLOP rate
 is divided by the matmul peak measured in this same run, so the table holds on the machine it ran on.
 
     python benchmarks/run_all.py --quick    # a few minutes on 2 cores: small counts, small rerun spec
-    python benchmarks/run_all.py --full     # the issue's sizes: 64 filters, 256 images, specs/demo.yaml
+    python benchmarks/run_all.py --full     # the issue's sizes: 64 filters, 256 images, specs/demo.yaml,
+                                            # peak RSS of passes over 1,000 and 10,000 images
 
 The table is printed and written to benchmarks/results.md (`--out` to change).
 """
@@ -20,21 +22,23 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import filters, ranking, rerun  # noqa: E402
+from benchmarks import filters, ranking, rerun, throughput  # noqa: E402
 from benchmarks import peak as peak_mod  # noqa: E402
 from benchmarks.common import ONEDNN_MODES, RAW, Row, machine, markdown_table, select_kernels  # noqa: E402
 
 MODES = {
     # quick: 4 filters in 2 chunks (so the engine's steady rate is seen), 64 images, the small rerun spec
     "quick": {"filters": 4, "batch": 2, "images": 64, "classic_filters": 2, "classic_images": 8,
-              "spec": None, "peak_repeats": 3},
+              "spec": None, "peak_repeats": 3, "rounds": 1, "rss": [200, 1000]},
     "full": {"filters": 64, "batch": 16, "images": 256, "classic_filters": 4, "classic_images": 16,
-             "spec": rerun.DEMO, "peak_repeats": 5},
+             "spec": rerun.DEMO, "peak_repeats": 5, "rounds": 2, "rss": [1000, 10000]},
 }
 
 
-def report(mode: str, command: str, described: str, steady: str, rows: list[Row], seconds: float) -> str:
+def report(mode: str, command: str, described: str, steady: str, rows: list[Row], seconds: float,
+           passes: list[throughput.Measure]) -> str:
     notes = [f"- {r.case}: " + "; ".join(r.notes) for r in rows if r.notes]
+    pass_notes = [f"- {m.case}, {m.images} images: {m.note}" for m in passes if m.note]
     return "\n".join([
         f"# reportgen benchmarks ({mode})",
         "",
@@ -50,6 +54,15 @@ def report(mode: str, command: str, described: str, steady: str, rows: list[Row]
         markdown_table(rows),
         "",
         *notes,
+        "",
+        "## Dataset passes: forward floor, decoded-image cache, peak memory",
+        "",
+        "Forward floor = the same traced program on pre-decoded tensors in this run; rates are the best of "
+        "the rounds; peak RSS of each pass in a fresh subprocess (benchmarks/throughput.py).",
+        "",
+        throughput.markdown(passes),
+        "",
+        *pass_notes,
         "",
     ])
 
@@ -76,10 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(ranking.run("vgg16-hed", "block3_conv1", cfg["images"], 224, 8, cfg["classic_filters"],
                             cfg["classic_images"], peaks))
     rows.append(rerun.run(cfg["spec"]))
+    passes = throughput.run(cfg["images"], 224, 8, cfg["rounds"], cfg["rss"], "block1_conv1")
     command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
     end_peaks = peak_mod.measure(2048, cfg["peak_repeats"], filters.peak_dtypes(args.precision))[0]
     text = report(mode, command.strip(), described, peak_mod.stability(peaks, end_peaks), rows,
-                  time.perf_counter() - t0)
+                  time.perf_counter() - t0, passes)
     print()
     print(text)
     args.out.write_text(text, encoding="utf-8")

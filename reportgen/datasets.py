@@ -311,7 +311,9 @@ def scan_folder(
         # Cached pixels are rounded to uint8 after the resize (decoded ones are float): results computed
         # from them get their own keys, so turning the cache on or off never mixes the two.
         digest = hashlib.sha256(f"{digest}|decoded-uint8".encode()).hexdigest()
-        source = DecodedSource(decoded_folder, digest, tuple(it.name for it in items))
+        settings = [str(root.resolve()), spec.labels, spec.per_class, spec.limit, spec.max_pixels, seed]
+        lineage = hashlib.sha256(repr(settings).encode()).hexdigest()
+        source = DecodedSource(decoded_folder, digest, tuple(it.name for it in items), lineage)
         items = [dataclasses.replace(it, decoded=source) for it in items]
     return Dataset(key, root, items, class_names, digest, notes, too_large)
 

@@ -14,10 +14,11 @@ Layout, under the store's cache folder (`<cache>/decoded/`):
 
 The key hashes the dataset digest (every file's name, size, mtime and label), the input size, the
 channel count and the resize method, so a changed, added or removed file gives a new key, never stale
-pixels. Both files are written under temporary names and renamed, data first and index last: the index
-is the commit mark, so a run killed mid-build leaves no cache that a later run would read (its temporary
-file is removed by the next build). Writing is best effort: a full disk or an unwritable folder costs one
-warning and the pass goes on decoding.
+pixels; the new cache then replaces the one of the folder's earlier state. Both files are written under
+temporary names and renamed, data first and index last: the index is the commit mark, so a run killed
+mid-build leaves no cache that a later run would read (its temporary file is removed by the next
+build). Writing is best effort: a full disk or an unwritable folder costs one warning and the pass goes
+on decoding.
 
 Rows are read with plain `pread`s into one batch buffer, not through `np.memmap`: pages of a mapped
 file count towards the process's resident memory as they are touched, so a pass over a 10 GB cache
@@ -57,6 +58,9 @@ class DecodedSource:
     folder: Path  # <cache>/decoded
     digest: str  # the dataset's digest: changes with any file
     names: tuple[str, ...]  # the dataset's item names; row i holds names[i]
+    # The dataset's folder and selection settings, without its files: the caches an earlier state of
+    # the same folder left are replaced by a new build (a nightly folder that grows must not fill the disk)
+    lineage: str = ""
 
     @functools.cached_property
     def rows(self) -> dict[str, int]:
@@ -169,10 +173,11 @@ class CacheWriter:
 
     def _remove_stale(self) -> None:
         """Temporary files of builds whose process is gone (killed runs): they are never read."""
-        for tmp in self.source.folder.glob(f".{self.data.name}.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+        for name in (self.data.name, self.index.name):
+            for tmp in self.source.folder.glob(f".{name}.tmp-*"):
+                pid = tmp.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not _alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
 
     def _fail(self, exc: OSError) -> None:
         log.warning("decoded-image cache not built (%s: %s); the pass goes on decoding",
@@ -199,6 +204,7 @@ class CacheWriter:
         meta = {
             "format": FORMAT,
             "key": self.source.key(self.size, self.channels),
+            "lineage": self.source.lineage,
             "digest": self.source.digest,
             "size": list(self.size),
             "channels": self.channels,
@@ -220,7 +226,27 @@ class CacheWriter:
             index_tmp.unlink(missing_ok=True)
             self._fail(exc)
             return False
+        self._remove_superseded()
         return True
+
+    def _remove_superseded(self) -> None:
+        """Caches of the same folder and settings at this input size whose files have changed since:
+        their key can never come back unless every file does. Index first (it uncommits), then data;
+        a pass still reading one keeps its open file."""
+        if not self.source.lineage:
+            return
+        for index in self.source.folder.glob("*.json"):
+            if index == self.index:
+                continue
+            try:
+                meta = json.loads(index.read_text(encoding="utf-8"))
+                if (meta.get("lineage"), meta.get("size"), meta.get("channels")) == (
+                    self.source.lineage, list(self.size), self.channels
+                ):
+                    index.unlink(missing_ok=True)
+                    index.with_suffix(".u8").unlink(missing_ok=True)
+            except (OSError, ValueError):
+                continue
 
     def abort(self) -> None:
         if self.fd is not None:

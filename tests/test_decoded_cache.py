@@ -100,7 +100,9 @@ def test_a_changed_file_gives_a_new_key(tmp_path: Path) -> None:
     batches = stream(changed.items, SIZE, 3, batch_size=4)
     new, idx = collect(batches)
     assert batches.decoded == len(ds.items) - 1 and batches.from_cache == 0 and batches.built
-    assert len(list(cache.glob("*.u8"))) == 2
+    old_key, new_key = (d.items[0].decoded.key(SIZE, 3) for d in (ds, changed))  # type: ignore[union-attr]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{new_key}.u8", f"{new_key}.json"])
+    assert old_key != new_key  # the folder's earlier cache was replaced, not kept beside
     row = list(idx).index(next(i for i, it in enumerate(changed.items) if it.path == target))
     assert np.abs(new[row] - 200).max() <= 2 and not np.array_equal(new[row], old[row])
 
@@ -144,12 +146,13 @@ def test_a_pass_stopped_early_leaves_no_cache_and_stale_temporaries_go(tmp_path:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     key = ds.items[0].decoded.key(SIZE, 3)  # type: ignore[union-attr]
-    stale = cache / f".{key}.u8.tmp-{dead}"
-    stale.write_bytes(b"\0" * 100)
+    stale = [cache / f".{key}.u8.tmp-{dead}", cache / f".{key}.json.tmp-{dead}"]
+    for path in stale:
+        path.write_bytes(b"\0" * 100)
     (cache / f"{key}.u8").write_bytes(b"\0" * 100)  # a data file without its index is no cache
     first = stream(ds.items, SIZE, 3)
     collect(first)
-    assert first.built and first.decoded == len(ds.items) - 1 and not stale.exists()
+    assert first.built and first.decoded == len(ds.items) - 1 and not any(p.exists() for p in stale)
 
 
 def test_same_size_images_skip_the_resize_exactly(tmp_path: Path) -> None:
