@@ -27,6 +27,7 @@ from reportgen.analyses.base import (
 )
 from reportgen.datasets import ImageItem, load_image, missing_indices, stream
 from reportgen.errors import ReportgenError
+from reportgen.execute import with_backoff
 from reportgen.imaging import colormap, grid, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import (
@@ -37,6 +38,7 @@ from reportgen.spec.fields import (
     expand_filters,
 )
 from reportgen.store import content_key
+from reportgen.work import ImageRequest
 
 
 class ActivationsSection(SectionBase, ImagesMixin):
@@ -226,14 +228,23 @@ class ActivationsAnalysis(Analysis):
         return lm, ds, items, shown, notes
 
     def prepare(self, section: ActivationsSection, ctx: RunContext, index: int) -> None:
-        """Nothing to batch across sections; checks the fields so that a typo fails before any ascent runs."""
-        self._plan(section, ctx, index)
+        """Check the fields (a typo fails before any pass runs) and declare the maps for the planner."""
+        lm, ds, items, shown, _ = self._plan(section, ctx, index)
+        key = self._key(section, lm, ds, items, shown)
+        layers = tuple(section.layers)
+        n = len(items)
+        ctx.work.add(ImageRequest("activations", section.model, section.dataset, key, n, n, layers))
 
-    def build(
-        self, section: ActivationsSection, ctx: RunContext, out: SectionOutput, index: int
-    ) -> SectionResult:
-        lm, ds, items, shown, notes = self._plan(section, ctx, index)
-        key = content_key(
+    def _key(
+        self,
+        section: ActivationsSection,
+        lm: LoadedModel,
+        ds: Any,
+        items: list[ImageItem],
+        shown: list[list[int]],
+    ) -> str:
+        """The content key of the section's maps: everything that changes them."""
+        return content_key(
             "activations",
             self.version,
             lm.digest,
@@ -246,11 +257,19 @@ class ActivationsAnalysis(Analysis):
             lm.input_size,
         )
 
+    def build(
+        self, section: ActivationsSection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
+        lm, ds, items, shown, notes = self._plan(section, ctx, index)
+        key = self._key(section, lm, ds, items, shown)
+
         def compute() -> dict[str, np.ndarray]:
             program = activation_program(lm, section.layers, shown, section.map_size)
             label = f"activations {section.model} ({len(shown)} layers)"
             with ctx.progress.task(label, len(items)) as advance:
-                return program.run(items, ctx.batch_size, advance)
+                return with_backoff(
+                    lambda b: program.run(items, b, advance), ctx.work.batch_for(key, ctx.batch_size), label
+                )
 
         with ctx.timed("engine: activations"):
             arrays = ctx.cached(key, compute)

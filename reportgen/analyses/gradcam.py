@@ -35,7 +35,10 @@ from reportgen.analyses.shared import (
     skipped_note,
 )
 from reportgen.datasets import ImageItem
+from reportgen.execute import with_backoff
+from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
+from reportgen.work import ImageRequest
 
 
 class GradcamSection(SectionBase, ImagesMixin):
@@ -56,22 +59,40 @@ class GradcamAnalysis(Analysis):
     def default_title(self, section: GradcamSection) -> str:
         return f"Grad-CAM of {section.model} at {section.layer}"
 
-    def build(
-        self, section: GradcamSection, ctx: RunContext, out: SectionOutput, index: int
-    ) -> SectionResult:
-        from reportgen.engine.gradients import engine_for  # imports TensorFlow
-
+    def _work(
+        self, section: GradcamSection, ctx: RunContext, index: int
+    ) -> tuple[LoadedModel, int, Any, list[ImageItem], list[str], str]:
+        """Model, target class, dataset, images, notes and the content key, with located field errors."""
         lm = ctx.models.get(section.model)
         check_conv_layer(lm, section.layer, ctx.where(index, "layer"))
         target = resolve_target(lm, section.target, ctx.where(index, "target"))
         ds, items, notes = select_images(section, ctx, index)
         # alpha only changes the picture, not the computed maps, so it is not part of the key.
         key = result_key(self.type, self.version, lm, ds, items, {"layer": section.layer, "target": target})
+        return lm, target, ds, items, notes, key
+
+    def prepare(self, section: GradcamSection, ctx: RunContext, index: int) -> None:
+        """Declare the batch of maps (one forward + backward pass per image) for the planner."""
+        lm, _, _, items, _, key = self._work(section, ctx, index)
+        last = (lm.model.layers[-1].name,)
+        n = len(items)
+        ctx.work.add(ImageRequest("gradient", section.model, section.dataset, key, n, n, last, backward=True))
+
+    def build(
+        self, section: GradcamSection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
+        from reportgen.engine.gradients import engine_for  # imports TensorFlow
+
+        lm, target, ds, items, notes, key = self._work(section, ctx, index)
 
         def compute() -> dict[str, np.ndarray]:
             pixels, kept = load_inputs(lm, ds, items, ctx.where(index, "dataset"))
             with ctx.timed("engine: gradients"):
-                r = engine_for(lm, ctx.batch_size).gradcam(pixels, section.layer, target)
+                r = with_backoff(
+                    lambda b: engine_for(lm, b).gradcam(pixels, section.layer, target),
+                    ctx.work.batch_for(key, ctx.batch_size),
+                    f"gradcam {section.model}",
+                )
             return {
                 "images": as_uint8(pixels),
                 "kept": kept,
