@@ -1,4 +1,5 @@
-"""Batched gradient engines: Grad-CAM, input-gradient saliency (vanilla, SmoothGrad) and occlusion.
+"""Batched gradient engines: class activation maps (Grad-CAM, Grad-CAM++, LayerCAM, Score-CAM,
+Faster-ScoreCAM), input-gradient saliency (vanilla, SmoothGrad) and occlusion.
 
 Every image-dependent value (pixels, target class, occluding box) is a tensor argument of a function
 compiled once per model (and per Grad-CAM layer) with a fixed `input_signature` whose batch dimension
@@ -11,6 +12,11 @@ The score of a batch is the sum of each image's own target score; in inference m
 interact, so the gradient w.r.t. each image (or its feature maps) is that image's own gradient.
 
 A target of -1 means "the image's top prediction"; the resolved class comes back with every result.
+
+Every CAM is the positive part of a weighted sum of the layer's feature maps, divided by its peak (an
+all-zero map stays zero) at the layer's resolution, then bilinearly upsampled to the input. The methods
+differ only in the weights: Grad-CAM, Grad-CAM++ and LayerCAM come from the same forward and backward
+pass; Score-CAM needs one extra forward pass per (image, channel) mask, batched across images.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from reportgen.models import LoadedModel
 
 Fill = Literal["gray", "black", "blur", "mean"]
 GRAY = 128.0  # mid-gray in 0..255 pixel space
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam")
+GRADIENT_CAMS = CAM_METHODS[:3]  # computed together from one forward + backward pass
+EPSILON = 1e-7  # keras.backend.epsilon(): keeps Score-CAM's min-max normalisation finite on flat maps
 
 
 @dataclass
@@ -36,6 +45,19 @@ class CamResult:
     probability: np.ndarray  # float32 (N,) softmax probability of that class
     top: np.ndarray  # int32 (N,) the top predicted class
     probs: np.ndarray  # float32 (N, K) softmax of the logits
+
+
+@dataclass
+class CamMaps:
+    """Several CAM methods of one layer for the same images (`gradcam` bundles only Grad-CAM)."""
+
+    heatmaps: dict[str, np.ndarray]  # method -> float32 (N, H, W) in [0, 1] at the model's input size
+    maps: dict[str, np.ndarray]  # method -> float32 (N, h, w) in [0, 1] at the layer's resolution
+    classes: np.ndarray  # int32 (N,)
+    probability: np.ndarray  # float32 (N,)
+    top: np.ndarray  # int32 (N,)
+    probs: np.ndarray  # float32 (N, K)
+    masked_passes: int  # Score-CAM forward passes run (one per kept channel per image)
 
 
 @dataclass
@@ -143,6 +165,41 @@ def _pick(logits: tf.Tensor, target: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return cls, tf.gather(logits, cls, axis=1, batch_dims=1)
 
 
+def _weighted(fmaps: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    """(N, h, w, K) feature maps x (N, 1, 1, K) channel weights -> (N, h, w) weighted sum."""
+    return tf.reduce_sum(fmaps * weights, axis=-1)
+
+
+def _gradcam_pp_weights(fmaps: tf.Tensor, grads: tf.Tensor) -> tf.Tensor:
+    """Grad-CAM++ channel weights (Chattopadhay et al. 2018, eq. 19 with the exponential-score trick).
+
+    With Y = exp(S), dY/dA = Y g, and for a piecewise-linear network the 2nd/3rd derivatives are Y g^2 and
+    Y g^3 (g = dS/dA); Y cancels in alpha = g^2 / (2 g^2 + sum_ab(A) g^3) and only scales the map, which is
+    peak-normalised, so it is left out: exp of a large logit would overflow float32. A zero denominator
+    becomes 1, and alpha is divided by its spatial sum, as both the authors' code and tf-keras-vis do.
+    """
+    g2 = tf.square(grads)
+    denom = 2.0 * g2 + g2 * grads * tf.reduce_sum(fmaps, axis=(1, 2), keepdims=True)
+    alpha = g2 / tf.where(denom != 0.0, denom, tf.ones_like(denom))
+    norm = tf.reduce_sum(alpha, axis=(1, 2), keepdims=True)
+    alpha = alpha / tf.where(norm != 0.0, norm, tf.ones_like(norm))
+    return tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2), keepdims=True)
+
+
+def _peak_normalised(cams: tf.Tensor) -> tf.Tensor:
+    """(N, h, w, M) maps -> their positive part divided by each map's peak; an all-zero map (no positive
+    evidence) stays zero instead of becoming NaN."""
+    heat = tf.nn.relu(cams)
+    return tf.math.divide_no_nan(heat, tf.reduce_max(heat, axis=(1, 2), keepdims=True))
+
+
+def faster_scorecam_channels(fmaps: np.ndarray, max_n: int) -> np.ndarray:
+    """(N, min(max_n, K)) indices of each image's channels of largest spatial standard deviation, largest
+    first (ties: lower index, as tf.math.top_k); Faster-ScoreCAM masks only with these."""
+    std = np.asarray(fmaps, np.float32).std(axis=(1, 2))
+    return np.argsort(-std, axis=1, kind="stable")[:, : min(max_n, std.shape[1])]
+
+
 class GradientEngine:
     """Compiled gradient programs of one model; get it with `engine_for(model)`."""
 
@@ -158,6 +215,7 @@ class GradientEngine:
         self._cams: dict[str, Callable[..., Any]] = {}
         self._grads: Callable[..., Any] | None = None
         self._occluded: Callable[..., Any] | None = None
+        self._masked: Callable[..., Any] | None = None
 
     def _trace(self, name: str) -> None:
         # Runs only while tracing (a Python side effect), so it counts traces, not calls.
@@ -171,9 +229,15 @@ class GradientEngine:
             self._logits_model = keras.Model(self.lm.model.inputs, self.lm.logits_output)
         return self._logits_model
 
-    # -- Grad-CAM ----------------------------------------------------------------------------------
+    # -- class activation maps ---------------------------------------------------------------------
 
     def _cam_fn(self, layer: str) -> Callable[..., Any]:
+        """Grad-CAM, Grad-CAM++ and LayerCAM of one layer from a single forward + backward pass.
+
+        Returns the three maps as the last axis of (N, h, w, 3) at the layer's resolution and upsampled
+        (the resize treats them as channels, each interpolated on its own), plus the feature maps, which
+        Score-CAM turns into masks.
+        """
         if layer in self._cams:
             return self._cams[layer]
         import keras
@@ -191,20 +255,91 @@ class GradientEngine:
                 cls, score = _pick(logits, target)
                 total = tf.reduce_sum(score)
             grads = tape.gradient(total, fmaps)
-            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # (N, 1, 1, K) channel importance
-            heat = tf.nn.relu(tf.reduce_sum(fmaps * weights, axis=-1))
-            peak = tf.reduce_max(heat, axis=(1, 2), keepdims=True)
-            own = tf.math.divide_no_nan(heat, peak)  # an all-zero map (no positive evidence) stays zero
-            heat = tf.image.resize(own[..., None], size, method="bilinear")[..., 0]
+            raw = tf.stack(
+                [
+                    _weighted(fmaps, tf.reduce_mean(grads, axis=(1, 2), keepdims=True)),  # Grad-CAM
+                    _weighted(fmaps, _gradcam_pp_weights(fmaps, grads)),
+                    tf.reduce_sum(tf.nn.relu(grads) * fmaps, axis=-1),  # LayerCAM: per-location weights
+                ],
+                axis=-1,
+            )
+            own = _peak_normalised(raw)
+            heat = tf.image.resize(own, size, method="bilinear")
             probs = tf.nn.softmax(logits, axis=-1)
             top = tf.argmax(logits, axis=-1, output_type=tf.int32)
-            return heat, cls, tf.gather(probs, cls, axis=1, batch_dims=1), top, probs, own
+            return heat, cls, tf.gather(probs, cls, axis=1, batch_dims=1), top, probs, own, fmaps
 
         self._cams[layer] = cam
         return cam
 
-    def gradcam(self, pixels: np.ndarray, layer: str, targets: np.ndarray | int = -1) -> CamResult:
-        """Grad-CAM of `layer` for each image (0..255 pixels at the input size), in chunks of batch_size."""
+    def _masked_fn(self) -> Callable[..., Any]:
+        """Score-CAM's forward pass: each row is one (image, activation map) pair; the map is upsampled to
+        the input, min-max normalised and multiplied with the image's PREPROCESSED input (as the paper and
+        tf-keras-vis do), and the row returns the softmax probability of its target class. Map sizes are
+        open in the signature, so every layer shares the one trace."""
+        if self._masked is None:
+            model = self.logits_model
+            size = self.size
+
+            @tf.function(
+                input_signature=[
+                    self.pixel_spec,
+                    tf.TensorSpec((None, None, None), tf.float32),
+                    tf.TensorSpec((None,), tf.int32),
+                    tf.TensorSpec((None,), tf.int32),
+                ]
+            )
+            def masked(images: tf.Tensor, maps: tf.Tensor, index: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+                self._trace("scorecam")
+                up = tf.image.resize(maps[..., None], size, method="bilinear")
+                lo = tf.reduce_min(up, axis=(1, 2, 3), keepdims=True)
+                hi = tf.reduce_max(up, axis=(1, 2, 3), keepdims=True)
+                mask = (up - lo) / (hi - lo + EPSILON)
+                x = self.lm.preprocess(tf.gather(images, index)) * mask
+                probs = tf.nn.softmax(model([x], training=False), axis=-1)
+                return tf.gather(probs, target, axis=1, batch_dims=1)
+
+            self._masked = masked
+        return self._masked
+
+    def _score_weights(
+        self, pixels: np.ndarray, fmaps: np.ndarray, classes: np.ndarray, channels: list[np.ndarray]
+    ) -> np.ndarray:
+        """(N, K) Score-CAM weights: the class probability of each image masked by each of its `channels`
+        (zero for channels not listed). The rows of all images go through the compiled pass in chunks of
+        batch_size, so a chunk holds one image's masks or several images' where they fit."""
+        fn = self._masked_fn()
+        rows_img = np.concatenate([np.full(len(c), i, np.int32) for i, c in enumerate(channels)])
+        rows_ch = np.concatenate(channels).astype(np.int32)
+        weights = np.zeros((len(pixels), fmaps.shape[-1]), np.float32)
+        for s in _chunks(len(rows_img), self.batch_size):
+            used, local = np.unique(rows_img[s], return_inverse=True)
+            p = fn(
+                tf.constant(pixels[used]),
+                tf.constant(np.ascontiguousarray(fmaps[rows_img[s], :, :, rows_ch[s]])),
+                tf.constant(local.astype(np.int32)),
+                tf.constant(classes[rows_img[s]]),
+            )
+            weights[rows_img[s], rows_ch[s]] = p.numpy()
+        return weights
+
+    def cams(
+        self,
+        pixels: np.ndarray,
+        layer: str,
+        targets: np.ndarray | int = -1,
+        methods: Sequence[str] = ("gradcam",),
+        max_n: int = 10,
+    ) -> CamMaps:
+        """The CAMs of `layer` by each of `methods` (see CAM_METHODS) for each image (0..255 pixels).
+
+        Score-CAM masks with every channel of the layer; Faster-ScoreCAM only with each image's `max_n`
+        channels of largest spatial standard deviation (tf-keras-vis). When both are asked for, the
+        faster one reuses Score-CAM's probabilities for its channels instead of recomputing them.
+        """
+        unknown = sorted(set(methods) - set(CAM_METHODS))
+        if unknown:
+            raise ValueError(f"unknown CAM methods {unknown}; known: {list(CAM_METHODS)}")
         pixels = np.asarray(pixels, np.float32)
         target = np.broadcast_to(np.asarray(targets, np.int32), (len(pixels),))
         fn = self._cam_fn(layer)
@@ -213,17 +348,53 @@ class GradientEngine:
         ]
         if not parts:
             h, w = self.size
-            lh, lw = self.lm.model.get_layer(layer).output.shape[1:3]
-            return CamResult(
-                np.zeros((0, h, w), np.float32),
-                np.zeros((0, lh or 0, lw or 0), np.float32),
+            lh, lw, k = self.lm.model.get_layer(layer).output.shape[1:4]
+            empty = {m: np.zeros((0, h, w), np.float32) for m in methods}
+            return CamMaps(
+                empty,
+                {m: np.zeros((0, lh or 0, lw or 0), np.float32) for m in methods},
                 np.zeros(0, np.int32),
                 np.zeros(0, np.float32),
                 np.zeros(0, np.int32),
                 np.zeros((0, self.classes), np.float32),
+                0,
             )
-        heat, cls, prob, top, probs, own = (np.concatenate([p[i].numpy() for p in parts]) for i in range(6))
-        return CamResult(heat, own, cls, prob, top, probs)
+        heat, cls, prob, top, probs, own, fmaps = (
+            np.concatenate([p[i].numpy() for p in parts]) for i in range(7)
+        )
+        heatmaps = {m: heat[..., j] for j, m in enumerate(GRADIENT_CAMS) if m in methods}
+        maps = {m: own[..., j] for j, m in enumerate(GRADIENT_CAMS) if m in methods}
+        passes = 0
+        if "scorecam" in methods or "faster-scorecam" in methods:
+            every = np.arange(fmaps.shape[-1])
+            keep = faster_scorecam_channels(fmaps, max_n)
+            channels = [every] * len(pixels) if "scorecam" in methods else list(keep)
+            weights = self._score_weights(pixels, fmaps, cls, channels)
+            passes = sum(len(c) for c in channels)
+            chosen = {"scorecam": weights}
+            if "faster-scorecam" in methods:
+                chosen["faster-scorecam"] = np.zeros_like(weights)
+                np.put_along_axis(chosen["faster-scorecam"], keep, np.take_along_axis(weights, keep, 1), 1)
+            for m in methods:
+                if m in chosen:
+                    raw = np.einsum("nhwk,nk->nhw", fmaps, chosen[m])
+                    own_m = _peak_normalised(tf.constant(raw[..., None]))
+                    maps[m] = own_m.numpy()[..., 0]
+                    heatmaps[m] = tf.image.resize(own_m, self.size, method="bilinear").numpy()[..., 0]
+        return CamMaps(
+            {m: heatmaps[m] for m in methods},
+            {m: maps[m] for m in methods},
+            cls,
+            prob,
+            top,
+            probs,
+            passes,
+        )
+
+    def gradcam(self, pixels: np.ndarray, layer: str, targets: np.ndarray | int = -1) -> CamResult:
+        """Grad-CAM of `layer` for each image (0..255 pixels at the input size), in chunks of batch_size."""
+        r = self.cams(pixels, layer, targets, ("gradcam",))
+        return CamResult(r.heatmaps["gradcam"], r.maps["gradcam"], r.classes, r.probability, r.top, r.probs)
 
     # -- input gradients ---------------------------------------------------------------------------
 
