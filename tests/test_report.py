@@ -422,8 +422,8 @@ def test_filters_lead_height_estimate_matches_weasyprint(
     tmp_path: Path, findings: int, paragraphs: int, items: int
 ) -> None:
     """The page planner of `filters` predicts where the first layer starts; WeasyPrint is the oracle."""
-    from reportgen.analyses.filters import PT_PER_MM, SLACK, lead_height
     from reportgen.engine.recipes import RECIPES, resolve_recipe
+    from reportgen.report.layout import PT_PER_MM, SLACK, lead_height
     from reportgen.report.markdown import render_markdown
     from reportgen.report.render import environment
 

@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import Field
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
-from reportgen.analyses.filters import dead_explanation, dead_label, filter_requests
+from reportgen.analyses.shared import dead_explanation, dead_label, filter_requests
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError

@@ -11,6 +11,8 @@ from PIL import Image
 
 from reportgen.analyses.base import RunContext
 from reportgen.datasets import Dataset, ImageItem, load_image, load_pixels
+from reportgen.engine.recipes import resolve_recipe
+from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError
 from reportgen.imaging import overlay, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
@@ -191,3 +193,46 @@ def missing_note(items: list[ImageItem], missing: list[int]) -> str | None:
     if len(names) > NAMES_IN_NOTE:
         shown += f" and {len(names) - NAMES_IN_NOTE} more"
     return f"{len(names)} unreadable image{'s' if len(names) != 1 else ''} skipped (not decodable): {shown}."
+
+
+# -- filters and circuit: ascent requests and the words for a filter that never fires -------------
+
+
+def dead_label(pre_relu: bool) -> str:
+    """What a "dead" filter is under the recipe. Without `pre_relu` the objective is the ReLU output, which
+    cannot go below 0, so a dead filter's activation stays ~0. With it the objective is the conv output
+    before the ReLU, which may stay negative (e.g. -25): the filter never turns positive, and its ReLU
+    output is 0 for every image the ascent tried; "stays ~0" would misdescribe a tile labelled -25."""
+    return "never positive" if pre_relu else "dead"
+
+
+def dead_explanation(pre_relu: bool) -> str:
+    if pre_relu:
+        return (
+            "the objective is the conv output before its ReLU, and it stayed at or below 0 even at the "
+            "optimum, so after the ReLU the filter is silent for every image tried"
+        )
+    return "activation stays ~0"
+
+
+def filter_requests(
+    section: Any,
+    ctx: RunContext,
+    layer: str,
+    filters: list[int],
+    recipe_name: str,
+    params: dict[str, Any],
+    unit: dict[str, Any] | None = None,
+) -> list[AscentRequest]:
+    """Ascent requests for filters of one layer; shared with `circuit`, which visualises input channels.
+    `unit` (`unit_options`): the objective, position, direction and diversity; the `diversity` variants
+    of a filter are consecutive (they are optimised together)."""
+    recipe = resolve_recipe(recipe_name, params)
+    unit = unit or {}
+    n = unit.get("diversity", 1)
+    extra = {k: unit[k] for k in ("objective", "position", "direction") if unit.get(k) is not None}
+    return [
+        AscentRequest(section.model, layer, f, recipe, ctx.spec.seed, variant=v, diversity=n, **extra)
+        for f in filters
+        for v in range(n)
+    ]
