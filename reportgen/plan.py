@@ -523,7 +523,7 @@ class ImagePass:
     @property
     def flops(self) -> int:
         todo = [r for _, r in self.requests if r.key not in self.stored]
-        return sum(self.cost.flops * (2 if r.backward else 1) * r.samples for r in todo)
+        return sum(self.cost.flops * ((2 if r.backward else 1) * r.samples + r.forward_samples) for r in todo)
 
     @property
     def bytes_per_sample(self) -> int:
@@ -531,7 +531,7 @@ class ImagePass:
         return int(self.cost.activation_bytes * (MEMORY_FACTOR if backward else 1))
 
     def describe(self) -> str:
-        samples = sum(r.samples for _, r in self.requests if r.key not in self.stored)
+        samples = sum(r.samples + r.forward_samples for _, r in self.requests if r.key not in self.stored)
         n = len(self.sections)
         head = f"{self.kind} {self.model} ({n} section{'s' if n != 1 else ''})"
         if self.cached == self.items:

@@ -58,9 +58,11 @@ class DatasetRequest:
 class ImageRequest:
     """Batched work of one section over chosen images, stored under `key` (the section's cache key).
 
-    `samples`: forward/backward samples it costs (an occlusion section runs one per mask per image);
-    `layers`: the deepest layers the work computes (the planner's cost estimate); `backward`: whether it
-    takes gradients (Grad-CAM, saliency), which roughly doubles the FLOPs."""
+    `samples`: forward (+ backward) samples it costs (an occlusion section runs one per mask per image);
+    `layers`: the deepest layers the work computes (the planner's cost estimate); `backward`: whether
+    those samples take gradients (Grad-CAM, saliency), which roughly doubles their FLOPs;
+    `forward_samples`: forward-only samples on top (the sliding patch of an occlusion section, which
+    only reads probabilities beside its Grad-CAMs)."""
 
     kind: str  # "activations" | "gradient"
     model: str
@@ -70,6 +72,7 @@ class ImageRequest:
     samples: int
     layers: tuple[str, ...]
     backward: bool = False
+    forward_samples: int = 0
 
 
 def means_key(lm: Any, ds: Any, layer: str) -> str:

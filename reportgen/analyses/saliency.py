@@ -34,8 +34,12 @@ from reportgen.analyses.shared import (
     select_images,
     skipped_note,
 )
+from reportgen.datasets import ImageItem
+from reportgen.execute import with_backoff
 from reportgen.imaging import colormap, to_pil, upscale_for_print
+from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
+from reportgen.work import ImageRequest
 
 
 class SaliencySection(SectionBase, ImagesMixin):
@@ -73,11 +77,10 @@ class SaliencyAnalysis(Analysis):
     def default_title(self, section: SaliencySection) -> str:
         return f"Saliency maps of {section.model}"
 
-    def build(
-        self, section: SaliencySection, ctx: RunContext, out: SectionOutput, index: int
-    ) -> SectionResult:
-        from reportgen.engine.gradients import engine_for  # imports TensorFlow
-
+    def _work(
+        self, section: SaliencySection, ctx: RunContext, index: int
+    ) -> tuple[LoadedModel, int, Any, list[ImageItem], list[str], list[str], str]:
+        """Model, target, dataset, images, notes, methods and the content key, with located field errors."""
         lm = ctx.models.get(section.model)
         target = resolve_target(lm, section.target, ctx.where(index, "target"))
         ds, items, notes = select_images(section, ctx, index)
@@ -86,26 +89,48 @@ class SaliencyAnalysis(Analysis):
         if "smoothgrad" in methods:
             params.update(samples=section.samples, noise=section.noise, seed=ctx.spec.seed)
         key = result_key(self.type, self.version, lm, ds, items, params)
+        return lm, target, ds, items, notes, methods, key
+
+    def prepare(self, section: SaliencySection, ctx: RunContext, index: int) -> None:
+        """Declare the gradient batch for the planner: one input gradient per image (the vanilla map and
+        the class SmoothGrad explains), plus `samples` noisy copies per image for SmoothGrad."""
+        lm, _, _, items, _, methods, key = self._work(section, ctx, index)
+        n = len(items)
+        samples = n + (n * section.samples if "smoothgrad" in methods else 0)
+        last = (lm.model.layers[-1].name,)
+        ctx.work.add(
+            ImageRequest("gradient", section.model, section.dataset, key, n, samples, last, backward=True)
+        )
+
+    def build(
+        self, section: SaliencySection, ctx: RunContext, out: SectionOutput, index: int
+    ) -> SectionResult:
+        from reportgen.engine.gradients import engine_for  # imports TensorFlow
+
+        lm, target, ds, items, notes, methods, key = self._work(section, ctx, index)
+
+        def maps(pixels: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+            eng = engine_for(lm, batch)
+            vanilla, grads = eng.vanilla(pixels, target)
+            arrays = {"classes": grads.classes, "probability": grads.probability}
+            if "vanilla" in methods:
+                arrays["vanilla"] = vanilla
+            if "smoothgrad" in methods:
+                # The clean image's class, so that every noisy copy explains the same class.
+                arrays["smoothgrad"] = eng.smoothgrad(
+                    pixels, grads.classes, section.samples, section.noise, ctx.spec.seed
+                )
+            return arrays
 
         def compute() -> dict[str, np.ndarray]:
             pixels, kept = load_inputs(lm, ds, items, ctx.where(index, "dataset"))
-            eng = engine_for(lm, ctx.batch_size)
             with ctx.timed("engine: gradients"):
-                vanilla, grads = eng.vanilla(pixels, target)
-                arrays = {
-                    "images": as_uint8(pixels),
-                    "kept": kept,
-                    "classes": grads.classes,
-                    "probability": grads.probability,
-                }
-                if "vanilla" in methods:
-                    arrays["vanilla"] = vanilla
-                if "smoothgrad" in methods:
-                    # The clean image's class, so that every noisy copy explains the same class.
-                    arrays["smoothgrad"] = eng.smoothgrad(
-                        pixels, grads.classes, section.samples, section.noise, ctx.spec.seed
-                    )
-            return arrays
+                arrays = with_backoff(
+                    lambda b: maps(pixels, b),
+                    ctx.work.batch_for(key, ctx.batch_size),
+                    f"saliency {section.model}",
+                )
+            return {"images": as_uint8(pixels), "kept": kept, **arrays}
 
         res = ctx.cached(key, compute)
         notes += skipped_note(items, res["kept"])
