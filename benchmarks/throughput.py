@@ -9,8 +9,11 @@ memory), in the same process and run: what the pass would cost if images arrived
   the uint8 rows);
 - warm cache: a later pass of that dataset (reads rows, no decode).
 
-Each rate is the best of `--rounds` end-to-end passes (the program is traced before any is timed); on a
-shared machine the best is the least disturbed. % of floor = rate / floor rate.
+Each figure is the best of `--rounds` end-to-end passes (the program is traced before any is timed); on a
+shared machine the best is the least disturbed. % of floor (wall) = floor wall time / pass wall time;
+% of floor (CPU time) = the same with the process's CPU seconds (all threads), which other jobs on the
+machine disturb far less than wall time: on saturated cores, what decoding adds to the CPU time is what
+it takes from the convolutions.
 
 Peak RSS: a pass over N generated 224 px JPEGs (`limit: N` of one folder of the largest N), each in a
 fresh subprocess whose peak resident memory the parent reads with
@@ -25,6 +28,7 @@ dominated by decoding, the part whose memory could grow with the folder.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -47,6 +51,12 @@ WRAP = (
 )
 
 
+KINDS = {
+    "floor": "forward floor (pre-decoded tensors)",
+    "cold": "ranking pass, cold decode",
+    "build": "ranking pass, cold decode building the decoded cache",
+    "warm": "ranking pass, decoded cache warm",
+}
 LABELS = {
     "plain": "dataset pass, decoding",
     "build": "dataset pass building the decoded cache",
@@ -61,18 +71,22 @@ class Measure:
     case: str
     images: int
     rate: float | None = None  # images/s end to end
-    floor_fraction: float | None = None
+    floor_fraction: float | None = None  # floor wall time / this wall time
+    cpu_fraction: float | None = None  # floor CPU time / this CPU time (robust on a shared machine)
     rss_mib: float | None = None
     note: str = ""
 
 
 def markdown(rows: list[Measure]) -> str:
-    lines = ["| case | images | images/s | % of forward floor | peak RSS |", "|---|---|---|---|---|"]
+    lines = [
+        "| case | images | images/s | % of forward floor (wall) | % of forward floor (CPU time) | peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         rate = f"{r.rate:.1f}" if r.rate is not None else "—"
-        frac = f"{100 * r.floor_fraction:.0f} %" if r.floor_fraction is not None else "—"
+        frac, cpu = (f"{100 * f:.0f} %" if f is not None else "—" for f in (r.floor_fraction, r.cpu_fraction))
         rss = f"{r.rss_mib:.0f} MiB" if r.rss_mib is not None else "—"
-        lines.append(f"| {r.case} | {r.images} | {rate} | {frac} | {rss} |")
+        lines.append(f"| {r.case} | {r.images} | {rate} | {frac} | {cpu} | {rss} |")
     return "\n".join(lines)
 
 
@@ -112,50 +126,41 @@ def ranking_vs_floor(
         pixels = np.concatenate([p.numpy() for p, _ in stream(items, lm.input_size, lm.channels, batch)])
         forward(lm, items[:batch], [layer], batch_size=batch)  # trace once, outside every timing
 
-        def floor() -> float:
-            t0 = time.perf_counter()
+        def floor() -> None:
             for start in range(0, len(pixels), batch):
                 [v.numpy() for v in program._run(tf.constant(pixels[start:start + batch]))]
-            return time.perf_counter() - t0
 
-        def cold() -> float:
-            t0 = time.perf_counter()
-            forward(lm, items, [layer], batch_size=batch)
-            return time.perf_counter() - t0
-
-        def build(folder: Path) -> float:
-            first = cached_items(items, folder)
-            t0 = time.perf_counter()
-            forward(lm, first, [layer], batch_size=batch)
-            seconds = time.perf_counter() - t0
+        def build(folder: Path) -> None:
+            forward(lm, cached_items(items, folder), [layer], batch_size=batch)
             if not list(folder.glob("*.u8")):
                 raise RuntimeError("the cache-building pass wrote no cache")
-            return seconds
 
-        best = {"floor": float("inf"), "cold": float("inf"), "build": float("inf"), "warm": float("inf")}
-        for r in range(rounds):
-            folder = Path(tmp) / f"decoded-{r}"
-            best["floor"] = min(best["floor"], floor())
-            best["cold"] = min(best["cold"], cold())
-            best["build"] = min(best["build"], build(folder))
+        def warm(folder: Path) -> None:
             warm_items = cached_items(items, folder)
-            t0 = time.perf_counter()
             forward(lm, warm_items, [layer], batch_size=batch)
-            best["warm"] = min(best["warm"], time.perf_counter() - t0)
             check = stream(warm_items, lm.input_size, lm.channels, batch)  # what a warm pass reads
             sum(1 for _ in check)
             if check.decoded or check.from_cache != images:
                 raise RuntimeError(f"a warm pass decoded {check.decoded} images")
-            print("  round", r + 1, {k: f"{images / v:.1f} img/s" for k, v in best.items()}, flush=True)
-    rates = {k: images / v for k, v in best.items()}
+
+        wall = dict.fromkeys(KINDS, float("inf"))
+        cpu = dict.fromkeys(KINDS, float("inf"))
+        for r in range(rounds):
+            folder = Path(tmp) / f"decoded-{r}"
+            runs = {"floor": floor, "cold": functools.partial(forward, lm, items, [layer], batch_size=batch),
+                    "build": functools.partial(build, folder), "warm": functools.partial(warm, folder)}
+            for kind in KINDS:
+                w0, c0 = time.perf_counter(), time.process_time()
+                runs[kind]()
+                wall[kind] = min(wall[kind], time.perf_counter() - w0)
+                cpu[kind] = min(cpu[kind], time.process_time() - c0)
+            print(f"  round {r + 1}: " + ", ".join(
+                f"{k} {images / wall[k]:.1f} img/s ({cpu[k]:.1f} CPU s)" for k in KINDS), flush=True)
     name = f"{model} `{layer}`, all {channels} channels, {size} px"
     return [
-        Measure(f"forward floor (pre-decoded tensors): {name}", images, rates["floor"], 1.0),
-        Measure(f"ranking pass, cold decode: {name}", images, rates["cold"], rates["cold"] / rates["floor"]),
-        Measure(f"ranking pass, cold decode building the decoded cache: {name}", images, rates["build"],
-                rates["build"] / rates["floor"]),
-        Measure(f"ranking pass, decoded cache warm: {name}", images, rates["warm"],
-                rates["warm"] / rates["floor"]),
+        Measure(f"{KINDS[kind]}: {name}", images, images / wall[kind], wall["floor"] / wall[kind],
+                cpu_fraction=cpu["floor"] / cpu[kind], note=f"{cpu[kind]:.1f} CPU s")
+        for kind in KINDS
     ]
 
 
