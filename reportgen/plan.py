@@ -521,6 +521,10 @@ class ImagePass:
         return sum(r.images for _, r in self.requests if r.key in self.stored)
 
     @property
+    def pending(self) -> bool:
+        return any(r.key not in self.stored for _, r in self.requests)
+
+    @property
     def flops(self) -> int:
         todo = [r for _, r in self.requests if r.key not in self.stored]
         return sum(self.cost.flops * ((2 if r.backward else 1) * r.samples + r.forward_samples) for r in todo)
@@ -532,9 +536,8 @@ class ImagePass:
 
     def describe(self) -> str:
         samples = sum(r.samples + r.forward_samples for _, r in self.requests if r.key not in self.stored)
-        n = len(self.sections)
-        head = f"{self.kind} {self.model} ({n} section{'s' if n != 1 else ''})"
-        if self.cached == self.items:
+        head = f"{self.kind} {self.model}"
+        if not self.pending:
             return f"{head}: all {self.items} images stored"
         return (
             f"{head}: {samples} samples over {self.items - self.cached} images, batch {self.batch_size}, "
@@ -549,10 +552,10 @@ class ImagePass:
             "sections": self.sections,
             "items": self.items,
             "cached": self.cached,
-            "batch": self.batch_size,
+            "batch": self.batch_size if self.pending else 0,
             "flops": self.flops,
-            "bytes_per_sample": self.bytes_per_sample,
-            "shards": 1,
+            "bytes_per_sample": self.bytes_per_sample if self.pending else 0,
+            "shards": 1 if self.pending else 0,
         }
 
 
@@ -628,6 +631,9 @@ def plan_images(
     return passes
 
 
+KINDS = ("ascent", "dataset", "activations", "gradient")  # every kind of pass, in the order they run
+
+
 @dataclass
 class WorkPlan:
     """Every pass of a run: ascent (its own planner, `Plan`), dataset passes, activation maps, gradients."""
@@ -647,12 +653,33 @@ class WorkPlan:
         )
 
     def lines(self) -> list[str]:
-        """Human-readable plan: the ascent planner's lines, then one line per pass of the other kinds."""
+        """Human-readable plan: a headline over every kind, one line per pass (with the sections it serves),
+        one per section with ascent results. A spec with ascent work only gets the ascent planner's lines."""
         if not (self.dataset or self.images):
             return self.ascent.lines()
-        lines = self.ascent.lines() if self.ascent.passes else []
-        lines += [f"dataset pass: {p.describe()}" for p in self.dataset]
-        lines += [f"{p.kind} pass: {p.describe()}" for p in self.images]
+        rows = self.rows()
+        passes: list[Any] = [*self.ascent.passes, *self.dataset, *self.images]
+        todo = sum(1 for r in rows if r["cached"] < r["items"])
+        kinds = ", ".join(
+            f"{n} {kind}" for kind in KINDS if (n := sum(1 for r in rows if r["kind"] == kind))
+        )
+        what = (
+            f"est. {human_flops(sum(r['flops'] for r in rows))} in all"
+            if todo
+            else "every result is stored"
+        )
+        lines = [
+            f"{todo} of {len(rows)} pass{'es' if len(rows) != 1 else ''} ({kinds}) to run on "
+            f"{self.ascent.budget.describe()}, precision {self.ascent.precision}: {what}"
+        ]
+        lines += [
+            f"pass {i + 1}: {p.describe()}; serves {', '.join(r['sections'])}"
+            for i, (p, r) in enumerate(zip(passes, rows, strict=True))
+        ]
+        lines += [
+            f"section {sid}: {stored} of {n} ascent results stored"
+            for sid, (n, stored) in self.ascent.sections.items()
+        ]
         return lines
 
     def rows(self) -> list[dict[str, Any]]:

@@ -1,0 +1,166 @@
+"""One plan for every kind of work: `run --dry-run` lists the ascent, dataset, activation-map and gradient
+passes of a spec with every section type that makes them, with the sections each serves, the batch (sized
+or `--batch-size`) and what the store holds before and after a real run; gradient sections halve their
+batch on out-of-memory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+from PIL import Image
+
+from reportgen.runner import run
+
+CLASSES = ("reds", "greens", "blues")
+ROW_KEYS = {"kind", "model", "sections", "items", "cached", "batch", "flops", "bytes_per_sample", "shards"}
+SECTIONS = [
+    {"type": "filters", "title": "filt", "model": "tiny", "layers": ["conv"], "filters": "0:3",
+     "params": {"steps": 3}},
+    {"type": "class_ranking", "title": "ranking", "model": "tiny", "dataset": "folders", "layer": "conv",
+     "filters": "0:4", "top": 2, "top_images": 2},
+    {"type": "predictions", "title": "preds", "model": "tiny", "dataset": "folders", "limit": 4, "top_k": 2},
+    {"type": "activations", "title": "acts", "model": "tiny", "dataset": "folders", "limit": 3,
+     "layers": ["conv_a", "conv"]},
+    {"type": "gradcam", "title": "cam", "model": "tiny", "dataset": "folders", "layer": "conv", "limit": 3},
+    {"type": "occlusion", "title": "occ", "model": "tiny", "dataset": "folders", "layer": "conv", "limit": 2,
+     "masks": [{"name": "corner", "box": [0, 0, 10, 10]}], "sliding": {"patch": 8, "stride": 4}},
+    {"type": "saliency", "title": "sal", "model": "tiny", "dataset": "folders", "limit": 2, "samples": 3},
+]
+# section id -> the kind of pass that serves it
+SERVED_BY = {"s1-filt": "ascent", "s2-ranking": "dataset", "s3-preds": "dataset", "s4-acts": "activations",
+             "s5-cam": "gradient", "s6-occ": "gradient", "s7-sal": "gradient"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 16x16 classifier and 9 images (20x20) in 3 class folders."""
+    root = tmp_path_factory.mktemp("planall")
+    rng = np.random.default_rng(5)
+    for k, name in enumerate(CLASSES):
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 120, (20, 20, 3))
+            pixels[..., k] += 120 + i * 8
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "data" / name / f"{name}_{i}.png")
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inp)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")(x)
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, activation="softmax", name="probs")(x)
+    keras.Model(inp, out).save(root / "tiny.keras")
+    return root
+
+
+def write_spec(root: Path, name: str, sections: list[dict[str, Any]]) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "title": "every kind", "output": f"{name}/report", "cache": f"{name}-cache", "formats": ["html"],
+        "models": {"tiny": {"path": "tiny.keras", "class_names": list(CLASSES)}},
+        "datasets": {"folders": {"path": "data"}},
+        "sections": sections,
+    }, sort_keys=False))
+    return path
+
+
+def plan_rows(cli_main: Callable[..., tuple[int, str, str]], *args: object) -> list[dict[str, Any]]:
+    code, out, err = cli_main("run", *args, "--dry-run", "--json")
+    assert code == 0, err
+    return json.loads(out)["passes"]
+
+
+def test_dry_run_lists_every_kind_and_what_the_store_holds(
+    project: Path, cli_main: Callable[..., tuple[int, str, str]]
+) -> None:
+    spec = write_spec(project, "all", SECTIONS)
+    rows = plan_rows(cli_main, spec)
+    assert [r["kind"] for r in rows] == ["ascent", "dataset", "activations", "gradient"]
+    for row in rows:
+        assert ROW_KEYS <= set(row), row
+        assert row["model"] == "tiny"
+        assert row["sections"] == [sid for sid, kind in SERVED_BY.items() if kind == row["kind"]]
+        assert row["cached"] == 0
+        assert row["batch"] >= 1 and row["flops"] > 0 and row["bytes_per_sample"] > 0 and row["shards"] >= 1
+    ascent, dataset, activations, gradient = rows
+    assert ascent["items"] == 3  # filters
+    assert dataset["items"] == 9  # every image of the folder: the ranking needs them all
+    assert activations["items"] == 3
+    assert gradient["items"] == 3 + 2 + 2  # gradcam, occlusion, saliency images
+    # occlusion adds a Grad-CAM per occluded copy and a forward sample per patch position: the gradient
+    # pass costs more than gradcam's share alone
+    assert gradient["flops"] > 3 * 2 * activations["flops"] / 3
+
+    assert {r["kind"]: r["batch"] for r in plan_rows(cli_main, spec, "--batch-size", "3")} == {
+        "ascent": 3, "dataset": 3, "activations": 3, "gradient": 3
+    }
+
+    code, out, err = cli_main("run", spec, "--dry-run")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "plan:"
+    assert lines[1].strip().startswith("4 of 4 passes (1 ascent, 1 dataset, 1 activations, 1 gradient) to ")
+    assert "serves s5-cam, s6-occ, s7-sal" in out and "serves s2-ranking, s3-preds" in out
+    assert not (project / "all").exists()  # a dry run writes nothing
+
+    run(spec, quiet=True, batch_size=3)
+    after = plan_rows(cli_main, spec)
+    assert [r["kind"] for r in after] == ["ascent", "dataset", "activations", "gradient"]
+    for before, row in zip(rows, after, strict=True):
+        assert row["items"] == before["items"] and row["cached"] == row["items"], row
+        assert row["flops"] == 0 and row["shards"] == 0
+    code, out, err = cli_main("run", spec, "--dry-run")
+    assert out.startswith("plan: nothing to compute")
+    assert "0 of 4 passes (1 ascent, 1 dataset, 1 activations, 1 gradient)" in out
+
+
+def test_dry_run_without_ascent_has_a_headline(
+    project: Path, cli_main: Callable[..., tuple[int, str, str]]
+) -> None:
+    spec = write_spec(project, "noascent", SECTIONS[1:3])
+    code, out, err = cli_main("run", spec, "--dry-run")
+    assert code == 0, err
+    head = out.splitlines()[1].strip()
+    assert head.startswith("1 of 1 pass (1 dataset) to run on ") and "precision float32" in head, out
+    assert "pass 1: dataset tiny over folders (9 all images" in out
+
+
+def test_occlusion_and_saliency_halve_the_batch_on_out_of_memory(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reportgen.engine.gradients import GradientEngine
+
+    sections = [SECTIONS[5], SECTIONS[6]]
+    normal = write_spec(project, "oom-normal", sections)
+    run(normal, quiet=True, batch_size=4)
+
+    tried: list[tuple[str, int]] = []
+    real_cam, real_grad = GradientEngine.gradcam, GradientEngine.input_gradients
+
+    def failing(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: GradientEngine, *args: Any, **kwargs: Any) -> Any:
+            tried.append((name, self.batch_size))
+            if self.batch_size > 2:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor (injected)")
+            return real(self, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(GradientEngine, "gradcam", failing("gradcam", real_cam))
+    monkeypatch.setattr(GradientEngine, "input_gradients", failing("gradients", real_grad))
+    injected = write_spec(project, "oom-injected", sections)
+    run(injected, quiet=True, batch_size=4)
+    assert ("gradcam", 4) in tried and ("gradcam", 2) in tried  # occlusion: 4 failed, 2 ran
+    assert ("gradients", 4) in tried and ("gradients", 2) in tried  # saliency: the same
+    for table in ("assets/s1-occ/occlusion.csv",):
+        assert (project / "oom-injected/report" / table).read_text() == (
+            project / "oom-normal/report" / table
+        ).read_text()
