@@ -1,12 +1,15 @@
-"""`gradcam`: where in each image the evidence for a class lies, by Grad-CAM on a chosen conv layer.
+"""`gradcam`: where in each image the evidence for a class lies, by class activation maps of a conv layer.
 
-Also holds the helpers the other gradient sections (`occlusion`, `saliency`) share: image selection,
-target and layer checks, loading, cache keys, print-sharp display and heatmap statistics.
+`methods` puts several CAMs side by side: Grad-CAM (mean gradient per channel), Grad-CAM++ (gradients
+weighted by higher-order terms, better for several instances of a class), LayerCAM (each location by its
+own positive gradient, finer in early layers), Score-CAM (each channel weighted by the class probability
+of the input masked with it; no gradients, one forward pass per channel) and Faster-ScoreCAM (only the
+`max_n` channels of largest variance).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 from pydantic import Field
@@ -18,7 +21,6 @@ from reportgen.analyses.base import (
     SectionOutput,
     SectionResult,
     colour_bar,
-    map_array,
 )
 from reportgen.analyses.shared import (
     FINDING_IMAGES,
@@ -40,6 +42,18 @@ from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
 from reportgen.work import ImageRequest
 
+CamMethod = Literal["gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam"]
+METHODS: tuple[str, ...] = get_args(CamMethod)  # the canonical order (cache keys, engine)
+LABELS = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "layercam": "LayerCAM",
+    "scorecam": "Score-CAM",
+    "faster-scorecam": "Faster-ScoreCAM",
+}
+# Stored array names; Grad-CAM keeps the names it had before `methods`, so earlier results stay reusable.
+STORED = {m: ("heatmaps", "maps") if m == "gradcam" else (f"heatmaps_{m}", f"maps_{m}") for m in METHODS}
+
 
 class GradcamSection(SectionBase, ImagesMixin):
     type: Literal["gradcam"]
@@ -48,6 +62,16 @@ class GradcamSection(SectionBase, ImagesMixin):
     layer: str
     target: Index | str | None = Field(None, description="Class index or name; default: the top prediction.")
     alpha: float = Field(0.45, ge=0, le=1)
+    methods: list[CamMethod] = Field(
+        default_factory=lambda: ["gradcam"],
+        min_length=1,
+        description="CAM methods shown side by side. scorecam runs one forward pass per channel of the "
+        "layer per image; faster-scorecam only max_n.",
+    )
+    max_n: int = Field(
+        10, ge=1, le=4096, description="Faster-ScoreCAM: channels of largest variance kept per image."
+    )
+
 
 TABLE_ROWS = 25  # rows shown in the PDF; the CSV artifact has them all
 
@@ -57,7 +81,13 @@ class GradcamAnalysis(Analysis):
     version = "2"  # 2: the maps at the layer's own resolution are stored too
 
     def default_title(self, section: GradcamSection) -> str:
-        return f"Grad-CAM of {section.model} at {section.layer}"
+        if section.methods == ["gradcam"]:
+            return f"Grad-CAM of {section.model} at {section.layer}"
+        return f"Class activation maps of {section.model} at {section.layer}"
+
+    @staticmethod
+    def _methods(section: GradcamSection) -> list[str]:
+        return list(dict.fromkeys(section.methods))
 
     def _work(
         self, section: GradcamSection, ctx: RunContext, index: int
@@ -67,16 +97,40 @@ class GradcamAnalysis(Analysis):
         check_conv_layer(lm, section.layer, ctx.where(index, "layer"))
         target = resolve_target(lm, section.target, ctx.where(index, "target"))
         ds, items, notes = select_images(section, ctx, index)
-        # alpha only changes the picture, not the computed maps, so it is not part of the key.
-        key = result_key(self.type, self.version, lm, ds, items, {"layer": section.layer, "target": target})
+        # alpha only changes the picture, not the computed maps, so it is not part of the key; Grad-CAM
+        # alone keeps the key it had before `methods` existed.
+        params: dict[str, Any] = {"layer": section.layer, "target": target}
+        methods = self._methods(section)
+        if methods != ["gradcam"]:
+            params["methods"] = [m for m in METHODS if m in methods]
+            if "faster-scorecam" in methods:
+                params["max_n"] = section.max_n
+        key = result_key(self.type, self.version, lm, ds, items, params)
         return lm, target, ds, items, notes, key
 
     def prepare(self, section: GradcamSection, ctx: RunContext, index: int) -> None:
-        """Declare the batch of maps (one forward + backward pass per image) for the planner."""
+        """Declare the batch of maps for the planner: one forward + backward pass per image, and Score-CAM's
+        forward-only masked passes (one per channel, or per kept channel, per image)."""
         lm, _, _, items, _, key = self._work(section, ctx, index)
         last = (lm.model.layers[-1].name,)
         n = len(items)
-        ctx.work.add(ImageRequest("gradient", section.model, section.dataset, key, n, n, last, backward=True))
+        channels = int(lm.layer(section.layer, ctx.where(index, "layer")).output.shape[-1])
+        methods = self._methods(section)
+        masks = channels if "scorecam" in methods else min(section.max_n, channels)
+        masked = n * masks if {"scorecam", "faster-scorecam"} & set(methods) else 0
+        ctx.work.add(
+            ImageRequest(
+                "gradient",
+                section.model,
+                section.dataset,
+                key,
+                n,
+                n,
+                last,
+                backward=True,
+                forward_samples=masked,
+            )
+        )
 
     def build(
         self, section: GradcamSection, ctx: RunContext, out: SectionOutput, index: int
@@ -84,20 +138,23 @@ class GradcamAnalysis(Analysis):
         from reportgen.engine.gradients import engine_for  # imports TensorFlow
 
         lm, target, ds, items, notes, key = self._work(section, ctx, index)
+        methods = self._methods(section)
 
         def compute() -> dict[str, np.ndarray]:
             pixels, kept = load_inputs(lm, ds, items, ctx.where(index, "dataset"))
             with ctx.timed("engine: gradients"):
                 r = with_backoff(
-                    lambda b: engine_for(lm, b).gradcam(pixels, section.layer, target),
+                    lambda b: engine_for(lm, b).cams(pixels, section.layer, target, methods, section.max_n),
                     ctx.work.batch_for(key, ctx.batch_size),
                     f"gradcam {section.model}",
                 )
+            arrays = {}
+            for m in methods:
+                arrays[STORED[m][0]], arrays[STORED[m][1]] = r.heatmaps[m], r.maps[m]
             return {
                 "images": as_uint8(pixels),
                 "kept": kept,
-                "heatmaps": r.heatmaps,
-                "maps": r.maps,
+                **arrays,
                 "classes": r.classes,
                 "probability": r.probability,
                 "top": r.top,
@@ -112,51 +169,54 @@ class GradcamAnalysis(Analysis):
             item = items[i]
             cls, prob = int(res["classes"][k]), float(res["probability"][k])
             top, top_p = int(res["top"][k]), float(res["top_probability"][k])
-            stats = heat_stats(res["heatmaps"][k], sizes[i])
-            rel = out.image(
-                f"{k:03d}_{item.stem}_gradcam.png",
-                for_print(res["images"][k], res["heatmaps"][k], section.alpha),
-            )
-            figures.append(
-                {
-                    "src": rel,
-                    "name": item.name,
-                    "cls": lm.class_name(cls),
-                    "probability": prob,
-                    "top": lm.class_name(top) if top != cls else None,
-                    "top_probability": top_p,
-                    "label": item.class_name,
-                    "empty": stats["empty"],
-                }
-            )
-            row = {
-                "image": item.name,
-                "class": lm.class_name(cls),
-                "probability": round(prob, 4),
-                "top_class": lm.class_name(top),
-                "top_probability": round(top_p, 4),
-                "centre_x": stats["com_x"],
-                "centre_y": stats["com_y"],
-                "region": stats["region"],
-                "top10_share": None if stats["empty"] else round(stats["top10"], 3),
+            figure: dict[str, Any] = {
+                "name": item.name,
+                "cls": lm.class_name(cls),
+                "probability": prob,
+                "top": lm.class_name(top) if top != cls else None,
+                "top_probability": top_p,
+                "label": item.class_name,
+                "maps": [],
             }
-            rows.append(row)
-            artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None, dict(row)))
-            stem = f"{k:03d}_{item.stem}_gradcam"
-            for resolution, values in (("layer", res["maps"][k]), ("input", res["heatmaps"][k])):
-                artifacts.append(
-                    map_array(
-                        out,
-                        f"{stem}_{resolution}.npy",
-                        values,
-                        resolution,
-                        section.model,
-                        section.layer,
-                        item.name,
-                        "gradcam",
-                        **{"class": row["class"]},
+            for m in methods:
+                heat, conv = res[STORED[m][0]][k], res[STORED[m][1]][k]
+                stats = heat_stats(heat, sizes[i])
+                slug = m.replace("++", "pp")
+                stem = f"{k:03d}_{item.stem}_{slug}"
+                rel = out.image(f"{stem}.png", for_print(res["images"][k], heat, section.alpha))
+                figure["maps"].append({"src": rel, "method": m, "label": LABELS[m], "empty": stats["empty"]})
+                row = {
+                    "image": item.name,
+                    "method": m,
+                    "class": lm.class_name(cls),
+                    "probability": round(prob, 4),
+                    "top_class": lm.class_name(top),
+                    "top_probability": round(top_p, 4),
+                    "centre_x": stats["com_x"],
+                    "centre_y": stats["com_y"],
+                    "region": stats["region"],
+                    "top10_share": None if stats["empty"] else round(stats["top10"], 3),
+                }
+                rows.append(row)
+                artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None, dict(row)))
+                for resolution, values in (("conv", conv), ("input", heat)):
+                    artifacts.append(
+                        Artifact(
+                            "map",
+                            out.array(f"{stem}_{resolution}.npy", values),
+                            section.model,
+                            section.layer,
+                            None,
+                            {
+                                "method": m,
+                                "image": item.name,
+                                "resolution": resolution,
+                                "shape": list(values.shape),
+                                "class": row["class"],
+                            },
+                        )
                     )
-                )
+            figures.append(figure)
         csv_rel = out.csv("gradcam.csv", rows)
         bar, bar_artifact = colour_bar(out, "colorbar.png", "jet", section.model)
         artifacts.append(bar_artifact)
@@ -172,9 +232,11 @@ class GradcamAnalysis(Analysis):
                 "csv": csv_rel,
                 "alpha": section.alpha,
                 "colorbar": bar,
+                "methods": [LABELS[m] for m in methods],
+                "max_n": section.max_n if "faster-scorecam" in methods else None,
             },
             artifacts=artifacts,
-            findings=self.findings(rows, sizes, res, items),
+            findings=self.findings(rows, sizes, res, methods),
             notes=notes,
         )
 
@@ -183,29 +245,48 @@ class GradcamAnalysis(Analysis):
         rows: list[dict[str, Any]],
         sizes: list[tuple[int, int]],
         res: dict[str, np.ndarray],
-        items: list[ImageItem],
+        methods: list[str],
     ) -> list[str]:
+        """Where the first method puts each image's heat, how focused it is, and (with several methods)
+        how closely the others' maps follow it: methods that disagree deserve a closer look."""
+        first = methods[0]
+        label = "" if methods == ["gradcam"] else f"{LABELS[first]}: "
+        main = [r for r in rows if r["method"] == first]
         out = []
-        for row, i in list(zip(rows, res["kept"].tolist(), strict=True))[:FINDING_IMAGES]:
+        for row, i in list(zip(main, res["kept"].tolist(), strict=True))[:FINDING_IMAGES]:
             w, h = sizes[i]
             if row["top10_share"] is None:
                 out.append(
-                    f"{row['image']}: no positive evidence for {row['class']!r} at this layer "
+                    f"{label}{row['image']}: no positive evidence for {row['class']!r} at this layer "
                     "(the map is empty)."
                 )
                 continue
             out.append(
-                f"{row['image']}: heat for {row['class']!r} ({row['probability']:.2f}) centres at "
+                f"{label}{row['image']}: heat for {row['class']!r} ({row['probability']:.2f}) centres at "
                 f"x {row['centre_x']}, y {row['centre_y']} of {w}x{h} px ({row['region']}); "
                 f"the hottest 10% of pixels hold {row['top10_share']:.0%} of it."
             )
-        shares = [r["top10_share"] for r in rows if r["top10_share"] is not None]
+        shares = [r["top10_share"] for r in main if r["top10_share"] is not None]
         if len(shares) > 1:
-            best = max((r for r in rows if r["top10_share"] is not None), key=lambda r: r["top10_share"])
+            best = max((r for r in main if r["top10_share"] is not None), key=lambda r: r["top10_share"])
             out.append(
                 f"Across {len(shares)} images the hottest 10% of pixels hold {np.mean(shares):.0%} "
                 f"of the heat on average (most focused: {best['image']}, {best['top10_share']:.0%})."
             )
+        base = res[STORED[first][0]]
+        for m in methods[1:]:
+            other = res[STORED[m][0]]
+            corr = [
+                float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+                for a, b in zip(base, other, strict=True)
+                if a.std() > 0 and b.std() > 0
+            ]
+            same = sum(
+                r["region"] == q["region"]
+                for r, q in zip(main, (r for r in rows if r["method"] == m), strict=True)
+            )
+            text = f"{LABELS[m]} vs {LABELS[first]}: same region in {same} of {len(main)} images"
+            out.append(text + (f", pixel correlation {np.mean(corr):.2f} on average." if corr else "."))
         return out
 
 
