@@ -93,7 +93,8 @@ def arrays(manifest: dict[str, Any], section: str, what: str) -> list[dict[str, 
         for s in manifest["sections"]
         if s["type"] == section
         for a in s["artifacts"]
-        if a["kind"] == "array" and a["map"] == what
+        # gradcam saves its maps as kind "map" (method, resolution conv | input), the others as "array"
+        if (a["kind"] == "array" and a["map"] == what) or (a["kind"] == "map" and a["method"] == what)
     ]
     assert found, f"no {what} arrays in the {section} section"
     return found
@@ -106,7 +107,8 @@ def pairs(found: list[dict[str, Any]], out: Path) -> dict[tuple[Any, ...], dict[
         assert a["path"].endswith(".npy") and a["model"] == "red"
         values = np.load(out / a["path"], allow_pickle=False)
         assert list(values.shape) == a["shape"]
-        by.setdefault((a["image"], a.get("mask")), {})[a["resolution"]] = values
+        resolution = "layer" if a["resolution"] == "conv" else a["resolution"]
+        by.setdefault((a["image"], a.get("mask")), {})[resolution] = values
     return by
 
 
