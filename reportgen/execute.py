@@ -11,6 +11,10 @@ its shard into the shared store. The host then merges the shards exactly: per-im
 their file's index (per-class sums are computed from them by the section), undecodable files are listed
 by their index in the pass.
 
+Image passes (`reportgen.plan.ImagePass`) of the kinds in `reportgen.work.EXECUTED` (activation maps)
+run here too, in process, before any section builds: each request is computed with the pass's batch and
+stored under its key; its section's `build` only reads it.
+
 `with_backoff` is the out-of-memory back-off of every kind: the batch is halved and the work retried,
 as the ascent program does for its chunks.
 """
@@ -261,3 +265,43 @@ def execute_dataset(
             ctx.work.pids.add(os.getpid())
         for p in todo:
             ctx.work.fresh.update(merge_shards(p, store))
+
+
+def activation_maps(
+    lm: Any, items: list[Any], request: Any, batch: int, on_batch: Callable[[int], None] | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays of one activations request (`reportgen.engine.activation_maps.ActivationProgram.run`)."""
+    from reportgen.engine.activation_maps import activation_program
+
+    params = dict(request.params)
+    program = activation_program(lm, request.layers, params["shown"], params["map_size"])
+    return with_backoff(lambda b: program.run(items, b, on_batch), batch, f"activations {request.model}")
+
+
+# kind -> the engine call that computes one ImageRequest: (model, images, request, batch, on_batch) -> arrays
+IMAGE_ENGINES: dict[str, Callable[..., dict[str, np.ndarray]]] = {"activations": activation_maps}
+
+
+def execute_images(passes: list[Any], ctx: Any) -> None:
+    """Compute and store every pending request of the image passes whose kind the executor runs.
+
+    Each key is claimed while it is computed, so another run sharing the store waits for it instead of
+    computing it too; a key stored meanwhile is not recomputed."""
+    store = ctx.store
+    for p in passes:
+        engine = IMAGE_ENGINES.get(p.kind)
+        if engine is None:
+            continue
+        for _, req in p.requests:
+            if req.key in p.stored:
+                continue
+            with store.claim(req.key):
+                if store.has(req.key, "npz"):
+                    continue
+                lm = ctx.models.get(req.model)
+                items = ctx.datasets.get(req.dataset).select(list(req.names))
+                label = f"{p.kind} {req.model} ({len(req.layers)} layer{'s' if len(req.layers) != 1 else ''})"
+                with ctx.progress.task(label, len(items)) as advance:
+                    arrays = engine(lm, items, req, p.batch_size, advance)
+                store.put_arrays(req.key, arrays)
+            ctx.work.fresh.add(req.key)

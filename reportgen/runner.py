@@ -25,7 +25,7 @@ from reportgen.analyses.base import RunContext, SectionOutput, slugify
 from reportgen.datasets import DatasetRegistry, dataset_notes
 from reportgen.device import device_description, select_cpu_kernels
 from reportgen.engine.scheduler import AscentScheduler
-from reportgen.execute import execute_dataset
+from reportgen.execute import execute_dataset, execute_images
 from reportgen.models import ModelRegistry
 from reportgen.parallel import Backend
 from reportgen.plan import check_samples_fit, plan_work
@@ -195,6 +195,8 @@ def _run_locked(
         ctx.ascent.execute(progress, engine, spec_path)
     with ctx.timed("engine: forward"):
         execute_dataset(work.dataset, ctx, engine, spec_path, batch_size)
+    with ctx.timed("engine: activations"):
+        execute_images(work.images, ctx)
     ascent_counts = ctx.ascent.section_counts()
     ascent_seconds = ascent_shares(plan, ctx.ascent.owners, ctx.timings.get("engine: ascent", 0.0))
     sizes: dict[str, set[tuple[int, int]]] = {}  # model -> input sizes the run used

@@ -13,13 +13,12 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 from reportgen.analyses.activations import (  # noqa: E402
-    ActivationProgram,
-    ActivationsSection,  # noqa: E402
-    display_shape,
+    ActivationsSection,
     shown_channels,
     silent_channels,
 )
 from reportgen.datasets import scan_folder  # noqa: E402
+from reportgen.engine.activation_maps import ActivationProgram, display_shape  # noqa: E402
 from reportgen.errors import ReportgenError  # noqa: E402
 from reportgen.models import LoadedModel  # noqa: E402
 from reportgen.spec.fields import DatasetSpec, Preprocess  # noqa: E402

@@ -164,3 +164,38 @@ def test_occlusion_and_saliency_halve_the_batch_on_out_of_memory(
         assert (project / "oom-injected/report" / table).read_text() == (
             project / "oom-normal/report" / table
         ).read_text()
+
+
+def test_the_executor_computes_activation_maps_and_build_only_reads_them(
+    project: Path, tmp_path: Path
+) -> None:
+    from reportgen.analyses.base import SectionOutput
+    from reportgen.engine.activation_maps import activation_program
+    from reportgen.execute import execute_images
+    from reportgen.plan import plan_work
+    from reportgen.progress import Progress
+    from reportgen.runner import _prepare
+    from reportgen.spec.load import load_spec
+
+    spec = write_spec(project, "acts", [SECTIONS[3]])
+    ctx, titled = _prepare(load_spec(spec), spec, tmp_path, Progress(quiet=True), 2)
+    (p,) = plan_work(ctx, batch_size=2).images
+    ((sid, req),) = p.requests
+    assert (p.kind, sid, p.batch_size) == ("activations", "s1-acts", 2)
+    assert not ctx.store.has(req.key, "npz")
+    execute_images([p], ctx)
+    stored = ctx.store.get_arrays(req.key)
+    assert stored is not None and stored["mean_0"].shape == (3, 4) and stored["full_1"].shape[0] == 3
+    lm = ctx.models.get("tiny")
+    items = ctx.datasets.get("folders").items[:3]
+    direct = activation_program(lm, ["conv_a", "conv"], dict(req.params)["shown"], 64).run(items, 3)
+    for name, values in direct.items():
+        np.testing.assert_array_equal(stored[name], values)
+
+    section, analysis, _, sid, _ = titled[0]
+    calls = []
+    program = activation_program(lm, ["conv_a", "conv"], dict(req.params)["shown"], 64)
+    program.run = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]  # build must not compute
+    result = analysis.build(section, ctx, SectionOutput(tmp_path, sid), 0)
+    assert not calls and len(result.context["table"]) == 2 * 3
+    assert (ctx.computed, ctx.reused) == (1, 0)  # the executor's work, counted once for its section

@@ -1,17 +1,14 @@
 """`activations`: feature maps of chosen layers for chosen images, with the top filter and sparsity per image.
 
-All layers come from one forward pass (one multi-output extractor, compiled once per layer set) over
-streamed batches. Only what the report shows leaves the compiled function: per-channel means and peaks
-(small, for the top filter and sparsity over *all* channels) and the maps of the shown channels (at the
-layer's own resolution, saved as .npy beside the figure, and downsampled to `map_size` for display), so a
-512-channel 56x56 layer never sits in host memory whole.
+`prepare` checks the fields and declares the maps as an `ImageRequest`; the executor computes them with
+one compiled forward pass (`reportgen.engine.activation_maps`) and stores them before any section builds;
+`build` reads them and draws the grids, the table and the findings.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -25,9 +22,8 @@ from reportgen.analyses.base import (
     SectionResult,
     map_array,
 )
-from reportgen.datasets import ImageItem, load_image, missing_indices, stream
+from reportgen.datasets import ImageItem, load_image, missing_indices
 from reportgen.errors import ReportgenError
-from reportgen.execute import with_backoff
 from reportgen.imaging import colormap, grid, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import (
@@ -63,96 +59,6 @@ class ActivationsSection(SectionBase, ImagesMixin):
 
 TABLE_ROWS = 25  # rows of the top-filter table shown in the report; the CSV has them all
 TILE_SIDE = 64  # display side of one feature-map tile (nearest upscaling of small maps)
-F16_MAX = float(np.finfo(np.float16).max)
-
-
-def display_shape(shape: tuple[int, int], map_size: int) -> tuple[int, int]:
-    """Map shape after downsampling so that the longer side is at most `map_size` (aspect kept)."""
-    h, w = shape
-    if max(h, w) <= map_size:
-        return h, w
-    scale = map_size / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
-class ActivationProgram:
-    """One compiled forward pass to all requested layers, returning only reduced statistics and the
-    (downsampled) maps of the shown channels; traced once per program (`trace_count`)."""
-
-    def __init__(
-        self, model: LoadedModel, layers: Sequence[str], shown: Sequence[Sequence[int]], map_size: int
-    ):
-        import keras
-        import tensorflow as tf
-
-        self.model, self.layers, self.map_size = model, tuple(layers), map_size
-        self.shown = [tf.constant(list(s), tf.int32) for s in shown]
-        outputs = [model.layer(name).output for name in self.layers]
-        self.extractor = keras.Model(model.model.inputs, outputs)
-        self.trace_count = 0
-        h, w = model.input_size
-        spec = [tf.TensorSpec((None, h, w, model.channels), tf.float32)]
-        self._run = tf.function(self._forward, input_signature=spec)
-
-    def _forward(self, pixels: Any) -> list[Any]:
-        import tensorflow as tf
-
-        self.trace_count += 1  # runs only while tracing
-        outs = self.extractor(self.model.preprocess(pixels), training=False)
-        if not isinstance(outs, list | tuple):
-            outs = [outs]
-        results = []
-        for out, idx in zip(outs, self.shown, strict=True):
-            out = tf.cast(out, tf.float32)
-            maps = tf.gather(out, idx, axis=3)
-            shape = (int(out.shape[1]), int(out.shape[2]))
-            target = display_shape(shape, self.map_size)
-            if target != shape:
-                maps = tf.image.resize(maps, target, method="area")
-            results += [
-                tf.reduce_mean(out, axis=[1, 2]),
-                tf.reduce_max(tf.abs(out), axis=[1, 2]),
-                maps,
-                tf.constant(shape, tf.int32),
-                tf.gather(out, idx, axis=3),
-            ]
-        return results
-
-    def run(
-        self, items: list[ImageItem], batch_size: int = 16, on_batch: Callable[[int], None] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Arrays for the store: `index` (images that decoded) and per layer i `mean_i`, `peak_i` (N, C) over
-        all channels, `maps_i` (N, h, w, shown) float16 for display, `shape_i`, the layer's own map shape,
-        and `full_i` (N, H, W, shown) float32, the shown maps at that shape."""
-        index, chunks = [], []
-        for pixels, idx in stream(items, self.model.input_size, self.model.channels, batch_size):
-            index.append(idx.numpy())
-            chunks.append([t.numpy() for t in self._run(pixels)])
-            if on_batch:
-                on_batch(len(index[-1]))
-        if not chunks:
-            raise ReportgenError(f"none of the {len(items)} selected images could be decoded")
-        arrays: dict[str, np.ndarray] = {"index": np.concatenate(index).astype(np.int32)}
-        for i in range(len(self.layers)):
-            arrays[f"mean_{i}"] = np.concatenate([c[5 * i] for c in chunks]).astype(np.float32)
-            arrays[f"peak_{i}"] = np.concatenate([c[5 * i + 1] for c in chunks]).astype(np.float32)
-            maps = np.concatenate([c[5 * i + 2] for c in chunks])
-            arrays[f"maps_{i}"] = np.clip(maps, -F16_MAX, F16_MAX).astype(np.float16)  # display only
-            arrays[f"shape_{i}"] = chunks[0][5 * i + 3].astype(np.int32)
-            arrays[f"full_{i}"] = np.concatenate([c[5 * i + 4] for c in chunks]).astype(np.float32)
-        return arrays
-
-
-def activation_program(
-    model: LoadedModel, layers: Sequence[str], shown: Sequence[Sequence[int]], map_size: int
-) -> ActivationProgram:
-    """Programs are kept on the model, so two sections with the same layers and channels share one trace."""
-    key = ("activations", tuple(layers), tuple(tuple(s) for s in shown), map_size)
-    if key not in model.extractors:
-        model.extractors[key] = ActivationProgram(model, layers, shown, map_size)
-    return model.extractors[key]
-
-
 def silent_channels(peak: np.ndarray, tolerance: float) -> np.ndarray:
     """Channels whose peak |activation| for the image is at most `tolerance` x the layer's largest peak."""
     top = float(peak.max()) if peak.size else 0.0
@@ -228,12 +134,19 @@ class ActivationsAnalysis(Analysis):
         return lm, ds, items, shown, notes
 
     def prepare(self, section: ActivationsSection, ctx: RunContext, index: int) -> None:
-        """Check the fields (a typo fails before any pass runs) and declare the maps for the planner."""
+        """Check the fields (a typo fails before any pass runs) and declare the maps: the executor computes
+        them (`reportgen.engine.activation_maps`) before any section builds."""
         lm, ds, items, shown, _ = self._plan(section, ctx, index)
         key = self._key(section, lm, ds, items, shown)
         layers = tuple(section.layers)
         n = len(items)
-        ctx.work.add(ImageRequest("activations", section.model, section.dataset, key, n, n, layers))
+        names = tuple(it.name for it in items)
+        params = (("shown", tuple(tuple(s) for s in shown)), ("map_size", section.map_size))
+        ctx.work.add(
+            ImageRequest(
+                "activations", section.model, section.dataset, key, n, n, layers, names=names, params=params
+            )
+        )
 
     def _key(
         self,
@@ -261,18 +174,7 @@ class ActivationsAnalysis(Analysis):
         self, section: ActivationsSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
         lm, ds, items, shown, notes = self._plan(section, ctx, index)
-        key = self._key(section, lm, ds, items, shown)
-
-        def compute() -> dict[str, np.ndarray]:
-            program = activation_program(lm, section.layers, shown, section.map_size)
-            label = f"activations {section.model} ({len(shown)} layers)"
-            with ctx.progress.task(label, len(items)) as advance:
-                return with_backoff(
-                    lambda b: program.run(items, b, advance), ctx.work.batch_for(key, ctx.batch_size), label
-                )
-
-        with ctx.timed("engine: activations"):
-            arrays = ctx.cached(key, compute)
+        arrays = ctx.result(self._key(section, lm, ds, items, shown), "activations")
         found = [int(i) for i in arrays["index"]]
         missing = missing_indices(len(items), found)
         if missing:

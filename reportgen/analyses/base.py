@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from reportgen.errors import ReportgenError
 from reportgen.imaging import colormap, png_bytes
 from reportgen.store import Store, atomic_write
 from reportgen.work import WorkBoard
@@ -192,6 +193,21 @@ class RunContext:
                     return arrays
         self.reused += 1
         return found
+
+    def result(self, key: str, what: str) -> dict[str, np.ndarray]:
+        """Arrays the executor stored under `key` before the sections build (counted once as computed when
+        it stored them in this run, as reused otherwise); `what` names the work in the error a key that
+        was never requested in `prepare` gets."""
+        arrays = self.store.get_arrays(key)
+        if arrays is None:
+            raise ReportgenError(f"{what} result {key[:12]} is not in the store: not requested in prepare")
+        if key in self.work.fresh:
+            if key not in self.work.counted:
+                self.work.counted.add(key)
+                self.computed += 1
+        else:
+            self.reused += 1
+        return arrays
 
     def where(self, index: int, *field_path: Any) -> str:
         from reportgen.spec.load import locate

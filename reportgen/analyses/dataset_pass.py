@@ -14,7 +14,6 @@ import numpy as np
 
 from reportgen.analyses.base import RunContext
 from reportgen.datasets import Dataset
-from reportgen.errors import ReportgenError
 from reportgen.models import LoadedModel
 from reportgen.work import DatasetRequest, means_key, outputs_key
 
@@ -32,23 +31,9 @@ def request(ctx: RunContext, req: DatasetRequest) -> None:
     ctx.work.add(req)
 
 
-def _read(ctx: RunContext, key: str) -> dict[str, np.ndarray]:
-    """A piece the executor stored (this run: counted once as computed) or an earlier run stored."""
-    arrays = ctx.store.get_arrays(key)
-    if arrays is None:
-        raise ReportgenError(f"dataset pass result {key[:12]} is not in the store: not requested in prepare")
-    if key in ctx.work.fresh:
-        if key not in ctx.work.counted:
-            ctx.work.counted.add(key)
-            ctx.computed += 1
-    else:
-        ctx.reused += 1
-    return arrays
-
-
 def layer_means(ctx: RunContext, lm: LoadedModel, ds: Dataset, layer: str) -> dict[str, np.ndarray]:
     """{"means": (N, C) channel means of `layer` over ds.items, "missing": undecodable indices}."""
-    return _read(ctx, means_key(lm, ds, layer))
+    return ctx.result(means_key(lm, ds, layer), "dataset pass")
 
 
 def class_outputs(
@@ -56,4 +41,4 @@ def class_outputs(
 ) -> dict[str, np.ndarray]:
     """{"outputs": (N, K) model outputs, "missing": undecodable indices} over ds.items (`images` None)
     or over the chosen images, in their order."""
-    return _read(ctx, outputs_key(lm, ds, images))
+    return ctx.result(outputs_key(lm, ds, images), "dataset pass")
