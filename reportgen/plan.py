@@ -498,8 +498,9 @@ class DatasetPass:
 
 @dataclass
 class ImagePass:
-    """Activation maps or gradient batches of one kind and model over chosen images, listed by the planner
-    and computed by their sections (cached per section under the request's key)."""
+    """Activation maps or gradient batches of one kind and model over chosen images, each request stored
+    under its key: activation maps are run by the executor (`reportgen.execute.execute_images`), gradient
+    batches by their sections in `build`, both with this pass's batch."""
 
     kind: str
     model: str

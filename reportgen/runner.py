@@ -4,9 +4,10 @@ Nothing is written to the output folder until the whole report is built: the run
 folder beside it and swaps it in at the end, so a failed or killed run leaves the previous report in
 place; the store keeps every result already computed, so the next run resumes from there.
 
-All sections register their work first (`prepare`); the scheduler then plans the whole spec's ascent
-passes (`reportgen.plan`) and runs them here, on local processes or on a Dask cluster
-(`reportgen.parallel`). A dry run stops after planning and takes no lock.
+All sections register their work first (`prepare`); the planner (`reportgen.plan.plan_work`) then plans
+every kind of pass of the whole spec; the ascent scheduler and the executor (`reportgen.execute`: dataset
+passes, activation maps) run them here, on local processes or on a Dask cluster (`reportgen.parallel`),
+before any section builds. A dry run stops after planning and takes no lock.
 """
 
 from __future__ import annotations
