@@ -11,8 +11,8 @@ its shard into the shared store. The host then merges the shards exactly: per-im
 their file's index (per-class sums are computed from them by the section), undecodable files are listed
 by their index in the pass.
 
-Image passes (`reportgen.plan.ImagePass`) of the kinds in `reportgen.work.EXECUTED` (activation maps)
-run here too, in process, before any section builds: each request is computed with the pass's batch and
+Image passes (`reportgen.plan.ImagePass`) run here too, in process, before any section builds: each
+request that names an engine (activation maps, saliency, occlusion) is computed with the pass's batch and
 stored under its key; its section's `build` only reads it.
 
 `with_backoff` is the out-of-memory back-off of every kind: the batch is halved and the work retried,
@@ -268,7 +268,7 @@ def execute_dataset(
 
 
 def activation_maps(
-    lm: Any, items: list[Any], request: Any, batch: int, on_batch: Callable[[int], None] | None = None
+    lm: Any, ds: Any, items: list[Any], request: Any, batch: int, on_batch: Callable[[int], None]
 ) -> dict[str, np.ndarray]:
     """The arrays of one activations request (`reportgen.engine.activation_maps.ActivationProgram.run`)."""
     from reportgen.engine.activation_maps import activation_program
@@ -278,30 +278,57 @@ def activation_maps(
     return with_backoff(lambda b: program.run(items, b, on_batch), batch, f"activations {request.model}")
 
 
-# kind -> the engine call that computes one ImageRequest: (model, images, request, batch, on_batch) -> arrays
-IMAGE_ENGINES: dict[str, Callable[..., dict[str, np.ndarray]]] = {"activations": activation_maps}
+def gradient_batch(
+    lm: Any, ds: Any, items: list[Any], request: Any, batch: int, on_batch: Callable[[int], None]
+) -> dict[str, np.ndarray]:
+    """The arrays of one saliency or occlusion request (`reportgen.engine.gradient_batches`): the decoded
+    images, which of them decoded, and the maps."""
+    from reportgen.engine import gradient_batches as gb
+
+    params = dict(request.params)
+    pixels, kept = gb.load_inputs(lm, ds, items, params["where"])
+    if request.engine == "saliency":
+        arrays = with_backoff(
+            lambda b: gb.saliency(lm, pixels, params, b), batch, f"saliency {request.model}"
+        )
+    else:
+        arrays = with_backoff(
+            lambda b: gb.occlusion(lm, pixels, kept, params, b), batch, f"occlusion {request.model}"
+        )
+    on_batch(len(items))
+    return {"images": gb.as_uint8(pixels), "kept": kept, **arrays}
+
+
+# engine name -> the call that computes one ImageRequest: (model, dataset, images, request, batch,
+# on_batch) -> the arrays its section reads
+IMAGE_ENGINES: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+    "activation_maps": activation_maps,
+    "saliency": gradient_batch,
+    "occlusion": gradient_batch,
+}
+
+
+# the timing row of each kind in the report's metadata (gradient work shares Grad-CAM's)
+TIMERS = {"activations": "engine: activations", "gradient": "engine: gradients"}
 
 
 def execute_images(passes: list[Any], ctx: Any) -> None:
-    """Compute and store every pending request of the image passes whose kind the executor runs.
+    """Compute and store every pending request of the image passes that names an engine.
 
     Each key is claimed while it is computed, so another run sharing the store waits for it instead of
     computing it too; a key stored meanwhile is not recomputed."""
     store = ctx.store
     for p in passes:
-        engine = IMAGE_ENGINES.get(p.kind)
-        if engine is None:
-            continue
-        for _, req in p.requests:
-            if req.key in p.stored:
+        for sid, req in p.requests:
+            if not req.engine or req.key in p.stored:
                 continue
             with store.claim(req.key):
                 if store.has(req.key, "npz"):
                     continue
-                lm = ctx.models.get(req.model)
-                items = ctx.datasets.get(req.dataset).select(list(req.names))
-                label = f"{p.kind} {req.model} ({len(req.layers)} layer{'s' if len(req.layers) != 1 else ''})"
-                with ctx.progress.task(label, len(items)) as advance:
-                    arrays = engine(lm, items, req, p.batch_size, advance)
+                lm, ds = ctx.models.get(req.model), ctx.datasets.get(req.dataset)
+                items = ds.select(list(req.names))
+                timer = ctx.timed(TIMERS.get(p.kind, f"engine: {p.kind}"))
+                with timer, ctx.progress.task(f"{req.engine} {sid}", len(items)) as advance:
+                    arrays = IMAGE_ENGINES[req.engine](lm, ds, items, req, p.batch_size, advance)
                 store.put_arrays(req.key, arrays)
             ctx.work.fresh.add(req.key)

@@ -499,8 +499,8 @@ class DatasetPass:
 @dataclass
 class ImagePass:
     """Activation maps or gradient batches of one kind and model over chosen images, each request stored
-    under its key: activation maps are run by the executor (`reportgen.execute.execute_images`), gradient
-    batches by their sections in `build`, both with this pass's batch."""
+    under its key with this pass's batch: by the executor (`reportgen.execute.execute_images`) when the
+    request names an engine (activation maps, saliency, occlusion), else by its section in `build`."""
 
     kind: str
     model: str

@@ -6,8 +6,8 @@ place; the store keeps every result already computed, so the next run resumes fr
 
 All sections register their work first (`prepare`); the planner (`reportgen.plan.plan_work`) then plans
 every kind of pass of the whole spec; the ascent scheduler and the executor (`reportgen.execute`: dataset
-passes, activation maps) run them here, on local processes or on a Dask cluster (`reportgen.parallel`),
-before any section builds. A dry run stops after planning and takes no lock.
+passes, activation maps, saliency, occlusion) run them here, on local processes or on a Dask cluster
+(`reportgen.parallel`), before any section builds. A dry run stops after planning and takes no lock.
 """
 
 from __future__ import annotations
@@ -196,8 +196,7 @@ def _run_locked(
         ctx.ascent.execute(progress, engine, spec_path)
     with ctx.timed("engine: forward"):
         execute_dataset(work.dataset, ctx, engine, spec_path, batch_size)
-    with ctx.timed("engine: activations"):
-        execute_images(work.images, ctx)
+    execute_images(work.images, ctx)  # timed per kind inside
     ascent_counts = ctx.ascent.section_counts()
     ascent_seconds = ascent_shares(plan, ctx.ascent.owners, ctx.timings.get("engine: ascent", 0.0))
     sizes: dict[str, set[tuple[int, int]]] = {}  # model -> input sizes the run used

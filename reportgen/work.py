@@ -13,8 +13,8 @@ Kinds (the `kind` of a planned pass):
   of layers, class outputs. One pass per (model, dataset, image selection) serves every section.
 - `activations` / `gradient`: batched work over a few chosen images (`ImageRequest`): activation maps;
   Grad-CAM, saliency, occlusion batches. The planner lists them, sizes their batch and counts what the
-  store holds. Activation maps are run by the executor before any section builds (`build` reads them);
-  gradient sections still compute theirs in `build` (cached under `key`) with the planned batch.
+  store holds. Activation maps, saliency and occlusion are run by the executor before any section builds
+  (`build` reads them); Grad-CAM still computes in `build` (cached under `key`) with the planned batch.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from typing import Any
 
 from reportgen.store import content_key
 
-# Kinds of ImageRequest the executor runs (the others are computed by their sections in `build`).
-EXECUTED = ("activations",)
 # Bump when the dataset pass's numbers change, so that stored results are recomputed.
 DATASET_VERSION = "1"
 # What a dataset pass can compute per layer. "means": the (N, C) spatial mean of every channel. Exemplars
@@ -65,8 +63,10 @@ class ImageRequest:
     `layers`: the deepest layers the work computes (the planner's cost estimate); `backward`: whether
     those samples take gradients (Grad-CAM, saliency), which roughly doubles their FLOPs;
     `forward_samples`: forward-only samples on top (the sliding patch of an occlusion section, which
-    only reads probabilities beside its Grad-CAMs). Work the executor runs (see EXECUTED) also names the
-    chosen images (`names`) and its engine's parameters (`params`, (name, value) pairs of plain data)."""
+    only reads probabilities beside its Grad-CAMs). `engine`: the executor's engine that computes the
+    request before any section builds (`reportgen.execute.IMAGE_ENGINES`), with the chosen images
+    (`names`) and the engine's parameters (`params`, (name, value) pairs of plain data); "" when the
+    section computes it in `build` (Grad-CAM)."""
 
     kind: str  # "activations" | "gradient"
     model: str
@@ -77,6 +77,7 @@ class ImageRequest:
     layers: tuple[str, ...]
     backward: bool = False
     forward_samples: int = 0
+    engine: str = ""
     names: tuple[str, ...] = ()
     params: tuple[tuple[str, Any], ...] = ()
 

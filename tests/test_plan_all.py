@@ -166,36 +166,47 @@ def test_occlusion_and_saliency_halve_the_batch_on_out_of_memory(
         ).read_text()
 
 
-def test_the_executor_computes_activation_maps_and_build_only_reads_them(
-    project: Path, tmp_path: Path
+def test_the_executor_computes_image_work_and_build_only_reads_it(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Activation maps, occlusion and saliency are stored by the executor before any section builds; with
+    every engine broken afterwards, the sections still build from the store."""
     from reportgen.analyses.base import SectionOutput
-    from reportgen.engine.activation_maps import activation_program
+    from reportgen.engine.activation_maps import ActivationProgram, activation_program
+    from reportgen.engine.gradients import GradientEngine
     from reportgen.execute import execute_images
     from reportgen.plan import plan_work
     from reportgen.progress import Progress
     from reportgen.runner import _prepare
     from reportgen.spec.load import load_spec
 
-    spec = write_spec(project, "acts", [SECTIONS[3]])
+    spec = write_spec(project, "executed", [SECTIONS[3], SECTIONS[5], SECTIONS[6]])
     ctx, titled = _prepare(load_spec(spec), spec, tmp_path, Progress(quiet=True), 2)
-    (p,) = plan_work(ctx, batch_size=2).images
-    ((sid, req),) = p.requests
-    assert (p.kind, sid, p.batch_size) == ("activations", "s1-acts", 2)
-    assert not ctx.store.has(req.key, "npz")
-    execute_images([p], ctx)
-    stored = ctx.store.get_arrays(req.key)
-    assert stored is not None and stored["mean_0"].shape == (3, 4) and stored["full_1"].shape[0] == 3
+    passes = plan_work(ctx, batch_size=2).images
+    assert [(p.kind, p.sections, p.batch_size) for p in passes] == [
+        ("activations", ["s1-acts"], 2), ("gradient", ["s2-occ", "s3-sal"], 2)
+    ]
+    requests = [req for p in passes for _, req in p.requests]
+    assert [r.engine for r in requests] == ["activation_maps", "occlusion", "saliency"]
+    assert not any(ctx.store.has(r.key, "npz") for r in requests)
+    execute_images(passes, ctx)
+    assert all(ctx.store.has(r.key, "npz") for r in requests)
+    acts = ctx.store.get_arrays(requests[0].key)
+    assert acts is not None and acts["mean_0"].shape == (3, 4) and acts["full_1"].shape[0] == 3
     lm = ctx.models.get("tiny")
-    items = ctx.datasets.get("folders").items[:3]
-    direct = activation_program(lm, ["conv_a", "conv"], dict(req.params)["shown"], 64).run(items, 3)
+    direct = activation_program(lm, ["conv_a", "conv"], dict(requests[0].params)["shown"], 64).run(
+        ctx.datasets.get("folders").items[:3], 3
+    )
     for name, values in direct.items():
-        np.testing.assert_array_equal(stored[name], values)
+        np.testing.assert_array_equal(acts[name], values)
 
-    section, analysis, _, sid, _ = titled[0]
-    calls = []
-    program = activation_program(lm, ["conv_a", "conv"], dict(req.params)["shown"], 64)
-    program.run = lambda *a, **k: calls.append(a)  # type: ignore[method-assign]  # build must not compute
-    result = analysis.build(section, ctx, SectionOutput(tmp_path, sid), 0)
-    assert not calls and len(result.context["table"]) == 2 * 3
-    assert (ctx.computed, ctx.reused) == (1, 0)  # the executor's work, counted once for its section
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("build must only read results")
+
+    for name in ("gradcam", "input_gradients", "sliding", "probability"):
+        monkeypatch.setattr(GradientEngine, name, broken)
+    monkeypatch.setattr(ActivationProgram, "run", broken)
+    for index, (section, analysis, _, sid, _) in enumerate(titled):
+        result = analysis.build(section, ctx, SectionOutput(tmp_path, sid), index)
+        assert result.findings
+    assert (ctx.computed, ctx.reused) == (3, 0)  # the executor's work, counted once for its section

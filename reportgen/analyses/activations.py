@@ -144,8 +144,9 @@ class ActivationsAnalysis(Analysis):
         params = (("shown", tuple(tuple(s) for s in shown)), ("map_size", section.map_size))
         ctx.work.add(
             ImageRequest(
-                "activations", section.model, section.dataset, key, n, n, layers, names=names, params=params
-            )
+                "activations", section.model, section.dataset, key, n, n, layers,
+                engine="activation_maps", names=names, params=params,
+            )  # fmt: skip
         )
 
     def _key(

@@ -22,12 +22,10 @@ from reportgen.analyses.base import (
     map_array,
 )
 from reportgen.analyses.shared import (
-    as_uint8,
     check_conv_layer,
     explained,
     for_print,
     image_sizes,
-    load_inputs,
     region_word,
     resolve_target,
     result_key,
@@ -36,7 +34,6 @@ from reportgen.analyses.shared import (
 )
 from reportgen.datasets import ImageItem
 from reportgen.errors import ReportgenError
-from reportgen.execute import with_backoff
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
@@ -182,103 +179,42 @@ class OcclusionAnalysis(Analysis):
         return lm, target, ds, items, sizes, (pairs, notes + plan_notes), key
 
     def prepare(self, section: OcclusionSection, ctx: RunContext, index: int) -> None:
-        """Declare the gradient batch for the planner: a Grad-CAM of every image and of every occluded copy
-        (forward + backward), and for the sliding patch one forward sample per position and image plus
-        the unoccluded probabilities."""
+        """Declare the gradient batch: a Grad-CAM of every image and of every occluded copy (forward +
+        backward), and for the sliding patch one forward sample per position and image plus the unoccluded
+        probabilities. The executor computes it (`reportgen.engine.gradient_batches.occlusion`) before any
+        section builds."""
         from reportgen.engine.gradients import patch_boxes  # imports TensorFlow
 
-        lm, _, _, items, _, (pairs, _), key = self._work(section, ctx, index)
+        lm, target, _, items, _, (pairs, _), key = self._work(section, ctx, index)
         n = len(items)
         forward = 0
         if section.sliding is not None:
             positions = patch_boxes(lm.input_size, section.sliding.patch, section.sliding.stride).shape[:2]
             forward = n * (int(np.prod(positions)) + 1)
-        last = (lm.model.layers[-1].name,)
+        sl, last = section.sliding, (lm.model.layers[-1].name,)
+        params = {
+            "layer": section.layer,
+            "target": target,
+            "pairs": tuple((int(i), int(j), tuple(int(v) for v in box)) for i, j, box in pairs),
+            "fills": tuple(m.fill for m in section.masks),
+            "sliding": (sl.patch, sl.stride, sl.fill) if sl is not None else None,
+            "where": ctx.where(index, "dataset"),
+        }
         ctx.work.add(
             ImageRequest(
                 "gradient", section.model, section.dataset, key, n, n + len(pairs), last,
-                backward=True, forward_samples=forward,
+                backward=True, forward_samples=forward, engine="occlusion",
+                names=tuple(it.name for it in items), params=tuple(params.items()),
             )  # fmt: skip
         )
 
     def build(
         self, section: OcclusionSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
-        lm, target, ds, items, sizes, (pairs, notes), key = self._work(section, ctx, index)
-
-        def compute() -> dict[str, np.ndarray]:
-            pixels, kept = load_inputs(lm, ds, items, ctx.where(index, "dataset"))
-            pos = {int(i): k for k, i in enumerate(kept)}
-            live = [(pos[i], j, box) for i, j, box in pairs if i in pos]
-            with ctx.timed("engine: gradients"):
-                arrays = with_backoff(
-                    lambda b: self._compute(section, lm, target, pixels, live, b),
-                    ctx.work.batch_for(key, ctx.batch_size),
-                    f"occlusion {section.model}",
-                )
-            return {"images": as_uint8(pixels), "kept": kept, **arrays}
-
-        res = ctx.cached(key, compute)
+        lm, target, _, items, sizes, (_, notes), key = self._work(section, ctx, index)
+        res = ctx.result(key, "occlusion")
         notes += skipped_note(items, res["kept"])
         return self._present(section, lm, items, sizes, res, out, target, notes)
-
-    @staticmethod
-    def _compute(
-        section: OcclusionSection,
-        lm: LoadedModel,
-        target: int,
-        pixels: np.ndarray,
-        live: list[tuple[int, int, Box]],
-        batch: int,
-    ) -> dict[str, np.ndarray]:
-        """Grad-CAMs of the images and of their occluded copies, and the sliding-patch drops, in batches
-        of `batch` (the planner's; halved on out-of-memory by the caller)."""
-        from reportgen.engine.gradients import engine_for, fill_source, occlude  # imports TensorFlow
-
-        eng = engine_for(lm, batch)
-        base = eng.gradcam(pixels, section.layer, target)
-        sources: dict[tuple[int, str], np.ndarray] = {}
-        occluded = []
-        for k, j, box in live:
-            fill = section.masks[j].fill
-            if (k, fill) not in sources:
-                sources[k, fill] = fill_source(pixels[k : k + 1], fill)[0]
-            occluded.append(occlude(pixels[k], sources[k, fill], box))
-        h, w = lm.input_size
-        occ_px = np.stack(occluded) if occluded else np.zeros((0, h, w, lm.channels), np.float32)
-        # The occluded image explains the class its original explained, whatever it predicts now.
-        occ_targets = base.classes[[k for k, _, _ in live]].astype(np.int32)
-        occ = eng.gradcam(occ_px, section.layer, occ_targets)
-        arrays = {
-            "heatmaps": base.heatmaps,
-            "maps": base.maps,
-            "classes": base.classes,
-            "probability": base.probability,
-            "top": base.top,
-            "top_probability": base.probs[np.arange(len(base.top)), base.top],
-            "pair_image": np.asarray([k for k, _, _ in live], np.int32).reshape(-1),
-            "pair_mask": np.asarray([j for _, j, _ in live], np.int32).reshape(-1),
-            "pair_box": np.asarray([box for _, _, box in live], np.int32).reshape(-1, 4),
-            "occluded": as_uint8(occ_px),
-            "occ_heatmaps": occ.heatmaps,
-            "occ_maps": occ.maps,
-            "occ_probability": occ.probability,
-            "occ_top": occ.top,
-            "occ_top_probability": occ.probs[np.arange(len(occ.top)), occ.top],
-        }
-        if section.sliding is not None:
-            sl = eng.sliding(
-                pixels, base.classes, section.sliding.patch, section.sliding.stride, section.sliding.fill
-            )
-            arrays.update(
-                {
-                    "drops": sl.drops,
-                    "sensitivity": sl.sensitivity,
-                    "patch_boxes": sl.boxes,
-                    "sliding_base": sl.base,
-                }
-            )
-        return arrays
 
     def _present(
         self,

@@ -23,19 +23,16 @@ from reportgen.analyses.base import (
 )
 from reportgen.analyses.shared import (
     FINDING_IMAGES,
-    as_uint8,
     explained,
     for_print,
     heat_stats,
     image_sizes,
-    load_inputs,
     resolve_target,
     result_key,
     select_images,
     skipped_note,
 )
 from reportgen.datasets import ImageItem
-from reportgen.execute import with_backoff
 from reportgen.imaging import colormap, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
@@ -92,47 +89,33 @@ class SaliencyAnalysis(Analysis):
         return lm, target, ds, items, notes, methods, key
 
     def prepare(self, section: SaliencySection, ctx: RunContext, index: int) -> None:
-        """Declare the gradient batch for the planner: one input gradient per image (the vanilla map and
-        the class SmoothGrad explains), plus `samples` noisy copies per image for SmoothGrad."""
-        lm, _, _, items, _, methods, key = self._work(section, ctx, index)
+        """Declare the gradient batch: one input gradient per image (the vanilla map and the class
+        SmoothGrad explains), plus `samples` noisy copies per image for SmoothGrad. The executor computes
+        it (`reportgen.engine.gradient_batches.saliency`) before any section builds."""
+        lm, target, _, items, _, methods, key = self._work(section, ctx, index)
         n = len(items)
         samples = n + (n * section.samples if "smoothgrad" in methods else 0)
-        last = (lm.model.layers[-1].name,)
+        params = {
+            "target": target,
+            "methods": tuple(methods),
+            "samples": section.samples,
+            "noise": section.noise,
+            "seed": ctx.spec.seed,
+            "where": ctx.where(index, "dataset"),
+        }
         ctx.work.add(
-            ImageRequest("gradient", section.model, section.dataset, key, n, samples, last, backward=True)
+            ImageRequest(
+                "gradient", section.model, section.dataset, key, n, samples, (lm.model.layers[-1].name,),
+                backward=True, engine="saliency", names=tuple(it.name for it in items),
+                params=tuple(params.items()),
+            )  # fmt: skip
         )
 
     def build(
         self, section: SaliencySection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
-        from reportgen.engine.gradients import engine_for  # imports TensorFlow
-
-        lm, target, ds, items, notes, methods, key = self._work(section, ctx, index)
-
-        def maps(pixels: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-            eng = engine_for(lm, batch)
-            vanilla, grads = eng.vanilla(pixels, target)
-            arrays = {"classes": grads.classes, "probability": grads.probability}
-            if "vanilla" in methods:
-                arrays["vanilla"] = vanilla
-            if "smoothgrad" in methods:
-                # The clean image's class, so that every noisy copy explains the same class.
-                arrays["smoothgrad"] = eng.smoothgrad(
-                    pixels, grads.classes, section.samples, section.noise, ctx.spec.seed
-                )
-            return arrays
-
-        def compute() -> dict[str, np.ndarray]:
-            pixels, kept = load_inputs(lm, ds, items, ctx.where(index, "dataset"))
-            with ctx.timed("engine: gradients"):
-                arrays = with_backoff(
-                    lambda b: maps(pixels, b),
-                    ctx.work.batch_for(key, ctx.batch_size),
-                    f"saliency {section.model}",
-                )
-            return {"images": as_uint8(pixels), "kept": kept, **arrays}
-
-        res = ctx.cached(key, compute)
+        lm, target, _, items, notes, methods, key = self._work(section, ctx, index)
+        res = ctx.result(key, "saliency")
         notes += skipped_note(items, res["kept"])
         sizes = image_sizes(items)
         figures, artifacts = [], []

@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 from reportgen.analyses.base import RunContext
-from reportgen.datasets import Dataset, ImageItem, load_image, load_pixels
+from reportgen.datasets import Dataset, ImageItem, load_image
+from reportgen.engine.gradient_batches import as_uint8, load_inputs  # noqa: F401 - the sections' image helpers
 from reportgen.engine.recipes import resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError
@@ -76,21 +77,6 @@ def image_sizes(items: list[ImageItem]) -> list[tuple[int, int]]:
     return sizes
 
 
-def load_inputs(
-    lm: LoadedModel, ds: Dataset, items: list[ImageItem], where: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Model-input pixels of the decodable items and their indices into `items`."""
-    pixels, bad = load_pixels(items, lm.input_size, lm.channels)
-    unreadable = set(bad)
-    kept = np.asarray([i for i, it in enumerate(items) if it.name not in unreadable], np.int32)
-    if not len(kept):
-        raise ReportgenError(
-            f"{where}: none of the {len(items)} selected images of dataset {ds.key!r} could be decoded "
-            f"(e.g. {bad[0]}); check the files or pick others with `images:`"
-        )
-    return pixels, kept
-
-
 def skipped_note(items: list[ImageItem], kept: np.ndarray) -> list[str]:
     """A note naming the files that could not be decoded (left out of the section)."""
     bad = [it.name for i, it in enumerate(items) if i not in set(kept.tolist())]
@@ -114,10 +100,6 @@ def result_key(
         [it.name for it in items],
         params,
     )
-
-
-def as_uint8(pixels: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def for_print(image: np.ndarray, heat: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:

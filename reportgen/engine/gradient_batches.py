@@ -1,0 +1,105 @@
+"""Gradient work of the `saliency` and `occlusion` sections over their chosen images, run by the executor
+(`reportgen.execute`) from the sections' requests before any section builds.
+
+Each function takes the model, the chosen images and the request's parameters (plain data, see
+`reportgen.work.ImageRequest.params`) and returns the arrays the section reads from the store: the
+decoded model-input images (uint8) and the indices of those that decoded (`kept`), then its maps. The
+batch is the planner's; the executor halves it on out-of-memory. TensorFlow is imported by the gradient
+engine (`reportgen.engine.gradients`) when a function runs, so sections can import `load_inputs` and
+`as_uint8` from here without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reportgen.datasets import Dataset, ImageItem, load_pixels
+from reportgen.errors import ReportgenError
+
+
+def as_uint8(pixels: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+def load_inputs(lm: Any, ds: Dataset, items: list[ImageItem], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Model-input pixels of the decodable items and their indices into `items`."""
+    pixels, bad = load_pixels(items, lm.input_size, lm.channels)
+    unreadable = set(bad)
+    kept = np.asarray([i for i, it in enumerate(items) if it.name not in unreadable], np.int32)
+    if not len(kept):
+        raise ReportgenError(
+            f"{where}: none of the {len(items)} selected images of dataset {ds.key!r} could be decoded "
+            f"(e.g. {bad[0]}); check the files or pick others with `images:`"
+        )
+    return pixels, kept
+
+
+def saliency(lm: Any, pixels: np.ndarray, params: dict[str, Any], batch: int) -> dict[str, np.ndarray]:
+    """Vanilla gradients and/or SmoothGrad of `params["target"]` (-1: each image's top class).
+
+    params: target, methods, and for SmoothGrad samples, noise, seed."""
+    from reportgen.engine.gradients import engine_for
+
+    eng = engine_for(lm, batch)
+    vanilla, grads = eng.vanilla(pixels, params["target"])
+    arrays = {"classes": grads.classes, "probability": grads.probability}
+    if "vanilla" in params["methods"]:
+        arrays["vanilla"] = vanilla
+    if "smoothgrad" in params["methods"]:
+        # The clean image's class, so that every noisy copy explains the same class.
+        arrays["smoothgrad"] = eng.smoothgrad(
+            pixels, grads.classes, params["samples"], params["noise"], params["seed"]
+        )
+    return arrays
+
+
+def occlusion(
+    lm: Any, pixels: np.ndarray, kept: np.ndarray, params: dict[str, Any], batch: int
+) -> dict[str, np.ndarray]:
+    """Grad-CAMs of the images and of their occluded copies, and the sliding-patch drops.
+
+    params: layer, target, pairs ((image index into the chosen images, mask index, box in model-input
+    pixels) for every mask and image it applies to), fills (each mask's fill), sliding ((patch, stride,
+    fill) or None). Pairs of images that did not decode are dropped; `pair_image` indexes the decoded."""
+    from reportgen.engine.gradients import engine_for, fill_source, occlude
+
+    layer, target, fills = params["layer"], params["target"], params["fills"]
+    pos = {int(i): k for k, i in enumerate(kept)}
+    live = [(pos[i], j, box) for i, j, box in params["pairs"] if i in pos]
+    eng = engine_for(lm, batch)
+    base = eng.gradcam(pixels, layer, target)
+    sources: dict[tuple[int, str], np.ndarray] = {}
+    occluded = []
+    for k, j, box in live:
+        if (k, fills[j]) not in sources:
+            sources[k, fills[j]] = fill_source(pixels[k : k + 1], fills[j])[0]
+        occluded.append(occlude(pixels[k], sources[k, fills[j]], box))
+    h, w = lm.input_size
+    occ_px = np.stack(occluded) if occluded else np.zeros((0, h, w, lm.channels), np.float32)
+    # The occluded image explains the class its original explained, whatever it predicts now.
+    occ_targets = base.classes[[k for k, _, _ in live]].astype(np.int32)
+    occ = eng.gradcam(occ_px, layer, occ_targets)
+    arrays = {
+        "heatmaps": base.heatmaps,
+        "maps": base.maps,
+        "classes": base.classes,
+        "probability": base.probability,
+        "top": base.top,
+        "top_probability": base.probs[np.arange(len(base.top)), base.top],
+        "pair_image": np.asarray([k for k, _, _ in live], np.int32).reshape(-1),
+        "pair_mask": np.asarray([j for _, j, _ in live], np.int32).reshape(-1),
+        "pair_box": np.asarray([box for _, _, box in live], np.int32).reshape(-1, 4),
+        "occluded": as_uint8(occ_px),
+        "occ_heatmaps": occ.heatmaps,
+        "occ_maps": occ.maps,
+        "occ_probability": occ.probability,
+        "occ_top": occ.top,
+        "occ_top_probability": occ.probs[np.arange(len(occ.top)), occ.top],
+    }
+    if params["sliding"] is not None:
+        patch, stride, fill = params["sliding"]
+        sl = eng.sliding(pixels, base.classes, patch, stride, fill)
+        arrays.update(drops=sl.drops, sensitivity=sl.sensitivity, patch_boxes=sl.boxes, sliding_base=sl.base)
+    return arrays
