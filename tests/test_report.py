@@ -367,11 +367,7 @@ sections:
     columns: 1
     params: {steps: 2, crop: 0, jitter: 2, decay: 0.001}
     observations: |
-      Six filters in one column make a grid taller than what is left of the page under this text, so
-      it has to shrink to stay with its findings. Without that the findings would be alone on a page.
-
-      - a list item, as observations often have
-      - and another one
+      Six filters in one column: a grid too tall for the rest of this page, so it shrinks to stay here.
   - type: filters
     title: Two filters
     model: tiny
@@ -473,7 +469,8 @@ def test_side_by_side_grids_stay_inside_the_page(tmp_path: Path) -> None:
 
     Image.new("RGB", (900, 600), (90, 90, 90)).save(tmp_path / "grid.png")  # wider than a cell
     grids = [{"recipe": r, "dead": 0, "grid": "grid.png"} for r in ("keras-example", "regularized")]
-    layer = {"name": "conv1", "count": 16, "channels": 16, "grids": grids, "max_height": None, "caption": ""}
+    layer = {"name": "conv1", "count": 16, "channels": 16, "grids": grids, "max_height": None, "caption": "",
+             "quality": ""}
     context = {"recipes": [], "overrides": {}, "layers": [layer], "side_by_side": True}
     pages = laid_out(partial("filters", context), tmp_path)
     page = pages[0]._page_box

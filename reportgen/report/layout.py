@@ -93,10 +93,14 @@ def plan_grid_heights(lead: float, layers: list[dict[str, Any]], side_by_side: b
     # h2 (its 12 pt top margin dropped at the top of a page), the caption (`caption`: its text, else two
     # lines), the grids' margins and, side by side, the table's margins and the recipe title over each grid
     extra = 8.5 + 1.4 * 9 + 4 if side_by_side else 8.5
-    tail = 4 + (4 if side_by_side else 0)
+    base_tail = 4 + (4 if side_by_side else 0)
     y, caps = lead % PAGE_HEIGHT, []  # a lead longer than a page ends on a later one
     for layer in layers:
         caption = text_lines(layer["caption"], 8.5, PAGE_WIDTH) if layer.get("caption") else 2
+        # a caption paragraph under the grids (the quality line): its lines and its 8.5 pt margin
+        tail = base_tail + (
+            text_lines(layer["quality"], 8.5, PAGE_WIDTH) * 1.4 * 8.5 + 8.5 if layer.get("quality") else 0
+        )
         head = 1.4 * 13 + 8.5 + caption * 1.4 * 8.5 + extra
         natural = max(
             min(h * 0.75, width * h / w, GRID_MAX_HEIGHT)  # a CSS px is 0.75 pt
