@@ -216,9 +216,10 @@ RECIPE_PARAMS = [
     ("steps", "10001", "must be from 1 to 10000 (got 10001)", "10000"),
     ("steps", "2.5", "must be a whole number (got 2.5)", "64.0"),
     ("steps", "true", "must be a number (got True)", "2"),
-    ("size", "-5", "must be 0 or from 8 to 2048 (got -5)", "0"),
-    ("size", "7", "must be 0 or from 8 to 2048 (got 7)", "8"),
-    ("size", "100000", "must be 0 or from 8 to 2048 (got 100000)", "2048"),
+    ("size", "-5", "must be from 8 to 2048 (got -5)", "8"),
+    ("size", "0", "must be from 8 to 2048 (got 0)", "8"),
+    ("size", "7", "must be from 8 to 2048 (got 7)", "8"),
+    ("size", "100000", "must be from 8 to 2048 (got 100000)", "2048"),
     ("lr", ".nan", "must be a finite number (got nan); the keras-example recipe uses 10.0", "0.001"),
     ("lr", ".inf", "must be a finite number (got inf)", "1000"),
     ("lr", "0", "must be > 0 (got 0)", "1e-9"),
@@ -363,7 +364,7 @@ def test_json_schema_shows_the_ranges() -> None:
         "integer",
     )
     assert props["lr"]["exclusiveMinimum"] == 0
-    assert props["size"]["anyOf"] == [{"const": 0}, {"minimum": 8, "maximum": 2048}]
+    assert props["size"]["minimum"] == 8 and props["size"]["maximum"] == 2048  # 0 is refused: leave it out
     assert props["scale"]["exclusiveMaximum"] == 1 and props["pre_relu"]["type"] == "boolean"
     assert defs["ClassModelSection"]["properties"]["params"]["properties"] == props
     side = defs["ModelSpec"]["properties"]["input_size"]["anyOf"][0]["prefixItems"][0]

@@ -26,7 +26,7 @@ class Recipe:
 
     steps: int = 30
     lr: float = 10.0
-    size: int = 0  # input side in pixels; 0 = the model's input size (or 180 when the model has none)
+    size: int = 0  # input side in pixels; 0 (a spec cannot write it: leave `size` out) = the model's input size
     border: int = 2  # activation rows/cols excluded from the mean on each side
     init_scale: float = 0.25  # start = gray + (uniform(0,1) - 0.5) * init_scale, i.e. +-0.125
     display_std: float = 0.15
@@ -176,18 +176,15 @@ class Range:
     high: float = math.inf
     low_open: bool = False  # `low` itself is not allowed
     high_open: bool = False
-    zero: bool = False  # 0 is allowed below `low` (`size: 0` = the model's own input size)
     doc: str = ""
 
     def allows(self, value: float) -> bool:
-        if self.zero and value == 0:
-            return True
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
         return above and below
 
     def describe(self) -> str:
-        """The rule as an error line states it: `from 1 to 10000`, `> 0`, `0 or from 8 to 2048`."""
+        """The rule as an error line states it: `from 1 to 10000`, `> 0`, `>= 0 and < 1`."""
         if self.low == -math.inf:
             rule = "a finite number"
         elif self.high == math.inf:
@@ -197,7 +194,7 @@ class Range:
         else:
             low, high = ">" if self.low_open else ">=", "<" if self.high_open else "<="
             rule = f"{low} {self.low:g} and {high} {self.high:g}"
-        return f"0 or {rule}" if self.zero else rule
+        return rule
 
     def json_schema(self) -> dict[str, Any]:
         bounds: dict[str, Any] = {}
@@ -205,7 +202,7 @@ class Range:
             bounds["exclusiveMinimum" if self.low_open else "minimum"] = self.low
         if self.high != math.inf:
             bounds["exclusiveMaximum" if self.high_open else "maximum"] = self.high
-        return {"anyOf": [{"const": 0}, bounds]} if self.zero else bounds
+        return bounds
 
 
 # Every numeric field of Recipe; the bools (BOOL_DOCS) are plain true/false.
@@ -214,7 +211,7 @@ PARAM_RANGES: dict[str, Range] = {
     "lr": Range(
         0, low_open=True, doc="Step size in the canonical [-1, 1] input space (L2-normalised gradients)."
     ),
-    "size": Range(8, 2048, zero=True, doc="Input side in pixels; 0 = the model's input size."),
+    "size": Range(8, 2048, doc="Input side in pixels; leave it out to use the model's input size."),
     "border": Range(0, 1024, doc="Activation rows/cols excluded from the mean on each side."),
     "init_scale": Range(0, 2, doc="Spread of the uniform noise of the gray start."),
     "display_std": Range(0, 1, low_open=True, doc="Standard deviation of the displayed image around gray."),
