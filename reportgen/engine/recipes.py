@@ -26,7 +26,7 @@ class Recipe:
 
     steps: int = 30
     lr: float = 10.0
-    size: int = 0  # input side in pixels; 0 (a spec cannot write it: leave `size` out) = the model's input size
+    size: int = 0  # input side in pixels; 0 = the model's input size (a spec leaves `size` out for that)
     border: int = 2  # activation rows/cols excluded from the mean on each side
     init_scale: float = 0.25  # start = gray + (uniform(0,1) - 0.5) * init_scale, i.e. +-0.125
     display_std: float = 0.15
