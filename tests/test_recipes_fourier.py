@@ -16,7 +16,8 @@ XRAMP, YRAMP = 0, 1  # filters of layer "ramp"; 2..5 are random
 SIZE = 32
 # the recipes at test scale: lucid's transforms shrunk to a 32-px image, few steps
 FOURIER = resolve_recipe(
-    "fourier", {"size": SIZE, "steps": 40, "pad": 2, "jitter": 2, "jitter_after": 1, "rotate": 5, "scale": 0.05}
+    "fourier",
+    {"size": SIZE, "steps": 40, "pad": 2, "jitter": 2, "jitter_after": 1, "rotate": 5, "scale": 0.05},
 )
 MACO = resolve_recipe("maco", {"size": SIZE, "steps": 64, "crops": 4, "crop_start": 0.7, "crop_end": 0.5})
 
@@ -130,7 +131,9 @@ def test_one_hot_direction_is_the_channel_objective(lm: LoadedModel) -> None:
 
 def pairwise_correlations(images: list[np.ndarray]) -> list[float]:
     flat = [i.astype(np.float64).ravel() for i in images]
-    return [float(np.corrcoef(flat[i], flat[j])[0, 1]) for i in range(len(flat)) for j in range(i + 1, len(flat))]
+    return [
+        float(np.corrcoef(flat[i], flat[j])[0, 1]) for i in range(len(flat)) for j in range(i + 1, len(flat))
+    ]
 
 
 def test_diversity_gives_distinct_images(lm: LoadedModel) -> None:
@@ -138,7 +141,8 @@ def test_diversity_gives_distinct_images(lm: LoadedModel) -> None:
     same three seeds without the penalty; they stay together in a chunk whatever the batch size."""
     recipe = resolve_recipe("fourier", {"size": SIZE, "steps": 40, "pad": 2, "jitter": 2, "jitter_after": 1})
     plain = resolve_recipe(
-        "fourier", {"size": SIZE, "steps": 40, "pad": 2, "jitter": 2, "jitter_after": 1, "diversity_weight": 0}
+        "fourier",
+        {"size": SIZE, "steps": 40, "pad": 2, "jitter": 2, "jitter_after": 1, "diversity_weight": 0},
     )
     jobs = [AscentJob("ramp", 3, 0, variant=v, diversity=3) for v in range(3)]
     diverse = AscentProgram(lm, ["ramp"], recipe)
