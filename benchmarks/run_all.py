@@ -38,7 +38,6 @@ MODES = {
 def report(mode: str, command: str, described: str, steady: str, rows: list[Row], seconds: float,
            passes: list[throughput.Measure]) -> str:
     notes = [f"- {r.case}: " + "; ".join(r.notes) for r in rows if r.notes]
-    pass_notes = [f"- {m.case}, {m.images} images: {m.note}" for m in passes if m.note]
     return "\n".join([
         f"# reportgen benchmarks ({mode})",
         "",
@@ -55,15 +54,7 @@ def report(mode: str, command: str, described: str, steady: str, rows: list[Row]
         "",
         *notes,
         "",
-        "## Dataset passes: forward floor, decoded-image cache, peak memory",
-        "",
-        "Forward floor = the same traced program on pre-decoded tensors in this run; rates are the best of "
-        "the rounds; peak RSS of each pass in a fresh subprocess (benchmarks/throughput.py).",
-        "",
-        throughput.markdown(passes),
-        "",
-        *pass_notes,
-        "",
+        throughput.section(passes),
     ])
 
 

@@ -9,8 +9,9 @@ memory), in the same process and run: what the pass would cost if images arrived
   the uint8 rows);
 - warm cache: a later pass of that dataset (reads rows, no decode).
 
-Each figure is the best of `--rounds` end-to-end passes (the program is traced before any is timed); on a
-shared machine the best is the least disturbed. % of floor (wall) = floor wall time / pass wall time;
+Each figure is the best of `--rounds` end-to-end passes (the program is traced before any is timed; the
+order of the kinds rotates between rounds); on a shared machine the best is the least disturbed.
+% of floor (wall) = floor wall time / pass wall time;
 % of floor (CPU time) = the same with the process's CPU seconds (all threads), which other jobs on the
 machine disturb far less than wall time: on saturated cores, what decoding adds to the CPU time is what
 it takes from the convolutions.
@@ -57,6 +58,7 @@ KINDS = {
     "build": "ranking pass, cold decode building the decoded cache",
     "warm": "ranking pass, decoded cache warm",
 }
+SECTION = "## Dataset passes: forward floor, decoded-image cache, peak memory"
 LABELS = {
     "plain": "dataset pass, decoding",
     "build": "dataset pass building the decoded cache",
@@ -143,13 +145,16 @@ def ranking_vs_floor(
             if check.decoded or check.from_cache != images:
                 raise RuntimeError(f"a warm pass decoded {check.decoded} images")
 
+        warm_folder = Path(tmp) / "decoded-warm"
+        build(warm_folder)  # untimed: the cache every timed warm pass reads
         wall = dict.fromkeys(KINDS, float("inf"))
         cpu = dict.fromkeys(KINDS, float("inf"))
         for r in range(rounds):
             folder = Path(tmp) / f"decoded-{r}"
             runs = {"floor": floor, "cold": functools.partial(forward, lm, items, [layer], batch_size=batch),
-                    "build": functools.partial(build, folder), "warm": functools.partial(warm, folder)}
-            for kind in KINDS:
+                    "build": functools.partial(build, folder), "warm": functools.partial(warm, warm_folder)}
+            order = list(KINDS)[r % len(KINDS):] + list(KINDS)[:r % len(KINDS)]  # no kind always first
+            for kind in order:
                 w0, c0 = time.perf_counter(), time.process_time()
                 runs[kind]()
                 wall[kind] = min(wall[kind], time.perf_counter() - w0)
@@ -240,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="image counts of the peak-RSS passes (none: skip them)")
     parser.add_argument("--rss-layer", default="block1_conv1")
     parser.add_argument("--onednn", choices=ONEDNN_MODES, default="reportgen")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file whose dataset-pass section to write (e.g. benchmarks/results.md)")
     parser.add_argument("--child", nargs=5, metavar=("FOLDER", "LIMIT", "LAYER", "MODE", "CACHE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -248,10 +255,49 @@ def main(argv: list[str] | None = None) -> None:
         folder, limit, layer, mode, cache = args.child
         child(folder, int(limit), layer, mode, cache)
         return
+    t0 = time.perf_counter()
     print(machine())
     rows = run(args.images, args.size, args.batch, args.rounds, args.rss, args.rss_layer)
     print()
-    print(markdown(rows))
+    text = section(rows, command="python benchmarks/throughput.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), seconds=time.perf_counter() - t0)
+    print(text)
+    if args.out:
+        write_section(args.out, text)
+        print(f"written to {args.out}")
+
+
+def section(rows: list[Measure], command: str = "", seconds: float | None = None) -> str:
+    """The results-file section of these measurements (run_all.py writes it too, without a command)."""
+    notes = [f"- {m.case}, {m.images} images: {m.note}" for m in rows if m.note]
+    header = []
+    if command:
+        from datetime import datetime, timezone
+
+        header = [
+            f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+            f"- machine: {machine()}",
+            f"- command: `{command.strip()}`" + (f" ({seconds / 60:.1f} min)" if seconds else ""),
+        ]
+    return "\n".join([
+        SECTION,
+        "",
+        *header,
+        "- forward floor = the same traced program on pre-decoded tensors in this run; figures are the best "
+        "of the rounds; peak RSS of each pass in a fresh subprocess (benchmarks/throughput.py)",
+        "",
+        markdown(rows),
+        "",
+        *notes,
+        "",
+    ])
+
+
+def write_section(path: Path, text: str) -> None:
+    """Put the section into the results file: in place of an earlier one, else at the end."""
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    head = old.split(SECTION)[0].rstrip()
+    path.write_text((head + "\n\n" if head else "") + text, encoding="utf-8")
 
 
 if __name__ == "__main__":
