@@ -68,7 +68,7 @@ CSV_COLUMNS = [
 
 class ClassModelAnalysis(Analysis):
     section = ClassModelSection
-    version = "1"
+    version = "2"  # 2: starts seeded by the model key, not the weights (engine.ascent.sample_seed)
 
     def default_title(self, section: ClassModelSection) -> str:
         return f"Class models ({section.recipe})"

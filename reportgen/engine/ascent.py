@@ -93,10 +93,13 @@ class AscentResult:
     mask: np.ndarray | None = None  # (H, W) accumulated |gradient| w.r.t. the image (MaCo's transparency)
 
 
-def sample_seed(digest: str, layer: str, filt: int, seed: int, variant: int = 0) -> int:
-    """Seed of one sample's start and augmentations: depends only on (model, layer, filter, seed) and,
-    for the further images of `diversity`, the variant."""
-    key = f"{digest[:16]}|{layer}|{filt}|{seed}{f'|v{variant}' if variant else ''}".encode()
+def sample_seed(model_key: str, layer: str, filt: int, seed: int, variant: int = 0) -> int:
+    """Seed of one sample's start and augmentations: depends only on (the spec's model key, layer, filter,
+    seed) and, for the further images of `diversity`, the variant. Not on the weights: a new checkpoint of
+    the model then starts every unit from the same image, so a unit whose weights did not change yields the
+    same picture and a change report can tell changed units from unchanged ones (issue 10). The result's
+    content key (`engine.scheduler.ascent_key`) still includes the weights digest."""
+    key = f"{model_key}|{layer}|{filt}|{seed}{f'|v{variant}' if variant else ''}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
 
 
@@ -109,7 +112,7 @@ def initial_state(
     starts = np.empty((len(jobs), h, w, c), np.float32)
     augs = np.empty((len(jobs), recipe.steps, AUG_DIMS), np.float32)
     for i, job in enumerate(jobs):
-        rng = np.random.default_rng(sample_seed(model.digest, job.layer, job.filter, job.seed))
+        rng = np.random.default_rng(sample_seed(model.key, job.layer, job.filter, job.seed))
         starts[i] = (rng.random((h, w, c), dtype=np.float32) - 0.5) * recipe.init_scale
         augs[i] = rng.uniform(-1.0, 1.0, (recipe.steps, AUG_DIMS)).astype(np.float32)
     return starts, augs
@@ -275,7 +278,7 @@ def draw(model: LoadedModel, jobs: Sequence[AscentJob], recipe: Recipe, param: P
     )
     mean_side = np.linspace(recipe.crop_start, recipe.crop_end, steps)[:, None]
     for i, job in enumerate(jobs):
-        seed = sample_seed(model.digest, job.layer, job.filter, job.seed, job.variant)
+        seed = sample_seed(model.key, job.layer, job.filter, job.seed, job.variant)
         rng = np.random.default_rng(seed)
         out.starts[i] = param.initial(rng, recipe.init_scale)
         augs = rng.uniform(-1.0, 1.0, (steps, AUG_DIMS)).astype(np.float32)

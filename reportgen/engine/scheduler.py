@@ -27,7 +27,8 @@ from reportgen.store import Store, content_key
 # Bump when the ascent's numbers change, so that stored results are recomputed. ascent-2: host-side
 # augmentation transforms and exact-sqrt gradient normalisation (batch-invariant), channel picked first.
 # ascent-3: objectives, diversity, Fourier parameterisations; quality figures stored with each result.
-ASCENT_CODE_VERSION = "ascent-3"
+# ascent-4: starts seeded by the spec's model key instead of the weights digest (`ascent.sample_seed`).
+ASCENT_CODE_VERSION = "ascent-4"
 
 
 @dataclass(frozen=True)
