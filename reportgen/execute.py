@@ -11,9 +11,12 @@ its shard into the shared store. The host then merges the shards exactly: per-im
 their file's index (per-class sums are computed from them by the section), undecodable files are listed
 by their index in the pass.
 
-Image passes (`reportgen.plan.ImagePass`) run here too, in process, before any section builds: each
-request that names an engine (activation maps, saliency, occlusion) is computed with the pass's batch and
-stored under its key; its section's `build` only reads it.
+Image passes (`reportgen.plan.ImagePass`) run here too, before any section builds: each request (activation
+maps, Grad-CAM, saliency, occlusion) is computed by its engine with the pass's batch and stored under its
+key; its section's `build` only reads it. With a parallel backend a request is cut into shards of image
+ranges (`ImageShard`, at least one per worker) that the workers compute as they do dataset shards: plain
+data travels, each worker loads spec, model and dataset, recomputes the shard's key and refuses work whose
+key differs, and stores its arrays; the host merges them exactly (`merge_image_shards`).
 
 `with_backoff` is the out-of-memory back-off of every kind: the batch is halved and the work retried,
 as the ascent program does for its chunks.
@@ -268,9 +271,16 @@ def execute_dataset(
 
 
 def activation_maps(
-    lm: Any, ds: Any, items: list[Any], request: Any, batch: int, on_batch: Callable[[int], None]
+    lm: Any,
+    ds: Any,
+    items: list[Any],
+    request: Any,
+    batch: int,
+    on_batch: Callable[[int], None],
+    start: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The arrays of one activations request (`reportgen.engine.activation_maps.ActivationProgram.run`)."""
+    """The arrays of one activations request (`reportgen.engine.activation_maps.ActivationProgram.run`);
+    `items` may be a shard of the request's images (its first at `start`): every array is per image."""
     from reportgen.engine.activation_maps import activation_program
 
     params = dict(request.params)
@@ -279,19 +289,31 @@ def activation_maps(
 
 
 def gradient_batch(
-    lm: Any, ds: Any, items: list[Any], request: Any, batch: int, on_batch: Callable[[int], None]
+    lm: Any,
+    ds: Any,
+    items: list[Any],
+    request: Any,
+    batch: int,
+    on_batch: Callable[[int], None],
+    start: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The arrays of one saliency or occlusion request (`reportgen.engine.gradient_batches`): the decoded
-    images, which of them decoded, and the maps."""
+    """The arrays of one Grad-CAM, saliency or occlusion request (`reportgen.engine.gradient_batches`): the
+    decoded images, which of them decoded, and the maps. `items` may be a shard of the request's images
+    (its first at `start`): SmoothGrad seeds each image's noise by its index in the request, occlusion
+    keeps the pairs of the shard's images, so the merged shards hold what one run over all would."""
     from reportgen.engine import gradient_batches as gb
 
     params = dict(request.params)
     pixels, kept = gb.load_inputs(lm, ds, items, params["where"])
-    if request.engine == "saliency":
+    if request.engine == "gradcam":
+        arrays = with_backoff(lambda b: gb.gradcam(lm, pixels, params, b), batch, f"gradcam {request.model}")
+    elif request.engine == "saliency":
         arrays = with_backoff(
-            lambda b: gb.saliency(lm, pixels, params, b), batch, f"saliency {request.model}"
+            lambda b: gb.saliency(lm, pixels, kept + start, params, b), batch, f"saliency {request.model}"
         )
     else:
+        end = start + len(items)
+        params["pairs"] = [(i - start, j, box) for i, j, box in params["pairs"] if start <= i < end]
         arrays = with_backoff(
             lambda b: gb.occlusion(lm, pixels, kept, params, b), batch, f"occlusion {request.model}"
         )
@@ -299,36 +321,201 @@ def gradient_batch(
     return {"images": gb.as_uint8(pixels), "kept": kept, **arrays}
 
 
-# engine name -> the call that computes one ImageRequest: (model, dataset, images, request, batch,
-# on_batch) -> the arrays its section reads
+# engine name -> the call that computes one ImageRequest, or a shard of its images: (model, dataset,
+# images, request, batch, on_batch, start) -> the arrays its section reads
 IMAGE_ENGINES: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "activation_maps": activation_maps,
+    "gradcam": gradient_batch,
     "saliency": gradient_batch,
     "occlusion": gradient_batch,
 }
+# How shards' arrays merge: indices of decoded images in the request ("kept", "index") are shifted by the
+# shard's start, indices into the decoded images ("pair_image") by the decoded images of earlier shards,
+# arrays that do not depend on the images are taken once; every other array is per image (or per pair) and
+# is concatenated in shard order. Rows are copied, never recomputed: the merge is exact.
+ITEM_INDEX = ("kept", "index")
+DECODED_INDEX = ("pair_image",)
+SAME = ("patch_boxes",)
+
+
+def merge_image_shards(shards: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """One request's arrays from its shards' (start, arrays), in image order."""
+    decoded, before = 0, []
+    for _, arrays in shards:
+        before.append(decoded)
+        decoded += len(next(arrays[k] for k in ITEM_INDEX if k in arrays))
+    merged: dict[str, np.ndarray] = {}
+    for name in shards[0][1]:
+        parts = [arrays[name] for _, arrays in shards]
+        if name == "pid":
+            continue
+        if name in SAME or name.startswith("shape_"):
+            merged[name] = parts[0]
+        elif name in ITEM_INDEX:
+            merged[name] = np.concatenate([a + start for (start, _), a in zip(shards, parts, strict=True)])
+        elif name in DECODED_INDEX:
+            merged[name] = np.concatenate([a + b for b, a in zip(before, parts, strict=True)])
+        else:
+            merged[name] = np.concatenate(parts, axis=0)
+    return merged
+
+
+def image_shard_key(lm: Any, ds: Any, request: Any, start: int, end: int) -> str:
+    """Key of one shard's partial arrays, from what the worker loads itself: the model's weights and
+    preprocessing, the dataset's files, the request (its key, engine, images, parameters) and the range.
+    A worker that computes another key has other weights, files or code, and refuses the shard."""
+    from reportgen.store import content_key
+
+    params = [(k, v) for k, v in request.params if k != "where"]  # `where` only locates errors
+    return content_key(
+        "image-shard", request.key, lm.digest, lm.preprocessing.model_dump(), lm.channels, lm.input_size,
+        ds.digest, request.engine, request.layers, list(request.names), params, start, end,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImageShard:
+    """One shard (an image range) of an image request that names an engine, as plain data for a worker."""
+
+    spec_path: str
+    request: Any  # reportgen.work.ImageRequest: strings, numbers and tuples of them
+    key: str  # the host's image_shard_key
+    start: int
+    end: int
+    batch_size: int
+    memory_share: float = 1.0
+    threads: int | None = None
+
+
+def run_image_shard(shard: ImageShard) -> dict[str, Any]:
+    """Worker entry point: load spec, model and dataset, check the key, compute and store one shard."""
+    from reportgen.device import select_cpu_kernels
+    from reportgen.spec.load import load_spec
+
+    spec = load_spec(shard.spec_path)
+    select_cpu_kernels(spec)
+    import tensorflow as tf
+
+    if shard.threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(shard.threads)
+        except RuntimeError:  # the worker already ran TensorFlow: keep its pool
+            pass
+    from reportgen.device import device_description
+    from reportgen.parallel import _worker_model
+    from reportgen.store import Store, store_root
+
+    t0 = time.perf_counter()
+    host = socket.gethostname()
+    req = shard.request
+    lm = _worker_model(shard.spec_path, req.model)
+    ds = _worker_dataset(spec, shard.spec_path, req.dataset)
+    if image_shard_key(lm, ds, req, shard.start, shard.end) != shard.key:
+        raise ReportgenError(
+            f"worker {host}: model {req.model!r} or dataset {req.dataset!r} of {shard.spec_path} is not what "
+            "the run planned with; every worker must see the same spec, model files, images and reportgen "
+            "version at the same paths"
+        )
+    store = Store(store_root(spec))
+    if not store.has(shard.key, "npz"):  # a retried shard may be stored already
+        items = ds.select(list(req.names))[shard.start : shard.end]
+        arrays = IMAGE_ENGINES[req.engine](lm, ds, items, req, shard.batch_size, lambda n: None, shard.start)
+        store.put_arrays(shard.key, {**arrays, "pid": np.asarray(os.getpid(), np.int64)})
+    return {
+        "key": shard.key,
+        "items": shard.end - shard.start,
+        "pid": os.getpid(),
+        "device": f"{host}: {device_description()}",
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # the timing row of each kind in the report's metadata (gradient work shares Grad-CAM's)
 TIMERS = {"activations": "engine: activations", "gradient": "engine: gradients"}
 
 
-def execute_images(passes: list[Any], ctx: Any) -> None:
-    """Compute and store every pending request of the image passes that names an engine.
+def _engine_requests(passes: list[Any]) -> list[tuple[Any, str, Any]]:
+    """(pass, section id, request) of every request that names an engine and is not stored."""
+    return [(p, sid, r) for p in passes for sid, r in p.requests if r.engine and r.key not in p.stored]
+
+
+def execute_images(passes: list[Any], ctx: Any, backend: Any = None, spec_path: Any = None) -> None:
+    """Compute and store every pending request of the image passes that names an engine: here, or, with a
+    parallel backend, as shards of image ranges (at least one per worker) on the backend's workers,
+    merged here into each request's arrays.
 
     Each key is claimed while it is computed, so another run sharing the store waits for it instead of
     computing it too; a key stored meanwhile is not recomputed."""
     store = ctx.store
-    for p in passes:
-        for sid, req in p.requests:
-            if not req.engine or req.key in p.stored:
+    if backend is not None and not backend.in_process and _engine_requests(passes):
+        _images_parallel(passes, ctx, backend, spec_path)
+        return
+    for p, sid, req in _engine_requests(passes):
+        with store.claim(req.key):
+            if store.has(req.key, "npz"):
                 continue
-            with store.claim(req.key):
-                if store.has(req.key, "npz"):
-                    continue
-                lm, ds = ctx.models.get(req.model), ctx.datasets.get(req.dataset)
-                items = ds.select(list(req.names))
-                timer = ctx.timed(TIMERS.get(p.kind, f"engine: {p.kind}"))
-                with timer, ctx.progress.task(f"{req.engine} {sid}", len(items)) as advance:
-                    arrays = IMAGE_ENGINES[req.engine](lm, ds, items, req, p.batch_size, advance)
-                store.put_arrays(req.key, arrays)
+            lm, ds = ctx.models.get(req.model), ctx.datasets.get(req.dataset)
+            items = ds.select(list(req.names))
+            timer = ctx.timed(TIMERS.get(p.kind, f"engine: {p.kind}"))
+            with timer, ctx.progress.task(f"{req.engine} {sid}", len(items)) as advance:
+                arrays = IMAGE_ENGINES[req.engine](lm, ds, items, req, p.batch_size, advance)
+            store.put_arrays(req.key, arrays)
+        ctx.work.fresh.add(req.key)
+
+
+def _images_parallel(passes: list[Any], ctx: Any, backend: Any, spec_path: Any) -> None:
+    from contextlib import ExitStack
+
+    from joblib import Parallel, delayed
+
+    from reportgen.parallel import _joblib_backend
+    from reportgen.plan import shard_ranges
+
+    if spec_path is None:
+        raise ReportgenError("parallel runs need the spec's path: workers load the models from it")
+    spec_path = str(os.path.abspath(spec_path))
+    threads = max(1, (os.cpu_count() or 1) // backend.jobs) if backend.name == "loky" else None
+    store = ctx.store
+    with ExitStack() as stack:
+        todo = _engine_requests(passes)
+        stack.enter_context(store.claim_all([r.key for _, _, r in todo]))
+        todo = [(p, sid, r) for p, sid, r in todo if not store.has(r.key, "npz")]
+        with _joblib_backend(backend) as workers, ctx.timed("engine: images on workers"):
+            with ctx.progress.board() as board:
+                shards, advances = [], []
+                for index, (p, sid, req) in enumerate(todo):
+                    advances.append(board.add(f"{req.engine} {sid} on {backend.describe()}", req.images))
+                    lm, ds = ctx.models.get(req.model), ctx.datasets.get(req.dataset)
+                    ranges = shard_ranges(req.images, workers)
+                    keys = [image_shard_key(lm, ds, req, s, e) for s, e in ranges]
+                    p.shard_keys[req.key] = list(zip(ranges, keys, strict=True))
+                    for (start, end), key in p.shard_keys[req.key]:
+                        if store.has(key, "npz"):  # stored by a killed run
+                            advances[index](end - start)
+                            continue
+                        shard = ImageShard(
+                            spec_path, req, key, start, end, p.batch_size, backend.memory_share, threads
+                        )
+                        shards.append((index, shard))
+                results = Parallel(batch_size=1, return_as="generator_unordered")(
+                    delayed(_tagged_image)(index, shard) for index, shard in shards
+                )
+                for index, res in results:
+                    advances[index](res["items"])
+                    ctx.work.devices.add(res["device"])
+                    ctx.work.pids.add(res["pid"])
+        for p, _, req in todo:
+            parts = []
+            for (start, end), key in p.shard_keys[req.key]:
+                arrays = store.get_arrays(key)
+                if arrays is None:
+                    raise ReportgenError(f"{req.engine} {req.model}: shard {start}:{end} is missing")
+                parts.append((start, arrays))
+            store.put_arrays(req.key, merge_image_shards(parts))
+            for _, key in p.shard_keys[req.key]:  # the merged arrays hold everything now
+                store.path(key, "npz").unlink(missing_ok=True)
             ctx.work.fresh.add(req.key)
+
+
+def _tagged_image(index: int, shard: ImageShard) -> tuple[int, dict[str, Any]]:
+    return index, run_image_shard(shard)

@@ -52,6 +52,12 @@ class Backend:
         return self.name == "loky" and self.jobs == 1
 
     @property
+    def planned_workers(self) -> int:
+        """Workers the planner shards for: the local processes; a Dask cluster's size is known only once
+        the run connects (the executor shards again for it, at least one shard per worker)."""
+        return self.jobs if self.name == "loky" else 1
+
+    @property
     def memory_share(self) -> float:
         """Local processes share this machine's memory; dask workers size batches on their own machine."""
         return 1.0 / self.jobs if self.name == "loky" else 1.0

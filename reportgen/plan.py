@@ -508,6 +508,15 @@ class ImagePass:
     stored: set[str]  # keys of the requests the store holds
     batch_size: int = 1
     cost: SampleCost = field(default_factory=lambda: SampleCost(0, 0))
+    workers: int = 1  # >1: each pending request runs as image-range shards on a parallel backend's workers
+    # request key -> its shards ((start, end), shard key), filled by the executor on a parallel backend
+    shard_keys: dict[str, list[tuple[tuple[int, int], str]]] = field(default_factory=dict)
+
+    @property
+    def shards(self) -> int:
+        """Units of work: one per pending request here, its image ranges (>= 1 per worker) when parallel."""
+        todo = [r for _, r in self.requests if r.key not in self.stored]
+        return sum(len(shard_ranges(r.images, self.workers)) if self.workers > 1 else 1 for r in todo)
 
     @property
     def sections(self) -> list[str]:
@@ -540,8 +549,10 @@ class ImagePass:
         head = f"{self.kind} {self.model}"
         if not self.pending:
             return f"{head}: all {self.items} images stored"
+        shards = f" in {self.shards} shards on {self.workers} workers" if self.workers > 1 else ""
         return (
-            f"{head}: {samples} samples over {self.items - self.cached} images, batch {self.batch_size}, "
+            f"{head}: {samples} samples over {self.items - self.cached} images{shards}, "
+            f"batch {self.batch_size}, "
             f"est. {human_flops(self.flops)}, ~{human_bytes(self.bytes_per_sample)} a sample; "
             f"{self.cached} of {self.items} images stored"
         )
@@ -556,7 +567,7 @@ class ImagePass:
             "batch": self.batch_size if self.pending else 0,
             "flops": self.flops,
             "bytes_per_sample": self.bytes_per_sample if self.pending else 0,
-            "shards": 1 if self.pending else 0,
+            "shards": self.shards,
         }
 
 
@@ -608,9 +619,11 @@ def plan_images(
     budget: DeviceBudget,
     precision: str = "float32",
     batch_size: int | None = None,
+    workers: int = 1,
 ) -> list[ImagePass]:
     """Group activation-map and gradient requests per (kind, model); size their batches from the device's
-    memory (or `batch_size`) and record each request's batch on the board, where its section reads it."""
+    memory (or `batch_size`) and record each request's batch on the board. With `workers` > 1 each
+    pending request is planned as image-range shards, at least one per worker."""
     groups: dict[tuple[str, str], list[tuple[str, Any]]] = {}
     for sid, req in board.images:
         groups.setdefault((req.kind, req.model), []).append((sid, req))
@@ -618,7 +631,7 @@ def plan_images(
     for (kind, model), reqs in groups.items():
         lm = models.get(model)
         layers = list(dict.fromkeys(ly for _, r in reqs for ly in r.layers))
-        p = ImagePass(kind, model, reqs, {r.key for _, r in reqs if store.has(r.key, "npz")})
+        p = ImagePass(kind, model, reqs, {r.key for _, r in reqs if store.has(r.key, "npz")}, workers=workers)
         p.cost = sample_cost(lm, layers, lm.input_size, precision)
         backward = any(r.backward for _, r in reqs)
         p.batch_size = (
@@ -713,5 +726,7 @@ def plan_work(
     dataset = plan_dataset(
         board, ctx.store, ctx.models, ctx.datasets, ascent.budget, ctx.spec.precision, batch_size, workers
     )
-    images = plan_images(board, ctx.store, ctx.models, ascent.budget, ctx.spec.precision, batch_size)
+    images = plan_images(
+        board, ctx.store, ctx.models, ascent.budget, ctx.spec.precision, batch_size, workers
+    )
     return WorkPlan(ascent, dataset, images, ctx.ascent.owners)

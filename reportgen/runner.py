@@ -88,7 +88,7 @@ def run(
                 batch_size,
                 root if root.exists() else Path(tmp) / "store",
             )
-            work = plan_work(ctx, engine.memory_share, batch_size)
+            work = plan_work(ctx, engine.memory_share, batch_size, engine.planned_workers)
             check_samples_fit(spec, ctx.models, work.ascent.budget)
             summary.plan, summary.to_compute, summary.passes = work.lines(), work.pending, work.rows()
         summary.seconds = time.perf_counter() - t_start
@@ -186,7 +186,7 @@ def _run_locked(
 ) -> None:
     started = now()
     ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size)
-    work = plan_work(ctx, engine.memory_share, batch_size)
+    work = plan_work(ctx, engine.memory_share, batch_size, engine.planned_workers)
     plan = work.ascent
     check_samples_fit(spec, ctx.models, plan.budget)
     summary.plan, summary.to_compute, summary.passes = work.lines(), work.pending, work.rows()
@@ -196,7 +196,7 @@ def _run_locked(
         ctx.ascent.execute(progress, engine, spec_path)
     with ctx.timed("engine: forward"):
         execute_dataset(work.dataset, ctx, engine, spec_path, batch_size)
-    execute_images(work.images, ctx)  # timed per kind inside
+    execute_images(work.images, ctx, engine, spec_path)  # timed per kind inside
     ascent_counts = ctx.ascent.section_counts()
     ascent_seconds = ascent_shares(plan, ctx.ascent.owners, ctx.timings.get("engine: ascent", 0.0))
     sizes: dict[str, set[tuple[int, int]]] = {}  # model -> input sizes the run used

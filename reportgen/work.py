@@ -13,8 +13,8 @@ Kinds (the `kind` of a planned pass):
   of layers, class outputs. One pass per (model, dataset, image selection) serves every section.
 - `activations` / `gradient`: batched work over a few chosen images (`ImageRequest`): activation maps;
   Grad-CAM, saliency, occlusion batches. The planner lists them, sizes their batch and counts what the
-  store holds. Activation maps, saliency and occlusion are run by the executor before any section builds
-  (`build` reads them); Grad-CAM still computes in `build` (cached under `key`) with the planned batch.
+  store holds; the executor runs them before any section builds (`build` reads them), here or, with a
+  parallel backend, as image-range shards on the workers.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class ImageRequest:
     `forward_samples`: forward-only samples on top (the sliding patch of an occlusion section, which
     only reads probabilities beside its Grad-CAMs). `engine`: the executor's engine that computes the
     request before any section builds (`reportgen.execute.IMAGE_ENGINES`), with the chosen images
-    (`names`) and the engine's parameters (`params`, (name, value) pairs of plain data); "" when the
-    section computes it in `build` (Grad-CAM)."""
+    (`names`) and the engine's parameters (`params`, (name, value) pairs of plain data); the request
+    travels as is to the cluster workers that compute shards of its images."""
 
     kind: str  # "activations" | "gradient"
     model: str

@@ -24,20 +24,17 @@ from reportgen.analyses.base import (
 )
 from reportgen.analyses.shared import (
     FINDING_IMAGES,
-    as_uint8,
     check_conv_layer,
     explained,
     for_print,
     heat_stats,
     image_sizes,
-    load_inputs,
     resolve_target,
     result_key,
     select_images,
     skipped_note,
 )
 from reportgen.datasets import ImageItem
-from reportgen.execute import with_backoff
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
 from reportgen.work import ImageRequest
@@ -109,59 +106,37 @@ class GradcamAnalysis(Analysis):
         return lm, target, ds, items, notes, key
 
     def prepare(self, section: GradcamSection, ctx: RunContext, index: int) -> None:
-        """Declare the batch of maps for the planner: one forward + backward pass per image, and Score-CAM's
-        forward-only masked passes (one per channel, or per kept channel, per image)."""
-        lm, _, _, items, _, key = self._work(section, ctx, index)
+        """Declare the batch of maps: one forward + backward pass per image, and Score-CAM's forward-only
+        masked passes (one per channel, or per kept channel, per image). The executor computes it
+        (`reportgen.engine.gradient_batches.gradcam`) before any section builds."""
+        lm, target, _, items, _, key = self._work(section, ctx, index)
         last = (lm.model.layers[-1].name,)
         n = len(items)
         channels = int(lm.layer(section.layer, ctx.where(index, "layer")).output.shape[-1])
         methods = self._methods(section)
         masks = channels if "scorecam" in methods else min(section.max_n, channels)
         masked = n * masks if {"scorecam", "faster-scorecam"} & set(methods) else 0
+        params: dict[str, Any] = {
+            "layer": section.layer,
+            "target": target,
+            "methods": tuple(m for m in METHODS if m in methods),
+            "max_n": section.max_n,
+            "where": ctx.where(index, "dataset"),
+        }
         ctx.work.add(
             ImageRequest(
-                "gradient",
-                section.model,
-                section.dataset,
-                key,
-                n,
-                n,
-                last,
-                backward=True,
-                forward_samples=masked,
-            )
+                "gradient", section.model, section.dataset, key, n, n, last, backward=True,
+                forward_samples=masked, engine="gradcam", names=tuple(it.name for it in items),
+                params=tuple(params.items()),
+            )  # fmt: skip
         )
 
     def build(
         self, section: GradcamSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
-        from reportgen.engine.gradients import engine_for  # imports TensorFlow
-
-        lm, target, ds, items, notes, key = self._work(section, ctx, index)
+        lm, target, _, items, notes, key = self._work(section, ctx, index)
         methods = self._methods(section)
-
-        def compute() -> dict[str, np.ndarray]:
-            pixels, kept = load_inputs(lm, ds, items, ctx.where(index, "dataset"))
-            with ctx.timed("engine: gradients"):
-                r = with_backoff(
-                    lambda b: engine_for(lm, b).cams(pixels, section.layer, target, methods, section.max_n),
-                    ctx.work.batch_for(key, ctx.batch_size),
-                    f"gradcam {section.model}",
-                )
-            arrays = {}
-            for m in methods:
-                arrays[STORED[m][0]], arrays[STORED[m][1]] = r.heatmaps[m], r.maps[m]
-            return {
-                "images": as_uint8(pixels),
-                "kept": kept,
-                **arrays,
-                "classes": r.classes,
-                "probability": r.probability,
-                "top": r.top,
-                "top_probability": r.probs[np.arange(len(r.top)), r.top],
-            }
-
-        res = ctx.cached(key, compute)
+        res = ctx.result(key, "gradcam")
         notes += skipped_note(items, res["kept"])
         sizes = image_sizes(items)
         figures, rows, artifacts = [], [], []

@@ -1,5 +1,5 @@
-"""Gradient work of the `saliency` and `occlusion` sections over their chosen images, run by the executor
-(`reportgen.execute`) from the sections' requests before any section builds.
+"""Gradient work of the `gradcam`, `saliency` and `occlusion` sections over their chosen images, run by the
+executor (`reportgen.execute`) from the sections' requests before any section builds.
 
 Each function takes the model, the chosen images and the request's parameters (plain data, see
 `reportgen.work.ImageRequest.params`) and returns the arrays the section reads from the store: the
@@ -36,10 +36,36 @@ def load_inputs(lm: Any, ds: Dataset, items: list[ImageItem], where: str) -> tup
     return pixels, kept
 
 
-def saliency(lm: Any, pixels: np.ndarray, params: dict[str, Any], batch: int) -> dict[str, np.ndarray]:
+def gradcam(lm: Any, pixels: np.ndarray, params: dict[str, Any], batch: int) -> dict[str, np.ndarray]:
+    """Class activation maps of `params["layer"]` by each of `params["methods"]` (canonical order), for
+    `params["target"]` (-1: each image's top class); Faster-ScoreCAM keeps `params["max_n"]` channels.
+
+    Grad-CAM's arrays keep the names they had before `methods` existed ("heatmaps", "maps"), the others
+    are suffixed by the method, so results stored by earlier versions stay readable."""
+    from reportgen.engine.gradients import engine_for
+
+    methods = list(params["methods"])
+    r = engine_for(lm, batch).cams(pixels, params["layer"], params["target"], methods, params["max_n"])
+    arrays: dict[str, np.ndarray] = {}
+    for m in methods:
+        suffix = "" if m == "gradcam" else f"_{m}"
+        arrays[f"heatmaps{suffix}"], arrays[f"maps{suffix}"] = r.heatmaps[m], r.maps[m]
+    return {
+        **arrays,
+        "classes": r.classes,
+        "probability": r.probability,
+        "top": r.top,
+        "top_probability": r.probs[np.arange(len(r.top)), r.top],
+    }
+
+
+def saliency(
+    lm: Any, pixels: np.ndarray, ids: np.ndarray, params: dict[str, Any], batch: int
+) -> dict[str, np.ndarray]:
     """Vanilla gradients and/or SmoothGrad of `params["target"]` (-1: each image's top class).
 
-    params: target, methods, and for SmoothGrad samples, noise, seed."""
+    params: target, methods, and for SmoothGrad samples, noise, seed. `ids`: each decoded image's index
+    in the section's chosen images, which seeds its noise (a shard of them draws the same noise)."""
     from reportgen.engine.gradients import engine_for
 
     eng = engine_for(lm, batch)
@@ -50,7 +76,7 @@ def saliency(lm: Any, pixels: np.ndarray, params: dict[str, Any], batch: int) ->
     if "smoothgrad" in params["methods"]:
         # The clean image's class, so that every noisy copy explains the same class.
         arrays["smoothgrad"] = eng.smoothgrad(
-            pixels, grads.classes, params["samples"], params["noise"], params["seed"]
+            pixels, grads.classes, params["samples"], params["noise"], params["seed"], ids
         )
     return arrays
 

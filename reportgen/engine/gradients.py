@@ -435,14 +435,21 @@ class GradientEngine:
         return saliency_map(result.gradients), result
 
     def smoothgrad(
-        self, pixels: np.ndarray, targets: np.ndarray, samples: int, noise: float, seed: int
+        self,
+        pixels: np.ndarray,
+        targets: np.ndarray,
+        samples: int,
+        noise: float,
+        seed: int,
+        ids: Sequence[int] | None = None,
     ) -> np.ndarray:
         """SmoothGrad (Smilkov et al.): mean gradient over `samples` noisy copies, then max |.| over channels.
 
         Noise std is `noise * 255` (a share of the pixel range). `targets` must be concrete classes (the
         clean images' classes), so every copy explains the same class even where noise flips the top
         prediction. The copies of all images are streamed through the compiled gradient in chunks of
-        batch_size, whatever image they belong to.
+        batch_size, whatever image they belong to. `ids` numbers the images for their noise (default:
+        their position), so that a shard of an image set draws the noise the whole set would.
         """
         pixels = np.asarray(pixels, np.float32)
         target = np.asarray(targets, np.int32)
@@ -462,7 +469,8 @@ class GradientEngine:
                 rows_i.clear()
 
         for i in range(n):
-            for copy in pixels[i] + smoothgrad_noise(seed, i, samples, shape, noise * 255.0):
+            number = i if ids is None else int(ids[i])
+            for copy in pixels[i] + smoothgrad_noise(seed, number, samples, shape, noise * 255.0):
                 rows_x.append(copy)
                 rows_i.append(i)
                 if len(rows_x) == self.batch_size:

@@ -1,0 +1,123 @@
+"""Image work leaves the machine: with `--backend dask`, Grad-CAM, saliency, occlusion and activation maps
+over 8 images run as image-range shards on the workers of a local 2-process Dask cluster and merge to the
+arrays of a local run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from reportgen.runner import run
+
+CLASSES = ("reds", "greens", "blues")
+SECTIONS = [
+    {"type": "gradcam", "title": "cam", "model": "tiny", "dataset": "folders", "layer": "conv", "limit": 8,
+     "methods": ["gradcam", "gradcam++", "scorecam"]},
+    {"type": "saliency", "title": "sal", "model": "tiny", "dataset": "folders", "limit": 8, "samples": 3,
+     "methods": ["vanilla", "smoothgrad"]},
+    # the second mask is for one image of the second shard: its pair must keep pointing at that image
+    {"type": "occlusion", "title": "occ", "model": "tiny", "dataset": "folders", "layer": "conv", "limit": 8,
+     "masks": [{"name": "corner", "box": [0, 0, 10, 10]}, {"name": "late", "box": [5, 5, 15, 15],
+                                                          "image": "reds_1"}],
+     "sliding": {"patch": 8, "stride": 4}},
+    {"type": "activations", "title": "acts", "model": "tiny", "dataset": "folders", "limit": 8,
+     "layers": ["conv_a", "conv"]},
+]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 16x16 classifier and 9 images (20x20) in 3 class folders; the sections take 8 of them."""
+    root = tmp_path_factory.mktemp("imgproject")
+    rng = np.random.default_rng(11)
+    for k, name in enumerate(CLASSES):
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 120, (20, 20, 3))
+            pixels[..., k] += 120 + i * 8
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "data" / name / f"{name}_{i}.png")
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inp)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")(x)
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, activation="softmax", name="probs")(x)
+    keras.Model(inp, out).save(root / "tiny.keras")
+    return root
+
+
+def write_spec(root: Path, name: str) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "title": "image work", "output": f"{name}/report", "cache": f"{name}-cache", "formats": ["html"],
+        "models": {"tiny": {"path": "tiny.keras", "class_names": list(CLASSES)}},
+        "datasets": {"folders": {"path": "data"}},
+        "sections": SECTIONS,
+    }, sort_keys=False))
+    return path
+
+
+def stored(cache: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every array file of a store by name (content keys: the same work has the same name in both)."""
+    found = {}
+    for path in cache.rglob("*.npz"):
+        with np.load(path) as data:
+            found[path.name] = {k: data[k] for k in data.files}
+    return found
+
+
+@pytest.mark.slow  # a local run, a cluster of two TensorFlow processes and two runs on it: ~60 s
+def test_dask_workers_run_image_work_in_shards_and_match_a_local_run(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client, LocalCluster
+
+    import reportgen.execute as execute
+
+    local = run(write_spec(project, "local"), quiet=True)
+    assert local.computed == len(SECTIONS)
+
+    def host_must_not_compute(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the host ran image work: it did not leave the machine")
+
+    for name in execute.IMAGE_ENGINES:  # this process only; the workers import their own
+        monkeypatch.setitem(execute.IMAGE_ENGINES, name, host_must_not_compute)
+    shard_pids: list[int] = []  # the process that computed each shard, as stored with its arrays
+    merge = execute.merge_image_shards
+
+    def recording_merge(shards: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+        shard_pids.extend(int(arrays["pid"]) for _, arrays in shards)
+        return merge(shards)
+
+    monkeypatch.setattr(execute, "merge_image_shards", recording_merge)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        spec = write_spec(project, "dask")
+        summary = run(spec, quiet=True, backend="dask", scheduler=cluster.scheduler_address)
+        assert (summary.computed, summary.reused) == (len(SECTIONS), 0)
+        with Client(cluster) as client:
+            worker_pids = set(client.run(os.getpid).values())
+            scanned = client.run(lambda: len(__import__("reportgen.execute").execute._WORKER_DATASETS))
+        assert sorted(scanned.values()) == [1, 1]  # both workers loaded the dataset themselves
+        # every request ran as 2 shards (one per worker), each on a worker, and both workers took some
+        assert len(shard_pids) == 2 * len(SECTIONS)
+        assert set(shard_pids) == worker_pids and os.getpid() not in worker_pids
+        again = run(spec, quiet=True, backend="dask", scheduler=cluster.scheduler_address)
+        assert (again.computed, again.reused) == (0, len(SECTIONS))  # merged results in the shared store
+    mine, theirs = stored(project / "dask-cache"), stored(project / "local-cache")
+    assert sorted(mine) == sorted(theirs) and len(theirs) == len(SECTIONS)  # no shard files left behind
+    for name, arrays in theirs.items():
+        assert sorted(mine[name]) == sorted(arrays)
+        for k, value in arrays.items():
+            assert mine[name][k].shape == value.shape, (name, k)
+            assert np.allclose(mine[name][k], value, rtol=1e-6, atol=1e-6), (name, k)
+    occ = next(a for a in theirs.values() if "pair_image" in a)
+    assert occ["pair_image"].tolist().count(occ["pair_image"][-1]) == 2  # reds_1: both masks
