@@ -27,6 +27,7 @@ from reportgen.datasets import DatasetRegistry, dataset_notes
 from reportgen.device import device_description, select_cpu_kernels
 from reportgen.engine.scheduler import AscentScheduler
 from reportgen.execute import execute_dataset, execute_images
+from reportgen.history import RunRecord, history_path, item_rows, record_run
 from reportgen.models import ModelRegistry
 from reportgen.parallel import Backend
 from reportgen.plan import check_samples_fit, plan_work
@@ -54,6 +55,7 @@ class RunSummary:
     to_compute: int = 0  # ascent results the plan had to compute (0: everything was stored)
     sections: dict[str, dict[str, int]] = field(default_factory=dict)  # title -> computed, reused
     device: str = ""
+    run_id: str = ""  # the run's id in the run history (reportgen.history); empty for a dry run
 
 
 def run(
@@ -98,8 +100,9 @@ def run(
         create_store_root(spec)
         staging = new_staging(output)
         try:
-            _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary)
+            record = _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary)
             publish(staging, output, where=locate(spec, ("output",)))
+            summary.run_id = record_run(history_path(spec), record)  # only a published run is history
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -183,7 +186,8 @@ def _run_locked(
     engine: Any,
     batch_size: int | None,
     summary: RunSummary,
-) -> None:
+) -> RunRecord:
+    """Build the report in `staging`; returns what the run history will keep once it is published."""
     started = now()
     ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size)
     work = plan_work(ctx, engine.memory_share, batch_size, engine.planned_workers)
@@ -201,12 +205,13 @@ def _run_locked(
     ascent_seconds = ascent_shares(plan, ctx.ascent.owners, ctx.timings.get("engine: ascent", 0.0))
     sizes: dict[str, set[tuple[int, int]]] = {}  # model -> input sizes the run used
 
-    sections, steps = [], []
+    sections, steps, history = [], [], []
     for i, (section, analysis, title, sid, counts) in enumerate(titled):
         progress.info(f"section {i + 1}/{len(titled)}: {title}")
         with ctx.timed(sid), _counting(ctx, counts):
             result = analysis.build(section, ctx, SectionOutput(staging, sid), i)
         a_computed, a_reused = ascent_counts.get(sid, (0, 0))
+        history += item_rows(i, sid, section.type, analysis.history_items(result), staging)
         model_key = getattr(section, "model", None)
         if model_key is not None:
             used = result.sizes or (
@@ -249,3 +254,6 @@ def _run_locked(
     if "html" not in spec.formats:
         (staging / "report.html").unlink()
     write_manifest(staging / "manifest.json", spec, meta, sections, ctx.timings)
+    models = {m.key: m.digest for m in ctx.models.loaded()}
+    output = str(Path(spec.output).resolve())
+    return RunRecord(started, now(), meta["spec_path"], meta["spec_sha256"], output, models, history)

@@ -49,6 +49,17 @@ class Artifact:
 
 
 @dataclass
+class HistoryItem:
+    """One item of a section as the run history (`reportgen.history`) keeps it, to compare runs: `key`
+    names the item within its section (e.g. "model/layer/filter" or an image name), `metrics` its figures
+    (JSON), `image` an output-relative path whose bytes' sha256 becomes the item's image digest."""
+
+    key: str
+    metrics: dict[str, Any]
+    image: str | None = None
+
+
+@dataclass
 class SectionResult:
     context: dict[str, Any]  # for templates/sections/<type>.html.j2
     artifacts: list[Artifact] = field(default_factory=list)
@@ -153,6 +164,12 @@ class Analysis:
 
     def build(self, section: Any, ctx: RunContext, out: SectionOutput, index: int) -> SectionResult:
         raise NotImplementedError
+
+    def history_items(self, result: SectionResult) -> list[HistoryItem]:
+        """The items of a built section that the run history keeps (read from `result` only, so it costs
+        nothing); default: none. A type that has per-item figures worth comparing between runs overrides it,
+        which keeps everything about a type in its own module."""
+        return []
 
 
 @dataclass

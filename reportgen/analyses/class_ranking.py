@@ -20,7 +20,15 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from reportgen.analyses import dataset_pass
-from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult, slugify
+from reportgen.analyses.base import (
+    Analysis,
+    Artifact,
+    HistoryItem,
+    RunContext,
+    SectionOutput,
+    SectionResult,
+    slugify,
+)
 from reportgen.analyses.shared import NAMES_IN_NOTE, missing_note, thumbnail
 from reportgen.datasets import Dataset
 from reportgen.errors import ReportgenError
@@ -245,6 +253,24 @@ class ClassRankingAnalysis(Analysis):
             findings=findings,
             notes=notes,
         )
+
+    def history_items(self, result: SectionResult) -> list[HistoryItem]:
+        """Per filter: its most activating images in rank order and, with labels, the class it peaks on."""
+        units: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
+        for a in result.artifacts:
+            unit = units.setdefault(
+                (a.model, a.layer, a.filter),
+                {"model": a.model, "layer": a.layer, "filter": a.filter, "top_class": None, "top_images": []},
+            )
+            if a.kind == "chart":
+                unit["top_class"] = a.metrics["top_class"]
+            elif a.kind == "image":
+                unit["top_images"].append([a.metrics["rank"], a.metrics["image"], a.metrics["value"]])
+        return [
+            HistoryItem(f"{m}/{layer}/{f}", {**unit, "top_images": sorted(unit["top_images"])})
+            for (m, layer, f), unit in units.items()
+            if f is not None
+        ]
 
     def _rank_classes(
         self,

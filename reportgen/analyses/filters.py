@@ -11,7 +11,14 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, field_validator
 
-from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.base import (
+    Analysis,
+    Artifact,
+    HistoryItem,
+    RunContext,
+    SectionOutput,
+    SectionResult,
+)
 from reportgen.analyses.shared import dead_explanation, dead_label, filter_requests
 from reportgen.engine.quality import NOT_ROBUST
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
@@ -395,6 +402,25 @@ class FiltersAnalysis(Analysis):
             notes=list(dict.fromkeys(notes)),  # recipes that share size and border share the notes
             sizes=[r["size"] for r in recipes],
         )
+
+    def history_items(self, result: SectionResult) -> list[HistoryItem]:
+        """Per filter picture: activation, robustness, dead, and the picture itself (its digest)."""
+        items = []
+        for a in result.artifacts:
+            if a.kind != "filter":
+                continue
+            m = a.metrics
+            unit = a.filter if a.filter is not None else m["objective"]
+            variant = f".{m['variant']}" if "variant" in m else ""
+            items.append(
+                HistoryItem(
+                    f"{a.model}/{a.layer}/{unit}{variant}/{m['recipe']}",
+                    {k: m.get(k) for k in ("activation", "robustness", "dead", "recipe", "variant")}
+                    | {"model": a.model, "layer": a.layer, "filter": a.filter},
+                    a.path,
+                )
+            )
+        return items
 
     @staticmethod
     def quality_line(grids: list[dict[str, Any]], side_by_side: bool, masked: bool) -> str:

@@ -14,7 +14,14 @@ import numpy as np
 from pydantic import Field
 
 from reportgen.analyses import dataset_pass
-from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.base import (
+    Analysis,
+    Artifact,
+    HistoryItem,
+    RunContext,
+    SectionOutput,
+    SectionResult,
+)
 from reportgen.analyses.shared import missing_note, thumbnail
 from reportgen.datasets import Dataset, ImageItem
 from reportgen.errors import ReportgenError
@@ -142,6 +149,18 @@ class PredictionsAnalysis(Analysis):
             findings=self._findings(rows, names),
             notes=notes,
         )
+
+    def history_items(self, result: SectionResult) -> list[HistoryItem]:
+        """Per image: the top-1 class, its confidence and the whole top-k (a flip is a change of top-1)."""
+        return [
+            HistoryItem(
+                a.metrics["image"],
+                {"model": a.model, "image": a.metrics["image"], "top1": a.metrics["top_class"],
+                 "confidence": a.metrics["probability"], "top_k": a.metrics["top_k"]},
+            )  # fmt: skip
+            for a in result.artifacts
+            if a.kind == "image"
+        ]
 
     @staticmethod
     def _probabilities(

@@ -1,0 +1,167 @@
+"""Run history (reportgen.history): real runs of a tiny spec append their runs and items; the history
+survives deleting the cached results; a writer killed with SIGKILL at random points leaves no partial run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from reportgen.history import connect, run_items, runs
+from reportgen.runner import run
+
+
+def write_spec(root: Path) -> Path:
+    """A 32x32 classifier (conv 4 ch -> GAP -> 3 classes), four real PNGs, a filters and a predictions
+    section."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, activation="softmax", name="head",
+                             kernel_initializer=keras.initializers.RandomNormal(stddev=3.0))(x)
+    keras.Model(inp, out).save(root / "m.keras")
+    rng = np.random.default_rng(0)
+    (root / "photos").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "photos" / f"p{i}.png")
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "title": "history", "output": "out/report", "formats": ["html"],
+        "models": {"m": {"path": "m.keras", "preprocess": "unit", "class_names": ["ant", "bee", "cat"]}},
+        "datasets": {"photos": {"path": "photos"}},
+        "sections": [
+            {"type": "filters", "title": "F", "model": "m", "layers": ["conv"], "filters": "0:3",
+             "params": {"steps": 6, "size": 32, "crop": 0}},
+            {"type": "predictions", "title": "P", "model": "m", "dataset": "photos", "top_k": 2},
+        ],
+    }, sort_keys=False))
+    return path
+
+
+def history_file(root: Path) -> Path:
+    return root / "out" / ".reportgen-cache" / "history.sqlite"
+
+
+def manifest_artifacts(root: Path, title: str, kind: str) -> list[dict[str, Any]]:
+    manifest = json.loads((root / "out" / "report" / "manifest.json").read_text())
+    (section,) = [s for s in manifest["sections"] if s["title"] == title]
+    return [a for a in section["artifacts"] if a["kind"] == kind]
+
+
+def test_a_run_records_its_models_and_items(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    summary = run(spec, quiet=True)
+    (row,) = runs(history_file(tmp_path))
+    assert row["run_id"] == summary.run_id
+    assert row["status"] == "ok" and row["spec_path"] == str(spec.resolve())
+    assert row["spec_sha"] == hashlib.sha256(spec.read_bytes()).hexdigest()
+    items = run_items(history_file(tmp_path), summary.run_id)
+    assert row["items"] == len(items) == 3 + 4
+    db = connect(history_file(tmp_path))
+    ((key, digest),) = db.execute("SELECT key, digest FROM models WHERE run_id = ?", (summary.run_id,))
+    db.close()
+    assert key == "m" and len(digest) == 64
+
+    filters = {i["metrics"]["filter"]: i for i in items if i["section_type"] == "filters"}
+    published = {a["filter"]: a for a in manifest_artifacts(tmp_path, "F", "filter")}
+    assert sorted(filters) == sorted(published) == [0, 1, 2]
+    for f, item in filters.items():
+        picture = (tmp_path / "out" / "report" / published[f]["path"]).read_bytes()
+        assert item["image_digest"] == hashlib.sha256(picture).hexdigest()
+        assert item["metrics"]["activation"] == published[f]["activation"]
+        assert item["metrics"]["robustness"] == published[f]["robustness"]
+        assert item["item_key"].startswith(f"m/conv/{f}/")
+    predictions = {i["item_key"]: i["metrics"] for i in items if i["section_type"] == "predictions"}
+    images = {a["image"]: a for a in manifest_artifacts(tmp_path, "P", "image")}
+    assert sorted(predictions) == sorted(images) == [f"p{i}.png" for i in range(4)]
+    for name, metrics in predictions.items():
+        assert metrics["top1"] == images[name]["top_class"] in ("ant", "bee", "cat")
+        assert metrics["confidence"] == images[name]["probability"]
+        assert len(metrics["top_k"]) == 2
+
+
+def test_every_run_appends_and_deleting_the_results_keeps_the_history(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    first = run(spec, quiet=True)
+    second = run(spec, quiet=True)
+    assert [r["run_id"] for r in runs(history_file(tmp_path))] == [first.run_id, second.run_id]
+    shutil.rmtree(tmp_path / "out" / ".reportgen-cache" / "results")
+    assert len(runs(history_file(tmp_path))) == 2
+    third = run(spec, quiet=True)  # recomputes everything: same seeds, so the same pictures
+    assert third.computed > 0
+    assert [r["run_id"] for r in runs(history_file(tmp_path))] == [first.run_id, second.run_id, third.run_id]
+
+    def digests(run_id: str) -> dict[str, Any]:
+        return {i["item_key"]: i["image_digest"] for i in run_items(history_file(tmp_path), run_id)}
+
+    assert digests(first.run_id) == digests(third.run_id)
+    assert any(d is not None for d in digests(third.run_id).values())
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from reportgen.history import ItemRow, RunRecord, record_run
+
+path, n = Path(sys.argv[1]), 0
+while True:
+    items = [ItemRow(0, "s1-f", "filters", f"m/conv/{i}", {"activation": i * 0.5, "run": n}, "ab" * 32)
+             for i in range(400)]
+    record_run(path, RunRecord(f"2026-01-01T00:00:{n % 60:02d}+00:00", "2026-01-01T00:01:00+00:00",
+                               "/spec.yaml", "0" * 64, "/out", {"m": "d" * 64}, items))
+    n += 1
+    print(n, flush=True)
+"""
+
+
+def test_a_writer_killed_at_random_points_leaves_only_whole_runs(tmp_path: Path) -> None:
+    path = tmp_path / "cache" / "history.sqlite"
+    rng = np.random.default_rng(10)
+    written = 0
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        proc.stdout.readline()  # at least one run is in: then kill it somewhere in a later one
+        time.sleep(float(rng.uniform(0.0, 0.4)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        counts = db.execute(
+            "SELECT r.run_id, r.items, COUNT(i.item_key) FROM runs r LEFT JOIN items i ON i.run_id = r.run_id "
+            "GROUP BY r.run_id"
+        ).fetchall()
+        orphans = db.execute("SELECT COUNT(*) FROM items WHERE run_id NOT IN (SELECT run_id FROM runs)")
+        assert orphans.fetchone() == (0,)
+        db.close()
+        assert all(stored == actual == 400 for _, stored, actual in counts)
+        assert len(counts) > written  # every kill came after a committed run
+        written = len(counts)
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_opening_migrates_once_to_the_current_version(tmp_path: Path, version: int) -> None:
+    path = tmp_path / "h.sqlite"
+    if version:
+        connect(path).close()
+    db = connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {
+        "runs", "models", "items"}
+    db.close()
