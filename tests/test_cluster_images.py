@@ -4,7 +4,9 @@ arrays of a local run."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +123,21 @@ def test_dask_workers_run_image_work_in_shards_and_match_a_local_run(
             assert np.allclose(mine[name][k], value, rtol=1e-6, atol=1e-6), (name, k)
     occ = next(a for a in theirs.values() if "pair_image" in a)
     assert occ["pair_image"].tolist().count(occ["pair_image"][-1]) == 2  # reds_1: both masks
+
+
+def test_dry_run_lists_the_image_shards_of_local_worker_processes(
+    project: Path, cli_main: Callable[..., tuple[int, str, str]]
+) -> None:
+    """With --jobs 2, every pending image request is planned as 2 image-range shards (one per worker);
+    in process, as one unit each."""
+    spec = write_spec(project, "planned")
+
+    def shards(*args: object) -> dict[str, int]:
+        code, out, err = cli_main("run", str(spec), "--dry-run", "--json", *args)
+        assert code == 0, err
+        return {r["kind"]: r["shards"] for r in json.loads(out)["passes"]}
+
+    assert shards() == {"gradient": 3, "activations": 1}
+    assert shards("--jobs", "2") == {"gradient": 6, "activations": 2}
+    code, out, _ = cli_main("run", str(spec), "--dry-run", "--jobs", "2")
+    assert code == 0 and "in 6 shards on 2 workers" in out and "in 2 shards on 2 workers" in out
