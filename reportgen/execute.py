@@ -60,16 +60,29 @@ def compute_shard(
     outputs: bool,
     batch: int,
     on_batch: Callable[[int], None] | None = None,
+    peaks: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
-    """One shard's arrays: "means:<layer>" (n, C), "outputs" (n, K), "missing" (indices in the shard)."""
+    """One shard's arrays: "means:<layer>" (n, C), "outputs" (n, K), "missing" (indices in the shard), and
+    for each peak piece ("topk:<k>:<layer>") "<piece>.value|index|y|x" (k, C): the shard's k best images
+    per channel, indexed within the shard."""
+    from reportgen.engine import topk
     from reportgen.engine.forward import forward
+    from reportgen.work import parse_peak
 
+    wanted = [(stat, layer) for stat, _, layer in map(parse_peak, peaks)]
     result = with_backoff(
-        lambda b: forward(lm, items, list(layers), outputs=outputs, batch_size=b, on_batch=on_batch),
+        lambda b: forward(
+            lm, items, list(layers), outputs=outputs, batch_size=b, on_batch=on_batch, peaks=wanted
+        ),
         batch,
         f"dataset pass {lm.key}",
     )
     arrays = {f"means:{layer}": result.means[layer] for layer in layers}
+    for piece in peaks:
+        stat, k, layer = parse_peak(piece)
+        value, y, x = result.peaks[(stat, layer)]
+        best = topk.select(value, np.arange(len(value)), y, x, k, largest=stat == "topk")
+        arrays.update({f"{piece}.{name}": a for name, a in best.items()})
     if outputs:
         assert result.outputs is not None
         arrays["outputs"] = result.outputs
@@ -81,6 +94,9 @@ def compute_shard(
 def merge_shards(p: Any, store: Any) -> list[str]:
     """Place every stored shard's rows at their index in the pass, store each pending piece under its key;
     returns the keys stored. Rows are copied, never recomputed or averaged: the merge is exact."""
+    from reportgen.engine import topk
+    from reportgen.work import parse_peak
+
     shards = []
     for start, end in p.shards:
         arrays = store.get_arrays(p.shard_key(start, end))
@@ -91,7 +107,18 @@ def merge_shards(p: Any, store: Any) -> list[str]:
         sorted(int(i) + start for start, arrays in shards for i in arrays["missing"]), np.int64
     )
     stored = []
+    for piece in p.peaks:  # the k best of the shards' k best: exact, ties by index in the pass
+        stat, k, _ = parse_peak(piece)
+        parts = []
+        for start, arrays in shards:
+            part = {f: arrays[f"{piece}.{f}"] for f in topk.FIELDS}
+            part["index"] = np.where(part["index"] >= 0, part["index"] + start, -1)
+            parts.append(part)
+        store.put_arrays(p.pieces[piece], {**topk.merge(parts, k, stat == "topk"), "missing": missing})
+        stored.append(p.pieces[piece])
     for piece in p.pending:
+        if piece in p.peaks:
+            continue
         name = "means" if piece.startswith("means:") else "outputs"
         rows = np.concatenate([arrays[piece] for _, arrays in shards], axis=0)
         store.put_arrays(p.pieces[piece], {name: rows, "missing": missing})
@@ -147,14 +174,14 @@ def run_dataset_shard(shard: DatasetShard) -> dict[str, Any]:
     from reportgen.parallel import _worker_model
     from reportgen.plan import device_budget, forward_batch_for, sample_cost, shard_key
     from reportgen.store import Store, store_root
-    from reportgen.work import means_key, outputs_key
+    from reportgen.work import piece_key
 
     t0 = time.perf_counter()
     host = socket.gethostname()
     lm = _worker_model(shard.spec_path, shard.model)
     ds = _worker_dataset(spec, shard.spec_path, shard.dataset)
     for piece, key in shard.pieces:
-        mine = outputs_key(lm, ds, shard.images) if piece == "outputs" else means_key(lm, ds, piece[6:])
+        mine = piece_key(lm, ds, piece, shard.images)
         if mine != key:
             raise ReportgenError(
                 f"worker {host}: model {shard.model!r} or dataset {shard.dataset!r} of {shard.spec_path} is "
@@ -164,14 +191,17 @@ def run_dataset_shard(shard: DatasetShard) -> dict[str, Any]:
     items = ds.items if shard.images is None else ds.select(list(shard.images))
     layers = tuple(piece[6:] for piece, _ in shard.pieces if piece.startswith("means:"))
     outputs = any(piece == "outputs" for piece, _ in shard.pieces)
-    deepest = [*layers, *([lm.model.layers[-1].name] if outputs else [])]
+    peaks = tuple(piece for piece, _ in shard.pieces if piece.startswith(("topk:", "bottomk:")))
+    deepest = [*layers, *(piece.split(":", 2)[2] for piece in peaks)]
+    deepest += [lm.model.layers[-1].name] if outputs else []
     batch = shard.batch_size or forward_batch_for(
         sample_cost(lm, deepest, lm.input_size), device_budget(shard.memory_share)
     )
     store = Store(store_root(spec))
     key = shard_key([k for _, k in shard.pieces], shard.start, shard.end)
     if not store.has(key, "npz"):  # a retried shard may be stored already
-        store.put_arrays(key, compute_shard(lm, items[shard.start : shard.end], layers, outputs, batch))
+        arrays = compute_shard(lm, items[shard.start : shard.end], layers, outputs, batch, None, peaks)
+        store.put_arrays(key, arrays)
     return {
         "key": key,
         "items": shard.end - shard.start,
@@ -189,7 +219,9 @@ def _run_local(p: Any, lm: Any, store: Any, progress: Any) -> None:
             if store.has(key, "npz"):  # stored by a killed run
                 advance(end - start)
                 continue
-            arrays = compute_shard(lm, p.items[start:end], p.layers, p.outputs, p.batch_size, advance)
+            arrays = compute_shard(
+                lm, p.items[start:end], p.layers, p.outputs, p.batch_size, advance, p.peaks
+            )
             store.put_arrays(key, arrays)
 
 

@@ -341,10 +341,11 @@ def split_by_depth(
 
 def _ascent_layers(section: Any, model: Any) -> list[str]:
     """Layers whose subgraph one ascent sample of `section` computes: the filter sections' layers, the
-    circuit's layer (its input channels lie before it), the whole model for class models."""
+    circuit's layer (its input channels lie before it) and the exemplars' layer, the whole model for
+    class models."""
     if section.type == "filters":
         return list(section.layers)
-    if section.type == "circuit":
+    if section.type in ("circuit", "exemplars"):
         return [section.layer]
     return [model.model.layers[-1].name]
 
@@ -448,6 +449,16 @@ class DatasetPass:
     def layers(self) -> tuple[str, ...]:
         """Layers to compute (pending pieces only), in request order."""
         return tuple(p.split(":", 1)[1] for p in self.pending if p.startswith("means:"))
+
+    @property
+    def peaks(self) -> tuple[str, ...]:
+        """Pending top-k / bottom-k pieces ("topk:<k>:<layer>"), in request order."""
+        return tuple(p for p in self.pending if p.startswith(("topk:", "bottomk:")))
+
+    @property
+    def deepest(self) -> list[str]:
+        """Every layer the pass computes (the planner's cost estimate)."""
+        return [*self.layers, *(p.split(":", 2)[2] for p in self.peaks)]
 
     @property
     def outputs(self) -> bool:
@@ -582,7 +593,7 @@ def plan_dataset(
     workers: int = 1,
 ) -> list[DatasetPass]:
     """Merge the dataset requests of all sections into one pass per (model, dataset, image selection)."""
-    from reportgen.work import means_key, outputs_key
+    from reportgen.work import outputs_key, piece_key
 
     groups: dict[tuple[str, str, tuple[str, ...] | None], list[tuple[str, Any]]] = {}
     for sid, req in board.dataset:
@@ -593,9 +604,8 @@ def plan_dataset(
         items = ds.items if images is None else ds.select(list(images))
         pieces: dict[str, str] = {}
         for _, req in reqs:
-            for layer in req.layers:
-                for stat in req.stats:
-                    pieces.setdefault(f"{stat}:{layer}", means_key(lm, ds, layer))
+            for piece in req.pieces():
+                pieces.setdefault(piece, piece_key(lm, ds, piece))
         if any(req.outputs for _, req in reqs):
             pieces["outputs"] = outputs_key(lm, ds, images)
         pending = [name for name, key in pieces.items() if not store.has(key, "npz")]
@@ -603,7 +613,7 @@ def plan_dataset(
             model, dataset, images, list(items), pieces, pending, list(dict.fromkeys(s for s, _ in reqs))
         )
         if pending:
-            deepest = [*p.layers, *([lm.model.layers[-1].name] if p.outputs else [])]
+            deepest = [*p.deepest, *([lm.model.layers[-1].name] if p.outputs else [])]
             p.cost = sample_cost(lm, deepest, lm.input_size, precision)
             p.batch_size = forward_batch_for(p.cost, budget, batch_size)
             p.shards = shard_ranges(len(items), workers)

@@ -28,10 +28,12 @@ from reportgen.store import content_key
 
 # Bump when the dataset pass's numbers change, so that stored results are recomputed.
 DATASET_VERSION = "1"
-# What a dataset pass can compute per layer. "means": the (N, C) spatial mean of every channel. Exemplars
-# will add "topk" (each channel's k largest positions over the dataset); a statistic is one more value
-# here, one more reduction in the pass, and one more key per layer.
-STATISTICS = ("means",)
+# What a dataset pass can compute per layer. "means": the (N, C) spatial mean of every channel; "topk":
+# each channel's `k` images with the largest peak over the dataset and where the peak is (exemplars);
+# "bottomk": the `k` most negative peaks of the layer's output before its fused ReLU. A statistic is one
+# more value here, one more reduction in the pass, and one more key per layer.
+STATISTICS = ("means", "topk", "bottomk")
+PEAKS = ("topk", "bottomk")  # the statistics that keep k images per channel
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class DatasetRequest:
 
     `images`: None for every image of the dataset (rankings), else the names of the chosen images (a
     predictions section over a few images of a big folder reads only those). `layers`: layers whose
-    per-image statistics (`stats`) are needed. `outputs`: whether the model's class outputs are needed."""
+    per-image statistics (`stats`) are needed. `outputs`: whether the model's class outputs are needed.
+    `k`: images per channel kept by the "topk" / "bottomk" statistics."""
 
     model: str
     dataset: str
@@ -48,11 +51,22 @@ class DatasetRequest:
     outputs: bool = False
     images: tuple[str, ...] | None = None
     stats: tuple[str, ...] = ("means",)
+    k: int = 0
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stats if s not in STATISTICS]
         if unknown:
             raise ValueError(f"dataset statistic {unknown[0]!r} is not one of {', '.join(STATISTICS)}")
+        if any(s in PEAKS for s in self.stats) and self.k < 1:
+            raise ValueError("the topk / bottomk statistics need k >= 1")
+
+    def pieces(self) -> list[str]:
+        """Names of the pieces this request needs from its pass: "means:<layer>", "topk:<k>:<layer>"."""
+        return [
+            f"{stat}:{self.k}:{layer}" if stat in PEAKS else f"{stat}:{layer}"
+            for layer in self.layers
+            for stat in self.stats
+        ]
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,39 @@ def means_key(lm: Any, ds: Any, layer: str) -> str:
         layer,
         lm.input_size,
     )
+
+
+def peaks_key(lm: Any, ds: Any, layer: str, stat: str, k: int) -> str:
+    """Key of one layer's per-channel top-k ("topk") or bottom-k ("bottomk") images and peak positions."""
+    return content_key(
+        "exemplars",
+        DATASET_VERSION,
+        lm.digest,
+        lm.preprocessing.model_dump(),
+        lm.channels,
+        ds.digest,
+        layer,
+        lm.input_size,
+        stat,
+        k,
+    )
+
+
+def parse_peak(piece: str) -> tuple[str, int, str]:
+    """"topk:<k>:<layer>" -> ("topk", k, layer)."""
+    stat, k, layer = piece.split(":", 2)
+    return stat, int(k), layer
+
+
+def piece_key(lm: Any, ds: Any, piece: str, images: tuple[str, ...] | None = None) -> str:
+    """The content key of a piece of a dataset pass, by its name (see `DatasetRequest.pieces`)."""
+    if piece == "outputs":
+        return outputs_key(lm, ds, images)
+    stat = piece.split(":", 1)[0]
+    if stat in PEAKS:
+        _, k, layer = parse_peak(piece)
+        return peaks_key(lm, ds, layer, stat, k)
+    return means_key(lm, ds, piece.split(":", 1)[1])
 
 
 def outputs_key(lm: Any, ds: Any, images: tuple[str, ...] | None = None) -> str:

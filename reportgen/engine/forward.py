@@ -12,7 +12,7 @@ never arrive and are reported by index.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
@@ -33,12 +33,31 @@ class ForwardResult:
     means: dict[str, np.ndarray]  # layer -> (N, C) float32 spatial mean of each channel
     outputs: np.ndarray | None  # (N, K) float32 model outputs as the model returns them, if requested
     missing: list[int]  # indices of items that could not be decoded
+    # (stat, layer) -> (values, y, x), each (N, C): every image's peak of each channel and where it is
+    # ("topk": the maximum of the output, "bottomk": the minimum of the output before a fused ReLU)
+    peaks: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def channel_means(tensor: tf.Tensor) -> tf.Tensor:
     """(B, ..., C) -> (B, C): mean over every axis between batch and channels (H, W for conv maps)."""
     axes = list(range(1, len(tensor.shape) - 1))
     return tf.reduce_mean(tensor, axis=axes) if axes else tensor
+
+
+def peak_positions(tensor: tf.Tensor, largest: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """(B, H, W, C) -> (B, C) peak value and (B, C) flat position (y * W + x) of each channel's peak."""
+    flat = tf.reshape(tensor, (tf.shape(tensor)[0], -1, tensor.shape[-1]))
+    if largest:
+        return tf.reduce_max(flat, axis=1), tf.argmax(flat, axis=1, output_type=tf.int32)
+    return tf.reduce_min(flat, axis=1), tf.argmin(flat, axis=1, output_type=tf.int32)
+
+
+def pre_relu_output(layer: object) -> object:
+    """The layer's symbolic output before a fused ReLU (its own output when it has none): the most
+    negative responses, which a ReLU flattens to 0, are what bottom-k exemplars show."""
+    from reportgen.engine.ascent import _objective_output
+
+    return _objective_output(layer, True)
 
 
 def class_count(model: LoadedModel) -> int:
@@ -56,14 +75,24 @@ def class_count(model: LoadedModel) -> int:
 class ForwardProgram:
     """The compiled pass for one model, layer set and optional class output, traced once."""
 
-    def __init__(self, model: LoadedModel, layers: Sequence[str], with_outputs: bool):
+    def __init__(
+        self,
+        model: LoadedModel,
+        layers: Sequence[str],
+        with_outputs: bool,
+        peaks: Sequence[tuple[str, str]] = (),
+    ):
         import keras
 
         self.model, self.layers, self.with_outputs = model, tuple(layers), with_outputs
+        self.peaks = tuple(peaks)
         outputs = [model.layer(name).output for name in self.layers]
         if with_outputs:
             class_count(model)
             outputs.append(model.model.outputs[0])
+        for stat, name in self.peaks:
+            layer = model.layer(name)
+            outputs.append(layer.output if stat == "topk" else pre_relu_output(layer))
         if not outputs:
             raise ValueError("a forward pass needs at least one layer or the model output")
         self.extractor = keras.Model(model.model.inputs, outputs)
@@ -77,9 +106,14 @@ class ForwardProgram:
         outs = self.extractor(self.model.preprocess(pixels), training=False)
         if not isinstance(outs, list | tuple):
             outs = [outs]
-        n_layers = len(self.layers)
+        n_layers, n_peaks = len(self.layers), len(self.peaks)
         reduced = [tf.cast(channel_means(o), tf.float32) for o in outs[:n_layers]]
-        return reduced + [tf.cast(o, tf.float32) for o in outs[n_layers:]]
+        heads = [tf.cast(o, tf.float32) for o in outs[n_layers : len(outs) - n_peaks]]
+        peaks = []
+        for (stat, _), o in zip(self.peaks, outs[len(outs) - n_peaks :], strict=True):
+            value, where = peak_positions(tf.cast(o, tf.float32), stat == "topk")
+            peaks += [value, where]
+        return reduced + heads + peaks
 
     def run(
         self,
@@ -93,6 +127,9 @@ class ForwardProgram:
         if self.with_outputs:
             width.append(class_count(self.model))
         rows = [np.full((n, w), np.nan, np.float32) for w in width]
+        for _, name in self.peaks:
+            c = int(self.model.layer(name).output.shape[-1])
+            rows += [np.full((n, c), np.nan, np.float32), np.zeros((n, c), np.int32)]
         seen: list[np.ndarray] = []
         batches = stream(list(items), self.size, self.model.channels, batch_size) if n else []
         for pixels, index in batches:
@@ -106,15 +143,26 @@ class ForwardProgram:
         if on_batch and missing:
             on_batch(len(missing))
         means = dict(zip(self.layers, rows[: len(self.layers)], strict=True))
-        return ForwardResult(means, rows[-1] if self.with_outputs else None, missing)
+        outputs = rows[len(self.layers)] if self.with_outputs else None
+        peaks = {}
+        for i, (stat, name) in enumerate(self.peaks):
+            value, where = rows[len(width) + 2 * i : len(width) + 2 * i + 2]
+            map_width = int(self.model.layer(name).output.shape[2])
+            peaks[(stat, name)] = (value, where // map_width, where % map_width)
+        return ForwardResult(means, outputs, missing, peaks)
 
 
-def program_for(model: LoadedModel, layers: Sequence[str], with_outputs: bool = False) -> ForwardProgram:
+def program_for(
+    model: LoadedModel,
+    layers: Sequence[str],
+    with_outputs: bool = False,
+    peaks: Sequence[tuple[str, str]] = (),
+) -> ForwardProgram:
     """Programs are cached on the model, so sections over the same layers share one trace; the input size
     is part of the key because the traced signature fixes it."""
-    key = ("forward", tuple(layers), with_outputs, model.input_size)
+    key = ("forward", tuple(layers), with_outputs, tuple(peaks), model.input_size)
     if key not in model.extractors:
-        model.extractors[key] = ForwardProgram(model, layers, with_outputs)
+        model.extractors[key] = ForwardProgram(model, layers, with_outputs, peaks)
     return model.extractors[key]
 
 
@@ -126,9 +174,11 @@ def forward(
     outputs: bool = False,
     batch_size: int = BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
+    peaks: Sequence[tuple[str, str]] = (),
 ) -> ForwardResult:
-    """Channel means of all channels of `layers` (and the model outputs) for every item, in one pass."""
-    return program_for(model, layers, outputs).run(items, batch_size, on_batch)
+    """Channel means of all channels of `layers` (and the model outputs, and each image's channel peaks
+    of the (stat, layer) pairs in `peaks`) for every item, in one pass."""
+    return program_for(model, layers, outputs, peaks).run(items, batch_size, on_batch)
 
 
 def to_probabilities(scores: np.ndarray) -> tuple[np.ndarray, bool]:
