@@ -149,8 +149,8 @@ def test_sections_on_two_layers_share_one_pass(colors: Path, tmp_path: Path) -> 
     pooled = build(ctx, 1)
     assert (ctx.computed, ctx.reused) == (2, 0)  # both pieces from the one pass that ran before any build
     lm = ctx.models.get("rgb")
-    assert list(lm.extractors) == [("forward", ("color", "gap"), False, (32, 32))]
-    assert lm.extractors[("forward", ("color", "gap"), False, (32, 32))].trace_count == 1
+    assert list(lm.extractors) == [("forward", ("color", "gap"), False, (), (32, 32))]
+    assert lm.extractors[("forward", ("color", "gap"), False, (), (32, 32))].trace_count == 1
     assert [f["rows"][0]["name"] for f in pooled.context["filters"]] == ["red", "blue"]
     for a, b in zip(conv.context["filters"][0]["rows"], pooled.context["filters"][0]["rows"], strict=True):
         assert a["name"] == b["name"] and a["mean"] == pytest.approx(b["mean"], rel=1e-4)
