@@ -562,10 +562,7 @@ class Batches:
         reader = CacheReader.open(self.source, self.size, self.channels)
         if reader is not None and reader.has(names):
             return self._cached(reader, names)
-        writer = (
-            CacheWriter(self.source, self.size, self.channels) if self.source.covers(names) else None
-        )
-        return self._decode(self._pipeline(to_uint8=True), writer)
+        return self._decode(self._pipeline(to_uint8=True), self.source if self.source.covers(names) else None)
 
     def _pipeline(self, to_uint8: bool) -> tf.data.Dataset:
         import tensorflow as tf
@@ -578,12 +575,15 @@ class Batches:
         return ds.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
 
     def _decode(
-        self, pipeline: tf.data.Dataset, writer: CacheWriter | None
+        self, pipeline: tf.data.Dataset, build: DecodedSource | None
     ) -> Iterator[tuple[tf.Tensor, tf.Tensor]]:
+        """Decoded batches; with `build`, each batch's rows also go to a new cache of that source."""
         import tensorflow as tf
 
-        names = [it.name for it in self.items] if writer is not None else []
+        names = [it.name for it in self.items] if build is not None else []
         complete = False
+        # created here, not in __iter__: only a pass that starts opens a temporary file
+        writer = CacheWriter(build, self.size, self.channels) if build is not None else None
         try:
             for pixels, index in pipeline:
                 self.decoded += int(index.shape[0])
