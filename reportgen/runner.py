@@ -27,7 +27,7 @@ from reportgen.datasets import DatasetRegistry, dataset_notes
 from reportgen.device import device_description, select_cpu_kernels
 from reportgen.engine.scheduler import AscentScheduler
 from reportgen.execute import execute_dataset, execute_images
-from reportgen.history import RunRecord, history_path, item_rows, record_run
+from reportgen.history import RunRecord, baseline_changes, history_path, item_rows, record_run
 from reportgen.models import ModelRegistry
 from reportgen.parallel import Backend
 from reportgen.plan import check_samples_fit, plan_work
@@ -245,7 +245,11 @@ def _run_locked(
         )
     )
     meta = run_meta(spec, spec_path, summary, started, steps, sections, ctx.timings)
-    context = report_context(spec, meta, sections, ctx.models.loaded(), sizes)
+    changes = None
+    if spec.baseline == "previous":  # read before this run is recorded: the previous run is the last one
+        shown = [(sid, title, s.type, analysis) for s, analysis, title, sid, _ in titled]
+        changes = baseline_changes(history_path(spec), meta["spec_path"], history, shown)
+    context = report_context(spec, meta, sections, ctx.models.loaded(), sizes, changes)
     with ctx.timed("render: html"):
         render_html(context, staging / "report.html")
     if "pdf" in spec.formats:
@@ -253,7 +257,7 @@ def _run_locked(
             summary.pages = render_pdf(staging / "report.html", staging / "report.pdf")
     if "html" not in spec.formats:
         (staging / "report.html").unlink()
-    write_manifest(staging / "manifest.json", spec, meta, sections, ctx.timings)
+    write_manifest(staging / "manifest.json", spec, meta, sections, ctx.timings, changes)
     models = {m.key: m.digest for m in ctx.models.loaded()}
     output = str(Path(spec.output).resolve())
     return RunRecord(started, now(), meta["spec_path"], meta["spec_sha256"], output, models, history)

@@ -24,16 +24,20 @@ from reportgen.history import connect, run_items, runs
 from reportgen.runner import run
 
 
-def write_spec(root: Path) -> Path:
-    """A 32x32 classifier (conv 4 ch -> GAP -> 3 classes), four real PNGs, a filters and a predictions
-    section."""
+def tiny_classifier() -> keras.Model:
     keras.utils.set_random_seed(3)
     inp = keras.Input((32, 32, 3))
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
     x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(3, activation="softmax", name="head",
                              kernel_initializer=keras.initializers.RandomNormal(stddev=3.0))(x)
-    keras.Model(inp, out).save(root / "m.keras")
+    return keras.Model(inp, out)
+
+
+def write_spec(root: Path, **top: Any) -> Path:
+    """A 32x32 classifier (conv 4 ch -> GAP -> 3 classes), four real PNGs, a filters and a predictions
+    section."""
+    tiny_classifier().save(root / "m.keras")
     rng = np.random.default_rng(0)
     (root / "photos").mkdir()
     for i in range(4):
@@ -48,6 +52,7 @@ def write_spec(root: Path) -> Path:
              "params": {"steps": 6, "size": 32, "crop": 0}},
             {"type": "predictions", "title": "P", "model": "m", "dataset": "photos", "top_k": 2},
         ],
+        **top,
     }, sort_keys=False))
     return path
 
@@ -143,7 +148,8 @@ def test_a_writer_killed_at_random_points_leaves_only_whole_runs(tmp_path: Path)
         db = sqlite3.connect(path)
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         counts = db.execute(
-            "SELECT r.run_id, r.items, COUNT(i.item_key) FROM runs r LEFT JOIN items i ON i.run_id = r.run_id "
+            "SELECT r.run_id, r.items, COUNT(i.item_key) FROM runs r "
+            "LEFT JOIN items i ON i.run_id = r.run_id "
             "GROUP BY r.run_id"
         ).fetchall()
         orphans = db.execute("SELECT COUNT(*) FROM items WHERE run_id NOT IN (SELECT run_id FROM runs)")
@@ -165,3 +171,41 @@ def test_opening_migrates_once_to_the_current_version(tmp_path: Path, version: i
     assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {
         "runs", "models", "items"}
     db.close()
+
+
+def test_baseline_previous_reports_changed_filters_and_flipped_predictions(tmp_path: Path) -> None:
+    """A new checkpoint whose filter 1 kernel changed and whose class columns are rotated: filter 1 is
+    changed, filters 0 and 2 keep their pictures (starts do not depend on the weights), every top-1 flips."""
+    spec = write_spec(tmp_path, baseline="previous")
+    first = run(spec, quiet=True)
+    changes = json.loads((tmp_path / "out" / "report" / "manifest.json").read_text())["changes"]
+    assert changes["baseline"] is None
+    assert [(c["title"], c["counts"]) for c in changes["sections"]] == [
+        ("F", {"changed": 0, "unchanged": 0, "new": 3, "removed": 0}),
+        ("P", {"changed": 0, "unchanged": 0, "new": 4, "removed": 0}),
+    ]
+
+    model = tiny_classifier()
+    kernel, bias = model.get_layer("conv").get_weights()
+    kernel[..., 1] = -kernel[..., 1]
+    model.get_layer("conv").set_weights([kernel, bias])
+    head_kernel, head_bias = model.get_layer("head").get_weights()
+    model.get_layer("head").set_weights([np.roll(head_kernel, 1, axis=1), np.roll(head_bias, 1)])
+    model.save(tmp_path / "m.keras")
+    run(spec, quiet=True)
+    manifest = json.loads((tmp_path / "out" / "report" / "manifest.json").read_text())
+    changes = manifest["changes"]
+    assert changes["baseline"] == first.run_id
+    filters, predictions = changes["sections"]
+    assert filters["counts"] == {"changed": 1, "unchanged": 2, "new": 0, "removed": 0}
+    statuses = {i["filter"]: i["status"] for i in filters["items"]}
+    assert statuses == {0: "unchanged", 1: "changed", 2: "unchanged"}
+    assert predictions["counts"] == {"changed": 4, "unchanged": 0, "new": 0, "removed": 0}
+    for item in predictions["items"]:
+        old, new = item["metrics"]["old"]["top1"], item["metrics"]["new"]["top1"]
+        names = ["ant", "bee", "cat"]
+        assert names.index(new) == (names.index(old) + 1) % 3
+        assert item["metrics"]["change"].startswith(f"top-1 {old} ")
+    html = (tmp_path / "out" / "report" / "report.html").read_text()
+    assert html.index('id="what-changed"') < html.index('class="report-section type-filters"')
+    assert "m/conv/1/" in html

@@ -171,6 +171,14 @@ class Analysis:
         which keeps everything about a type in its own module."""
         return []
 
+    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+        """What changed in one history item between a baseline run and this one, in a few words for the
+        "What changed" section, or None when it counts as unchanged. `old`/`new`: {"image_digest",
+        "metrics"} of the item. Default: any difference of picture or figures."""
+        if old["image_digest"] != new["image_digest"]:
+            return "picture changed"
+        return "figures changed" if old["metrics"] != new["metrics"] else None
+
 
 @dataclass
 class RunContext:

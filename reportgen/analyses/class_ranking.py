@@ -272,6 +272,15 @@ class ClassRankingAnalysis(Analysis):
             if f is not None
         ]
 
+    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+        """Changed: another peak class, or another order of the most activating images."""
+        a, b = old["metrics"], new["metrics"]
+        if a["top_class"] != b["top_class"]:
+            return f"peak class {a['top_class']} → {b['top_class']}"
+        if [t[1] for t in a["top_images"]] != [t[1] for t in b["top_images"]]:
+            return "top images reordered or replaced"
+        return None
+
     def _rank_classes(
         self,
         section: ClassRankingSection,

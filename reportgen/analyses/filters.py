@@ -28,6 +28,8 @@ from reportgen.report.layout import lead_height, plain_params, plan_grid_heights
 from reportgen.report.markdown import render_markdown
 from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
 
+ACTIVATION_TOLERANCE = 1e-3  # relative activation change that counts as a change between runs
+
 
 class FiltersSection(SectionBase):
     type: Literal["filters"]
@@ -421,6 +423,16 @@ class FiltersAnalysis(Analysis):
                 )
             )
         return items
+
+    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+        """Changed: another picture (digest of its PNG), or an activation that moved by more than
+        ACTIVATION_TOLERANCE of the larger magnitude (a picture can stay while the unit's response moves)."""
+        a, b = old["metrics"]["activation"], new["metrics"]["activation"]
+        moved = abs(b - a) > ACTIVATION_TOLERANCE * max(abs(a), abs(b), 1e-12)
+        picture = old["image_digest"] != new["image_digest"]
+        if not (moved or picture):
+            return None
+        return f"{'picture changed; ' if picture else ''}activation {compact_number(a)} → {compact_number(b)}"
 
     @staticmethod
     def quality_line(grids: list[dict[str, Any]], side_by_side: bool, masked: bool) -> str:

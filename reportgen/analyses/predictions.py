@@ -162,6 +162,13 @@ class PredictionsAnalysis(Analysis):
             if a.kind == "image"
         ]
 
+    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+        """Changed: a flip of the top-1 class; a confidence that moves under the same class is not."""
+        a, b = old["metrics"], new["metrics"]
+        if a["top1"] == b["top1"]:
+            return None
+        return f"top-1 {a['top1']} ({a['confidence']:.2f}) → {b['top1']} ({b['confidence']:.2f})"
+
     @staticmethod
     def _probabilities(
         ctx: RunContext, lm: LoadedModel, ds: Dataset, items: list[ImageItem], images: tuple[str, ...] | None

@@ -224,3 +224,62 @@ def run_items(path: Path, run_id: str) -> list[dict[str, Any]]:
         return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
     finally:
         db.close()
+
+
+def previous_run(path: Path, spec_path: str) -> dict[str, Any] | None:
+    """The last successful run of the spec at `spec_path` (absolute), or None (no history yet)."""
+    if not path.exists():
+        return None
+    found = [r for r in runs(path, spec_path) if r["status"] == "ok"]
+    return found[-1] if found else None
+
+
+IDENTITY = ("model", "layer", "filter", "image")  # the metrics that name an item in the manifest
+
+
+def compare(
+    baseline: str | None,
+    old_items: list[dict[str, Any]],
+    rows: list[ItemRow],
+    sections: list[tuple[Any, ...]],
+) -> dict[str, Any]:
+    """The change report of this run's `rows` against `old_items` (a baseline run's `run_items`), in the
+    manifest's "changes" form. `sections`: (section id, title, type, analysis) of this run; sections match
+    by id (position and title), items by key; `analysis.item_change(old, new)` decides "changed" and says
+    what changed. An item only in the baseline is "removed", one only in this run "new"."""
+    out = []
+    for sid, title, stype, analysis in sections:
+        before = {i["item_key"]: i for i in old_items if (i["section_id"], i["section_type"]) == (sid, stype)}
+        now = {r.key: {"image_digest": r.image_digest, "metrics": r.metrics} for r in rows
+               if r.section_id == sid}
+        counts = {"changed": 0, "unchanged": 0, "new": 0, "removed": 0}
+        items = []
+        for key in sorted(set(before) | set(now)):
+            old, new = before.get(key), now.get(key)
+            change = None
+            if old is None:
+                status = "new"
+            elif new is None:
+                status = "removed"
+            else:
+                change = analysis.item_change(old, new)
+                status = "changed" if change else "unchanged"
+            counts[status] += 1
+            shown = (new or old or {})["metrics"]
+            metrics = {"change": change} if change else {}
+            metrics.update(old=old["metrics"] if old else None, new=new["metrics"] if new else None)
+            items.append({k: shown[k] for k in IDENTITY if k in shown} | {"key": key, "status": status,
+                                                                         "metrics": metrics})  # fmt: skip
+        if items:
+            out.append({"title": title, "type": stype, "counts": counts, "items": items})
+    return {"baseline": baseline, "sections": out}
+
+
+def baseline_changes(
+    path: Path, spec_path: str, rows: list[ItemRow], sections: list[tuple[Any, ...]]
+) -> dict[str, Any]:
+    """`baseline: previous`: this run's items against the last successful run of the same spec (every
+    item "new" and baseline None when there is none yet). Read before this run is recorded."""
+    previous = previous_run(path, spec_path)
+    old = run_items(path, previous["run_id"]) if previous else []
+    return compare(previous["run_id"] if previous else None, old, rows, sections)

@@ -83,11 +83,13 @@ def section_entry(
 
 def report_context(
     spec: Any, meta: dict[str, Any], sections: list[dict[str, Any]], models: list[Any],
-    sizes: dict[str, set[tuple[int, int]]],
+    sizes: dict[str, set[tuple[int, int]]], changes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The whole template context. `sizes`: model key -> input sizes the run used."""
+    """The whole template context. `sizes`: model key -> input sizes the run used; `changes`: the "What
+    changed" section (`reportgen.history.compare`) when the spec has a baseline."""
     return {
         "title": spec.title,
+        "changes": changes,
         "author": spec.author,
         "introduction": render_markdown(spec.introduction),
         "sections": sections,
@@ -108,9 +110,11 @@ def report_context(
 
 
 def write_manifest(
-    path: Path, spec: Any, meta: dict[str, Any], sections: list[dict[str, Any]], timings: dict[str, float]
-) -> None:
-    """manifest.json: what a script needs from a run (findings, artifacts, counts), without the HTML."""
+    path: Path, spec: Any, meta: dict[str, Any], sections: list[dict[str, Any]], timings: dict[str, float],
+    changes: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """manifest.json: what a script needs from a run (findings, artifacts, counts), without the HTML.
+    `changes`: the change report against the spec's baseline (`reportgen.history.compare`), if any."""
     manifest = {
         "title": spec.title,
         "sections": [
@@ -134,4 +138,6 @@ def write_manifest(
         "reused": meta["reused"],
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
+    if changes is not None:
+        manifest["changes"] = changes
     path.write_text(json.dumps(manifest, indent=1))

@@ -35,6 +35,11 @@ class Spec(Strict):
     models: dict[str, ModelSpec] = Field(min_length=1)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     sections: list[Section] = Field(min_length=1)
+    baseline: Literal["previous"] | None = Field(
+        None,
+        description="previous: open the report with a 'What changed' section comparing every section's items "
+        "with the last successful run of this spec in the run history (<cache>/history.sqlite).",
+    )
     _located: Any = PrivateAttr(None)
     _filename: str = PrivateAttr("<spec>")
 
