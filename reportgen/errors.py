@@ -29,3 +29,8 @@ class SpecError(ReportgenError):
 
 class WeightsUnavailableError(ReportgenError):
     """Pretrained weights are neither cached nor downloadable (offline machine)."""
+
+
+class NothingDecodedError(ReportgenError):
+    """None of the images chosen for some work could be decoded. A shard of a request's images that gets
+    it holds no results (the host merges the other shards); the whole request getting it is the error."""

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from reportgen.errors import ReportgenError
+from reportgen.errors import NothingDecodedError, ReportgenError
 from reportgen.progress import log
 
 T = TypeVar("T")
@@ -371,7 +371,9 @@ SAME = ("patch_boxes",)
 
 
 def merge_image_shards(shards: list[tuple[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
-    """One request's arrays from its shards' (start, arrays), in image order."""
+    """One request's arrays from its shards' (start, arrays), in image order; shards none of whose images
+    decoded hold no arrays and are left out (at least one must hold some)."""
+    shards = [(start, arrays) for start, arrays in shards if set(arrays) - {"pid"}]
     decoded, before = 0, []
     for _, arrays in shards:
         before.append(decoded)
@@ -451,7 +453,13 @@ def run_image_shard(shard: ImageShard) -> dict[str, Any]:
     store = Store(store_root(spec))
     if not store.has(shard.key, "npz"):  # a retried shard may be stored already
         items = ds.select(list(req.names))[shard.start : shard.end]
-        arrays = IMAGE_ENGINES[req.engine](lm, ds, items, req, shard.batch_size, lambda n: None, shard.start)
+        engine = IMAGE_ENGINES[req.engine]
+        try:
+            arrays = engine(lm, ds, items, req, shard.batch_size, lambda n: None, shard.start)
+        except NothingDecodedError:
+            if shard.end - shard.start == req.images:
+                raise
+            arrays = {}  # other shards may hold images; the host says so when none does
         store.put_arrays(shard.key, {**arrays, "pid": np.asarray(os.getpid(), np.int64)})
     return {
         "key": shard.key,
@@ -536,13 +544,19 @@ def _images_parallel(passes: list[Any], ctx: Any, backend: Any, spec_path: Any) 
                     advances[index](res["items"])
                     ctx.work.devices.add(res["device"])
                     ctx.work.pids.add(res["pid"])
-        for p, _, req in todo:
+        for p, sid, req in todo:
             parts = []
             for (start, end), key in p.shard_keys[req.key]:
                 arrays = store.get_arrays(key)
                 if arrays is None:
                     raise ReportgenError(f"{req.engine} {req.model}: shard {start}:{end} is missing")
                 parts.append((start, arrays))
+            if not any(set(arrays) - {"pid"} for _, arrays in parts):
+                where = dict(req.params).get("where", f"section {sid}")
+                raise NothingDecodedError(
+                    f"{where}: none of the {req.images} selected images of dataset {req.dataset!r} could be "
+                    "decoded; check the files or pick others with `images:`"
+                )
             store.put_arrays(req.key, merge_image_shards(parts))
             for _, key in p.shard_keys[req.key]:  # the merged arrays hold everything now
                 store.path(key, "npz").unlink(missing_ok=True)

@@ -141,3 +141,36 @@ def test_dry_run_lists_the_image_shards_of_local_worker_processes(
     assert shards("--jobs", "2") == {"gradient": 6, "activations": 2}
     code, out, _ = cli_main("run", str(spec), "--dry-run", "--jobs", "2")
     assert code == 0 and "in 6 shards on 2 workers" in out and "in 2 shards on 2 workers" in out
+
+
+@pytest.mark.slow  # two runs, one on 2 local TensorFlow processes: ~40 s
+def test_local_processes_skip_a_shard_whose_images_do_not_decode(project: Path) -> None:
+    """--jobs 2 over 4 good images and 4 broken files (the second shard): that shard holds nothing, the
+    merge keeps the first shard's images, and the arrays equal an in-process run's (which skips them too)."""
+    mixed = project / "mixed"
+    mixed.mkdir(exist_ok=True)
+    for i, src in enumerate(sorted((project / "data").rglob("*.png"))[:4]):
+        (mixed / f"a_{i}.png").write_bytes(src.read_bytes())
+        (mixed / f"b_{i}.png").write_bytes(b"not an image")
+    sections = [s for s in SECTIONS if s["type"] in ("gradcam", "activations")]
+
+    def spec(name: str) -> Path:
+        path = write_spec(project, name)
+        doc = yaml.safe_load(path.read_text())
+        doc["datasets"]["folders"]["path"] = "mixed"
+        doc["sections"] = sections
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    local = run(spec("mixed-local"), quiet=True)
+    jobs = run(spec("mixed-jobs"), quiet=True, jobs=2)
+    assert local.computed == jobs.computed == len(sections)
+    assert "2 local processes" in jobs.device
+    mine, theirs = stored(project / "mixed-jobs-cache"), stored(project / "mixed-local-cache")
+    assert sorted(mine) == sorted(theirs) and len(theirs) == len(sections)
+    for name, arrays in theirs.items():
+        kept = arrays.get("kept", arrays.get("index"))
+        assert kept is not None and kept.tolist() == [0, 1, 2, 3]
+        for k, value in arrays.items():
+            assert mine[name][k].shape == value.shape, (name, k)
+            assert np.allclose(mine[name][k], value, rtol=1e-6, atol=1e-6), (name, k)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from reportgen.datasets import ImageItem, stream
-from reportgen.errors import ReportgenError
+from reportgen.errors import NothingDecodedError
 from reportgen.models import LoadedModel
 
 F16_MAX = float(np.finfo(np.float16).max)
@@ -87,7 +87,7 @@ class ActivationProgram:
             if on_batch:
                 on_batch(len(index[-1]))
         if not chunks:
-            raise ReportgenError(f"none of the {len(items)} selected images could be decoded")
+            raise NothingDecodedError(f"none of the {len(items)} selected images could be decoded")
         arrays: dict[str, np.ndarray] = {"index": np.concatenate(index).astype(np.int32)}
         for i in range(len(self.layers)):
             arrays[f"mean_{i}"] = np.concatenate([c[5 * i] for c in chunks]).astype(np.float32)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from reportgen.datasets import Dataset, ImageItem, load_pixels
-from reportgen.errors import ReportgenError
+from reportgen.errors import NothingDecodedError
 
 
 def as_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -29,7 +29,7 @@ def load_inputs(lm: Any, ds: Dataset, items: list[ImageItem], where: str) -> tup
     unreadable = set(bad)
     kept = np.asarray([i for i, it in enumerate(items) if it.name not in unreadable], np.int32)
     if not len(kept):
-        raise ReportgenError(
+        raise NothingDecodedError(
             f"{where}: none of the {len(items)} selected images of dataset {ds.key!r} could be decoded "
             f"(e.g. {bad[0]}); check the files or pick others with `images:`"
         )
