@@ -87,7 +87,7 @@ class ExemplarsAnalysis(Analysis):
                 "maps; exemplars crop around a unit's position, so choose a convolutional layer"
             )
         try:
-            receptive_field(lm.model, section.layer)
+            receptive_field(lm.model, section.layer, lm.input_size)
         except ReportgenError as exc:
             raise ReportgenError(f"{where}: {exc}") from None
         channels = lm.layer_channels(section.layer)
@@ -124,7 +124,7 @@ class ExemplarsAnalysis(Analysis):
     ) -> SectionResult:
         lm, filters = self._check(section, ctx, index)
         ds = ctx.datasets.get(section.dataset)
-        field = receptive_field(lm.model, section.layer)
+        field = receptive_field(lm.model, section.layer, lm.input_size)
         polarities = [("top", "topk", section.top)] + (
             [("bottom", "bottomk", section.bottom)] if section.bottom else []
         )

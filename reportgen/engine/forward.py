@@ -44,12 +44,15 @@ def channel_means(tensor: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tensor, axis=axes) if axes else tensor
 
 
-def peak_positions(tensor: tf.Tensor, largest: bool) -> tuple[tf.Tensor, tf.Tensor]:
-    """(B, H, W, C) -> (B, C) peak value and (B, C) flat position (y * W + x) of each channel's peak."""
+def peak_positions(tensor: tf.Tensor, largest: bool) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(B, H, W, C) -> (B, C) peak value, y and x of each channel's peak (the first one on ties)."""
+    width = tf.shape(tensor)[2]
     flat = tf.reshape(tensor, (tf.shape(tensor)[0], -1, tensor.shape[-1]))
     if largest:
-        return tf.reduce_max(flat, axis=1), tf.argmax(flat, axis=1, output_type=tf.int32)
-    return tf.reduce_min(flat, axis=1), tf.argmin(flat, axis=1, output_type=tf.int32)
+        value, where = tf.reduce_max(flat, axis=1), tf.argmax(flat, axis=1, output_type=tf.int32)
+    else:
+        value, where = tf.reduce_min(flat, axis=1), tf.argmin(flat, axis=1, output_type=tf.int32)
+    return value, where // width, where % width
 
 
 def pre_relu_output(layer: object) -> object:
@@ -111,8 +114,7 @@ class ForwardProgram:
         heads = [tf.cast(o, tf.float32) for o in outs[n_layers : len(outs) - n_peaks]]
         peaks = []
         for (stat, _), o in zip(self.peaks, outs[len(outs) - n_peaks :], strict=True):
-            value, where = peak_positions(tf.cast(o, tf.float32), stat == "topk")
-            peaks += [value, where]
+            peaks += peak_positions(tf.cast(o, tf.float32), stat == "topk")
         return reduced + heads + peaks
 
     def run(
@@ -129,7 +131,7 @@ class ForwardProgram:
         rows = [np.full((n, w), np.nan, np.float32) for w in width]
         for _, name in self.peaks:
             c = int(self.model.layer(name).output.shape[-1])
-            rows += [np.full((n, c), np.nan, np.float32), np.zeros((n, c), np.int32)]
+            rows += [np.full((n, c), np.nan, np.float32), *(np.zeros((n, c), np.int32) for _ in "yx")]
         seen: list[np.ndarray] = []
         batches = stream(list(items), self.size, self.model.channels, batch_size) if n else []
         for pixels, index in batches:
@@ -145,10 +147,9 @@ class ForwardProgram:
         means = dict(zip(self.layers, rows[: len(self.layers)], strict=True))
         outputs = rows[len(self.layers)] if self.with_outputs else None
         peaks = {}
-        for i, (stat, name) in enumerate(self.peaks):
-            value, where = rows[len(width) + 2 * i : len(width) + 2 * i + 2]
-            map_width = int(self.model.layer(name).output.shape[2])
-            peaks[(stat, name)] = (value, where // map_width, where % map_width)
+        for i, peak in enumerate(self.peaks):
+            value, y, x = rows[len(width) + 3 * i : len(width) + 3 * i + 3]
+            peaks[peak] = (value, y, x)
         return ForwardResult(means, outputs, missing, peaks)
 
 

@@ -50,44 +50,44 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _same_pad(n: int | None, k: int, s: int) -> int:
+def _same_pad(n: int, k: int, s: int) -> int:
     """Leading padding of TensorFlow's "same": the total is split with the extra pixel at the end."""
-    if n is None:
-        return (k - 1) // 2
     total = max((math.ceil(n / s) - 1) * s + k - n, 0)
     return total // 2
 
 
-def _windowed(layer: Any, fields: Axis, axis: int) -> Axis:
-    """A convolution or pooling window along `axis` (0: height, 1: width)."""
+def _windowed(layer: Any, inp: Axis, n: int, axis: int) -> tuple[Axis, int]:
+    """A convolution or pooling window along `axis` (0: height, 1: width) over a map of `n` pixels."""
     kernel = _pair(getattr(layer, "kernel_size", None) or layer.pool_size)[axis]
     stride = _pair(getattr(layer, "strides", None) or kernel)[axis]
     dilation = _pair(getattr(layer, "dilation_rate", 1))[axis]
     k = dilation * (kernel - 1) + 1
-    pad = 0
     if str(getattr(layer, "padding", "valid")).lower() == "same":
-        pad = _same_pad(layer.input.shape[1 + axis], k, stride)
-    return Axis(fields.jump * stride, fields.offset - pad * fields.jump, fields.size + (k - 1) * fields.jump)
+        pad, out = _same_pad(n, k, stride), math.ceil(n / stride)
+    else:
+        pad, out = 0, (n - k) // stride + 1
+    return Axis(inp.jump * stride, inp.offset - pad * inp.jump, inp.size + (k - 1) * inp.jump), out
 
 
-def _layer_axis(layer: Any, inp: Axis, axis: int) -> Axis:
+def _layer_axis(layer: Any, inp: Axis, n: int, axis: int) -> tuple[Axis, int]:
+    """The field of `layer`'s units along `axis` and its map's length there, from its input's."""
     name = type(layer).__name__
     if hasattr(layer, "kernel_size") or hasattr(layer, "pool_size"):
         if "Global" in name or "Transpose" in name:
             raise ReportgenError(f"layer {layer.name!r} ({name}) has no receptive-field box")
-        return _windowed(layer, inp, axis)
+        return _windowed(layer, inp, n, axis)
     if name == "ZeroPadding2D":
-        lead = int(layer.padding[axis][0])
-        return Axis(inp.jump, inp.offset - lead * inp.jump, inp.size)
+        lead, tail = (int(v) for v in layer.padding[axis])
+        return Axis(inp.jump, inp.offset - lead * inp.jump, inp.size), n + lead + tail
     if name == "Cropping2D":
-        lead = int(layer.cropping[axis][0])
-        return Axis(inp.jump, inp.offset + lead * inp.jump, inp.size)
+        lead, tail = (int(v) for v in layer.cropping[axis])
+        return Axis(inp.jump, inp.offset + lead * inp.jump, inp.size), n - lead - tail
     if any(word in name for word in _REFUSED) or hasattr(layer, "layers"):
         raise ReportgenError(
             f"layer {layer.name!r} ({name}) moves positions in a way a receptive-field box cannot follow; "
             "choose a layer before it"
         )
-    return inp
+    return inp, n
 
 
 def _inbound(layer: Any) -> list[Any]:
@@ -99,30 +99,34 @@ def _inbound(layer: Any) -> list[Any]:
     return parents
 
 
-def receptive_field(model: Any, layer_name: str) -> Field:
-    """The receptive field of the units of `layer_name` in `model` (a functional keras.Model)."""
-    memo: dict[int, tuple[Axis, Axis]] = {}
+def receptive_field(model: Any, layer_name: str, input_size: tuple[int, int] | None = None) -> Field:
+    """The receptive field of the units of `layer_name` in `model` (a functional keras.Model) whose input
+    is `input_size` (height, width; default the model's own). Map sizes are followed from the input,
+    because "same" padding before a strided window depends on them (and a model with a free input size
+    has none in its graph)."""
+    size = input_size or tuple(int(d) for d in model.input_shape[1:3])
+    memo: dict[int, tuple[tuple[Axis, int], tuple[Axis, int]]] = {}
 
-    def walk(layer: Any) -> tuple[Axis, Axis]:
+    def walk(layer: Any) -> tuple[tuple[Axis, int], tuple[Axis, int]]:
         if id(layer) in memo:
             return memo[id(layer)]
         parents = _inbound(layer)
         if not parents:  # the input layer
-            result = (IDENTITY, IDENTITY)
+            result = ((IDENTITY, int(size[0])), (IDENTITY, int(size[1])))
         else:
             ins = [walk(p) for p in parents]
             merged = []
             for axis in (0, 1):
-                axes = [fields[axis] for fields in ins]
-                jump = max(a.jump for a in axes)
+                axes = [fields[axis][0] for fields in ins]
                 start = min(a.offset for a in axes)
                 end = max(a.offset + a.size for a in axes)
-                merged.append(_layer_axis(layer, Axis(jump, start, end - start), axis))
+                union = Axis(max(a.jump for a in axes), start, end - start)
+                merged.append(_layer_axis(layer, union, max(fields[axis][1] for fields in ins), axis))
             result = (merged[0], merged[1])
         memo[id(layer)] = result
         return result
 
-    y, x = walk(model.get_layer(layer_name))
+    (y, _), (x, _) = walk(model.get_layer(layer_name))
     return Field(y, x)
 
 
