@@ -416,7 +416,7 @@ class ImageShard:
     key: str  # the host's image_shard_key
     start: int
     end: int
-    batch_size: int
+    batch_size: int | None  # None: the worker sizes batches for its own device
     memory_share: float = 1.0
     threads: int | None = None
 
@@ -453,9 +453,10 @@ def run_image_shard(shard: ImageShard) -> dict[str, Any]:
     store = Store(store_root(spec))
     if not store.has(shard.key, "npz"):  # a retried shard may be stored already
         items = ds.select(list(req.names))[shard.start : shard.end]
+        batch = shard.batch_size or _worker_batch(lm, req, shard.memory_share, spec.precision)
         engine = IMAGE_ENGINES[req.engine]
         try:
-            arrays = engine(lm, ds, items, req, shard.batch_size, lambda n: None, shard.start)
+            arrays = engine(lm, ds, items, req, batch, lambda n: None, shard.start)
         except NothingDecodedError:
             if shard.end - shard.start == req.images:
                 raise
@@ -470,6 +471,15 @@ def run_image_shard(shard: ImageShard) -> dict[str, Any]:
     }
 
 
+def _worker_batch(lm: Any, request: Any, memory_share: float, precision: str) -> int:
+    """The batch the planner would give the request on this worker's device (`reportgen.plan`)."""
+    from reportgen.plan import batch_size_for, device_budget, forward_batch_for, sample_cost
+
+    cost = sample_cost(lm, list(request.layers), lm.input_size, precision)
+    size = batch_size_for if request.backward else forward_batch_for
+    return size(cost, device_budget(memory_share))
+
+
 # the timing row of each kind in the report's metadata (gradient work shares Grad-CAM's)
 TIMERS = {"activations": "engine: activations", "gradient": "engine: gradients"}
 
@@ -479,16 +489,19 @@ def _engine_requests(passes: list[Any]) -> list[tuple[Any, str, Any]]:
     return [(p, sid, r) for p in passes for sid, r in p.requests if r.engine and r.key not in p.stored]
 
 
-def execute_images(passes: list[Any], ctx: Any, backend: Any = None, spec_path: Any = None) -> None:
+def execute_images(
+    passes: list[Any], ctx: Any, backend: Any = None, spec_path: Any = None, batch_size: int | None = None
+) -> None:
     """Compute and store every pending request of the image passes that names an engine: here, or, with a
     parallel backend, as shards of image ranges (at least one per worker) on the backend's workers,
-    merged here into each request's arrays.
+    merged here into each request's arrays. Dask workers size their own batches for their device unless
+    `batch_size` (--batch-size) is given; local processes take the planned batch.
 
     Each key is claimed while it is computed, so another run sharing the store waits for it instead of
     computing it too; a key stored meanwhile is not recomputed."""
     store = ctx.store
     if backend is not None and not backend.in_process and _engine_requests(passes):
-        _images_parallel(passes, ctx, backend, spec_path)
+        _images_parallel(passes, ctx, backend, spec_path, batch_size)
         return
     for p, sid, req in _engine_requests(passes):
         with store.claim(req.key):
@@ -503,7 +516,9 @@ def execute_images(passes: list[Any], ctx: Any, backend: Any = None, spec_path: 
         ctx.work.fresh.add(req.key)
 
 
-def _images_parallel(passes: list[Any], ctx: Any, backend: Any, spec_path: Any) -> None:
+def _images_parallel(
+    passes: list[Any], ctx: Any, backend: Any, spec_path: Any, batch_size: int | None
+) -> None:
     from contextlib import ExitStack
 
     from joblib import Parallel, delayed
@@ -533,8 +548,9 @@ def _images_parallel(passes: list[Any], ctx: Any, backend: Any, spec_path: Any) 
                         if store.has(key, "npz"):  # stored by a killed run
                             advances[index](end - start)
                             continue
+                        chunk = batch_size if backend.name == "dask" else p.batch_size
                         shard = ImageShard(
-                            spec_path, req, key, start, end, p.batch_size, backend.memory_share, threads
+                            spec_path, req, key, start, end, chunk, backend.memory_share, threads
                         )
                         shards.append((index, shard))
                 results = Parallel(batch_size=1, return_as="generator_unordered")(

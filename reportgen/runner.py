@@ -200,7 +200,7 @@ def _run_locked(
         ctx.ascent.execute(progress, engine, spec_path)
     with ctx.timed("engine: forward"):
         execute_dataset(work.dataset, ctx, engine, spec_path, batch_size)
-    execute_images(work.images, ctx, engine, spec_path)  # timed per kind inside
+    execute_images(work.images, ctx, engine, spec_path, batch_size)  # timed per kind inside
     ascent_counts = ctx.ascent.section_counts()
     ascent_seconds = ascent_shares(plan, ctx.ascent.owners, ctx.timings.get("engine: ascent", 0.0))
     sizes: dict[str, set[tuple[int, int]]] = {}  # model -> input sizes the run used
