@@ -240,7 +240,7 @@ def _run_locked(
         here
         if engine.in_process or not remote
         else (
-            f"{here} (planning and rendering); ascent and dataset passes on {engine.describe()}: "
+            f"{here} (planning and rendering); ascent, image work and dataset passes on {engine.describe()}: "
             + "; ".join(sorted(remote))
         )
     )

@@ -105,6 +105,7 @@ def test_dask_workers_run_image_work_in_shards_and_match_a_local_run(
         spec = write_spec(project, "dask")
         summary = run(spec, quiet=True, backend="dask", scheduler=cluster.scheduler_address)
         assert (summary.computed, summary.reused) == (len(SECTIONS), 0)
+        assert "image work and dataset passes on dask cluster" in summary.device
         with Client(cluster) as client:
             worker_pids = set(client.run(os.getpid).values())
             scanned = client.run(lambda: len(__import__("reportgen.execute").execute._WORKER_DATASETS))
