@@ -160,6 +160,21 @@ def test_a_writer_killed_at_random_points_leaves_only_whole_runs(tmp_path: Path)
         written = len(counts)
 
 
+def test_concurrent_writers_each_append_every_run(tmp_path: Path) -> None:
+    """Two processes appending at the same time (WAL, busy timeout): no "database is locked", no lost run."""
+    path = tmp_path / "history.sqlite"
+    writer = WRITER.replace("while True:", "for _ in range(15):")
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT COUNT(*), SUM(items) FROM runs").fetchone() == (30, 30 * 400)
+    assert db.execute("SELECT COUNT(*) FROM items").fetchone() == (30 * 400,)
+    db.close()
+
+
 @pytest.mark.parametrize("version", [0, 1])
 def test_opening_migrates_once_to_the_current_version(tmp_path: Path, version: int) -> None:
     path = tmp_path / "h.sqlite"
