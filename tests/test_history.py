@@ -51,6 +51,8 @@ def write_spec(root: Path, **top: Any) -> Path:
             {"type": "filters", "title": "F", "model": "m", "layers": ["conv"], "filters": "0:3",
              "params": {"steps": 6, "size": 32, "crop": 0}},
             {"type": "predictions", "title": "P", "model": "m", "dataset": "photos", "top_k": 2},
+            {"type": "occlusion", "title": "O", "model": "m", "layer": "conv", "dataset": "photos",
+             "images": ["p0.png"], "masks": [{"name": "centre", "box": [8, 8, 24, 24]}]},
         ],
         **top,
     }, sort_keys=False))
@@ -75,7 +77,7 @@ def test_a_run_records_its_models_and_items(tmp_path: Path) -> None:
     assert row["status"] == "ok" and row["spec_path"] == str(spec.resolve())
     assert row["spec_sha"] == hashlib.sha256(spec.read_bytes()).hexdigest()
     items = run_items(history_file(tmp_path), summary.run_id)
-    assert row["items"] == len(items) == 3 + 4
+    assert row["items"] == len(items) == 3 + 4 + 1
     db = connect(history_file(tmp_path))
     ((key, digest),) = db.execute("SELECT key, digest FROM models WHERE run_id = ?", (summary.run_id,))
     db.close()
@@ -97,6 +99,11 @@ def test_a_run_records_its_models_and_items(tmp_path: Path) -> None:
         assert metrics["top1"] == images[name]["top_class"] in ("ant", "bee", "cat")
         assert metrics["confidence"] == images[name]["probability"]
         assert len(metrics["top_k"]) == 2
+    (occluded,) = [i for i in items if i["section_type"] == "occlusion"]
+    (heatmap,) = [a for a in manifest_artifacts(tmp_path, "O", "heatmap") if a.get("mask") == "centre"]
+    assert occluded["item_key"] == "p0.png/centre"
+    assert occluded["metrics"]["drop"] == pytest.approx(heatmap["before"] - heatmap["after"], abs=1e-4)
+    assert occluded["metrics"]["top_after"] == heatmap["top_after"]
 
 
 def test_every_run_appends_and_deleting_the_results_keeps_the_history(tmp_path: Path) -> None:
@@ -198,6 +205,7 @@ def test_baseline_previous_reports_changed_filters_and_flipped_predictions(tmp_p
     assert [(c["title"], c["counts"]) for c in changes["sections"]] == [
         ("F", {"changed": 0, "unchanged": 0, "new": 3, "removed": 0}),
         ("P", {"changed": 0, "unchanged": 0, "new": 4, "removed": 0}),
+        ("O", {"changed": 0, "unchanged": 0, "new": 1, "removed": 0}),
     ]
 
     model = tiny_classifier()
@@ -211,7 +219,7 @@ def test_baseline_previous_reports_changed_filters_and_flipped_predictions(tmp_p
     manifest = json.loads((tmp_path / "out" / "report" / "manifest.json").read_text())
     changes = manifest["changes"]
     assert changes["baseline"] == first.run_id
-    filters, predictions = changes["sections"]
+    filters, predictions, occlusion = changes["sections"]
     assert filters["counts"] == {"changed": 1, "unchanged": 2, "new": 0, "removed": 0}
     statuses = {i["filter"]: i["status"] for i in filters["items"]}
     assert statuses == {0: "unchanged", 1: "changed", 2: "unchanged"}
@@ -221,6 +229,9 @@ def test_baseline_previous_reports_changed_filters_and_flipped_predictions(tmp_p
         names = ["ant", "bee", "cat"]
         assert names.index(new) == (names.index(old) + 1) % 3
         assert item["metrics"]["change"].startswith(f"top-1 {old} ")
+    (occluded,) = occlusion["items"]
+    assert occluded["metrics"]["new"]["top_after"] != occluded["metrics"]["old"]["top_after"]  # rotated
+    assert occlusion["counts"]["changed"] == 1
     html = (tmp_path / "out" / "report" / "report.html").read_text()
     assert html.index('id="what-changed"') < html.index('class="report-section type-filters"')
     assert "m/conv/1/" in html

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from reportgen.analyses.base import (
     Analysis,
     Artifact,
+    HistoryItem,
     RunContext,
     SectionOutput,
     SectionResult,
@@ -37,6 +38,8 @@ from reportgen.errors import ReportgenError
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
+
+DROP_TOLERANCE = 0.05  # change of the probability drop that counts as a change between runs
 
 
 class OcclusionMask(Strict):
@@ -350,6 +353,27 @@ class OcclusionAnalysis(Analysis):
             findings=findings,
             notes=notes,
         )
+
+    def history_items(self, result: SectionResult) -> list[HistoryItem]:
+        """Per (image, mask): the target's probability before and after occluding, its drop, and the top-1
+        class after."""
+        model = result.context["model"]
+        return [
+            HistoryItem(
+                f"{image['name']}/{m['mask']}",
+                {"model": model, "image": image["name"], "mask": m["mask"], "before": m["before"],
+                 "after": m["after"], "drop": -m["change"], "top_after": m["top_after"]},
+            )  # fmt: skip
+            for image in result.context["images"]
+            for m in image["masks"]
+        ]
+
+    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+        """Changed: the drop moved by more than DROP_TOLERANCE, or the occluded image's top-1 changed."""
+        a, b = old["metrics"], new["metrics"]
+        if abs(a["drop"] - b["drop"]) <= DROP_TOLERANCE and a["top_after"] == b["top_after"]:
+            return None
+        return f"drop {a['drop']:.3f} → {b['drop']:.3f}; top-1 occluded {a['top_after']} → {b['top_after']}"
 
     @staticmethod
     def _cam_arrays(
