@@ -94,11 +94,21 @@ def overlaps(a: list[int] | tuple[int, ...], b: tuple[int, ...]) -> bool:
 def test_exemplar_crops_of_a_red_detector_contain_the_red_square(project: Path, layer: str) -> None:
     spec = write_spec(project, f"red_{layer}", [
         {"type": "exemplars", "title": "red units", "model": "red", "dataset": "photos", "layer": layer,
-         "filters": [0], "top": 4, "bottom": 2},
+         "filters": [0, 1], "top": 4, "bottom": 2},
     ])
     summary = run(spec, quiet=True)
     manifest = json.loads((summary.output / "manifest.json").read_text())
     arts = [a for s in manifest["sections"] for a in s["artifacts"] if a["kind"] == "exemplar"]
+    # filter 1 (green) never fires on gray photos with red squares: no top exemplars, a finding; in `red`
+    # its most negative pre-ReLU responses are on the red squares (`deep` sums `red` after its ReLU, so
+    # nothing there goes below 0)
+    assert not [a for a in arts if a["filter"] == 1 and a["polarity"] == "top"]
+    assert "Filter 1 never fires" in " ".join(manifest["sections"][0]["findings"])
+    green_bottom = [a for a in arts if a["filter"] == 1 and a["polarity"] == "bottom"]
+    assert len(green_bottom) == (2 if layer == "red" else 0)
+    for a in green_bottom:
+        assert a["activation"] < 0 and overlaps(a["box"], PHOTOS[Path(a["source"]).stem][1]), a
+    arts = [a for a in arts if a["filter"] == 0]
     top = [a for a in arts if a["polarity"] == "top"]
     assert [a["rank"] for a in top] == [1, 2, 3, 4]
     assert all(a["activation"] > 0 and a["filter"] == 0 and a["layer"] == layer for a in top)
@@ -109,8 +119,7 @@ def test_exemplar_crops_of_a_red_detector_contain_the_red_square(project: Path, 
         assert overlaps(a["box"], square), a
         crop = np.asarray(Image.open(summary.output / a["path"]).convert("RGB")).astype(int)
         assert ((crop[..., 0] > 200) & (crop[..., 1] < 60)).any(), a  # red pixels made it into the crop
-    bottom = [a for a in arts if a["polarity"] == "bottom"]
-    assert [a["rank"] for a in bottom] == [1, 2] and all(a["activation"] <= 0 for a in bottom)
+    assert not [a for a in arts if a["polarity"] == "bottom"]  # nothing gray or red drives it below 0
     html = (summary.output / "report.html").read_text()
     assert "Filter 0" in html and top[0]["path"] in html
 
@@ -176,16 +185,18 @@ def stored_peaks(root: Path, tmp: Path, name: str) -> dict[str, dict[str, np.nda
     spec_path = write_spec(root, name, [
         {"type": "exemplars", "model": "red", "dataset": "photos", "layer": "deep", "filters": "0:2",
          "top": 3, "bottom": 2},
+        {"type": "class_ranking", "model": "red", "dataset": "photos", "layer": "red", "filters": [0]},
     ])
     spec = load_spec(spec_path)
     ctx = RunContext(spec=spec, spec_path=spec_path, store=Store(tmp / name), staging=tmp / f"{name}-staging",
                      models=ModelRegistry(spec), datasets=DatasetRegistry(spec), ascent=None,
                      progress=Progress(quiet=True))
-    section = spec.sections[0]
-    with ctx.work.section("s0"):
-        analysis_for(section.type).prepare(section, ctx, 0)
+    for i, section in enumerate(spec.sections):
+        with ctx.work.section(f"s{i}"):
+            analysis_for(section.type).prepare(section, ctx, i)
     passes = plan_dataset(ctx.work, ctx.store, ctx.models, ctx.datasets, device_budget(), batch_size=2)
-    assert len(passes) == 1  # top-k and bottom-k of the layer ride on one pass
+    assert len(passes) == 1  # top-k, bottom-k and the class ranking's means ride on one pass
+    assert sorted(passes[0].pending) == ["bottomk:2:deep", "means:red", "topk:3:deep"]
     execute_dataset(passes, ctx)
     lm, ds = ctx.models.get("red"), ctx.datasets.get("photos")
     pieces = {stat: ctx.store.get_arrays(peaks_key(lm, ds, "deep", stat, k))

@@ -13,6 +13,7 @@ activation-maximization image leads its row, so the synthetic and the natural pi
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +33,10 @@ from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_sel
 from reportgen.work import DatasetRequest, peaks_key
 
 CROP_SIDE = 96  # exemplar crops are upscaled (nearest) to at least this side for print
+# A peak at most this share of the layer's largest peak (top; at least minus it for bottom) is no response:
+# float rounding of the resize leaves ~1e-6 of a 100-scale unit where the exact answer is 0.
+SILENT_SHARE = 1e-4
+SOURCES_KEPT = 16  # decoded source images kept while cropping (one image often serves several units)
 
 
 class ExemplarsSection(SectionBase):
@@ -58,12 +63,11 @@ class ExemplarsSection(SectionBase):
 
 
 def crop_exemplar(
-    path: Any, field: ReceptiveField, y: int, x: int, input_size: tuple[int, int], channels: int
+    image: np.ndarray, field: ReceptiveField, y: int, x: int, input_size: tuple[int, int]
 ) -> tuple[np.ndarray, list[int]]:
     """The source image's crop of the receptive field of the unit at (y, x), and its [x0, y0, x1, y1) box
     in source pixels. The box is computed in model-input pixels (clamped to the input) and scaled back,
     because the loader resizes the whole image to the input size."""
-    image = load_image(path, None, channels)
     box_in = field.box(y, x, *input_size)
     x0, y0, x1, y1 = source_box(box_in, input_size, (image.shape[1], image.shape[0]))
     return image[y0:y1, x0:x1], [x0, y0, x1, y1]
@@ -146,24 +150,30 @@ class ExemplarsAnalysis(Analysis):
                     )
                 )  # fmt: skip
         rows, findings = [], []
+        peaks = np.abs(data["top"]["value"])
+        silent = SILENT_SHARE * float(np.nanmax(peaks)) if np.isfinite(peaks).any() else 0.0
+
+        @functools.lru_cache(maxsize=SOURCES_KEPT)
+        def source(i: int) -> np.ndarray:
+            return load_image(ds.items[i].path, None, lm.channels)
+
         for f in filters:
-            row: dict[str, Any] = {"filter": f, "visual": None, "crops": {}}
+            row: dict[str, Any] = {"filter": f, "visual": None, "crops": {}, "silent": False}
             if f in visuals:
                 row["visual"] = {"path": visuals[f][0], "activation": visuals[f][1]}
             for pol, _, _ in polarities:
                 crops = []
                 arrays = data[pol]
                 for r in range(arrays["index"].shape[0]):
-                    i = int(arrays["index"][r, f])
-                    if i < 0:
-                        continue
+                    i, value = int(arrays["index"][r, f]), float(arrays["value"][r, f])
+                    if i < 0 or (value if pol == "top" else -value) <= silent:
+                        continue  # undecodable, or a peak of 0 whose position is any tie
                     item = ds.items[i]
                     y, x = int(arrays["y"][r, f]), int(arrays["x"][r, f])
-                    crop, box = crop_exemplar(item.path, field, y, x, lm.input_size, lm.channels)
+                    crop, box = crop_exemplar(source(i), field, y, x, lm.input_size)
                     big = np.asarray(upscale_for_print(to_pil(crop).convert("RGB"), CROP_SIDE))
                     name = f"{slugify(section.layer)}_f{f:04d}_{pol}{r + 1:02d}.png"
                     rel = out.image(name, big)
-                    value = float(arrays["value"][r, f])
                     crops.append({"rank": r + 1, "path": rel, "file": item.name, "value": value, "box": box})
                     metrics = {
                         "rank": r + 1, "source": item.name, "box": box, "activation": value, "polarity": pol,
@@ -172,6 +182,9 @@ class ExemplarsAnalysis(Analysis):
                     artifacts.append(Artifact("exemplar", rel, section.model, section.layer, f, metrics))
                 row["crops"][pol] = crops
             top = row["crops"]["top"]
+            if not top and (data["top"]["index"][:, f] >= 0).any():
+                row["silent"] = True
+                findings.append(f"Filter {f} never fires on this dataset: no image to show.")
             if top:
                 ratio = ""
                 if row["visual"] and top[0]["value"] > 0:
