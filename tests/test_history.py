@@ -53,6 +53,8 @@ def write_spec(root: Path, **top: Any) -> Path:
             {"type": "predictions", "title": "P", "model": "m", "dataset": "photos", "top_k": 2},
             {"type": "occlusion", "title": "O", "model": "m", "layer": "conv", "dataset": "photos",
              "images": ["p0.png"], "masks": [{"name": "centre", "box": [8, 8, 24, 24]}]},
+            {"type": "gradcam", "title": "G", "model": "m", "layer": "conv", "dataset": "photos",
+             "images": ["p1.png"]},
         ],
         **top,
     }, sort_keys=False))
@@ -77,7 +79,7 @@ def test_a_run_records_its_models_and_items(tmp_path: Path) -> None:
     assert row["status"] == "ok" and row["spec_path"] == str(spec.resolve())
     assert row["spec_sha"] == hashlib.sha256(spec.read_bytes()).hexdigest()
     items = run_items(history_file(tmp_path), summary.run_id)
-    assert row["items"] == len(items) == 3 + 4 + 1
+    assert row["items"] == len(items) == 3 + 4 + 1 + 1
     db = connect(history_file(tmp_path))
     ((key, digest),) = db.execute("SELECT key, digest FROM models WHERE run_id = ?", (summary.run_id,))
     db.close()
@@ -104,6 +106,12 @@ def test_a_run_records_its_models_and_items(tmp_path: Path) -> None:
     assert occluded["item_key"] == "p0.png/centre"
     assert occluded["metrics"]["drop"] == pytest.approx(heatmap["before"] - heatmap["after"], abs=1e-4)
     assert occluded["metrics"]["top_after"] == heatmap["top_after"]
+    (cam,) = [i for i in items if i["section_type"] == "gradcam"]
+    (published_cam,) = manifest_artifacts(tmp_path, "G", "heatmap")
+    assert cam["item_key"] == "p1.png/gradcam"
+    assert cam["metrics"]["centre"] == [published_cam["centre_x"], published_cam["centre_y"]]
+    assert cam["metrics"]["concentration"] == published_cam["top10_share"]
+    assert cam["metrics"]["class"] == published_cam["class"]
 
 
 def test_every_run_appends_and_deleting_the_results_keeps_the_history(tmp_path: Path) -> None:
@@ -206,6 +214,7 @@ def test_baseline_previous_reports_changed_filters_and_flipped_predictions(tmp_p
         ("F", {"changed": 0, "unchanged": 0, "new": 3, "removed": 0}),
         ("P", {"changed": 0, "unchanged": 0, "new": 4, "removed": 0}),
         ("O", {"changed": 0, "unchanged": 0, "new": 1, "removed": 0}),
+        ("G", {"changed": 0, "unchanged": 0, "new": 1, "removed": 0}),
     ]
 
     model = tiny_classifier()
@@ -219,7 +228,7 @@ def test_baseline_previous_reports_changed_filters_and_flipped_predictions(tmp_p
     manifest = json.loads((tmp_path / "out" / "report" / "manifest.json").read_text())
     changes = manifest["changes"]
     assert changes["baseline"] == first.run_id
-    filters, predictions, occlusion = changes["sections"]
+    filters, predictions, occlusion, gradcam = changes["sections"]
     assert filters["counts"] == {"changed": 1, "unchanged": 2, "new": 0, "removed": 0}
     statuses = {i["filter"]: i["status"] for i in filters["items"]}
     assert statuses == {0: "unchanged", 1: "changed", 2: "unchanged"}
@@ -232,6 +241,8 @@ def test_baseline_previous_reports_changed_filters_and_flipped_predictions(tmp_p
     (occluded,) = occlusion["items"]
     assert occluded["metrics"]["new"]["top_after"] != occluded["metrics"]["old"]["top_after"]  # rotated
     assert occlusion["counts"]["changed"] == 1
+    (cam,) = gradcam["items"]  # the explained class (the top-1) rotated with the class columns
+    assert cam["status"] == "changed" and cam["metrics"]["old"]["class"] != cam["metrics"]["new"]["class"]
     html = (tmp_path / "out" / "report" / "report.html").read_text()
     assert html.index('id="what-changed"') < html.index('class="report-section type-filters"')
     assert "m/conv/1/" in html

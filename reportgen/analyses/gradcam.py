@@ -17,6 +17,7 @@ from pydantic import Field
 from reportgen.analyses.base import (
     Analysis,
     Artifact,
+    HistoryItem,
     RunContext,
     SectionOutput,
     SectionResult,
@@ -71,6 +72,7 @@ class GradcamSection(SectionBase, ImagesMixin):
 
 
 TABLE_ROWS = 25  # rows shown in the PDF; the CSV artifact has them all
+CONCENTRATION_TOLERANCE = 0.1  # change of the top-10% heat share that counts as a change between runs
 
 
 class GradcamAnalysis(Analysis):
@@ -214,6 +216,31 @@ class GradcamAnalysis(Analysis):
             findings=self.findings(rows, sizes, res, methods),
             notes=notes,
         )
+
+    def history_items(self, result: SectionResult) -> list[HistoryItem]:
+        """Per (image, method): the explained class, the map's centre (pixels, and its region word) and its
+        concentration (share of the heat in the hottest 10% of pixels)."""
+        return [
+            HistoryItem(
+                f"{a.metrics['image']}/{a.metrics['method']}",
+                {"model": a.model, "layer": a.layer, "image": a.metrics["image"],
+                 "method": a.metrics["method"], "class": a.metrics["class"],
+                 "centre": [a.metrics["centre_x"], a.metrics["centre_y"]],
+                 "region": a.metrics["region"], "concentration": a.metrics["top10_share"]},
+            )  # fmt: skip
+            for a in result.artifacts
+            if a.kind == "heatmap"
+        ]
+
+    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+        """Changed: another explained class, the centre in another region of the image, or a concentration
+        that moved by more than CONCENTRATION_TOLERANCE."""
+        a, b = old["metrics"], new["metrics"]
+        ca, cb = a["concentration"], b["concentration"]
+        spread = (ca is None) != (cb is None) or (ca is not None and abs(ca - cb) > CONCENTRATION_TOLERANCE)
+        if a["class"] == b["class"] and a["region"] == b["region"] and not spread:
+            return None
+        return f"{a['class']} at {a['region']} ({ca}) → {b['class']} at {b['region']} ({cb})"
 
     @staticmethod
     def findings(

@@ -29,7 +29,8 @@ two processes opening an old file upgrade it once):
 What an item holds is declared by its section type: `Analysis.history_items(result)` in the type's own
 module (filters: activation, robustness, dead and the picture; class_ranking: the top images in rank order
 and the peak class; predictions: top-1, its confidence and the top-k; occlusion: per image and mask the
-probability before and after, the drop and the top-1 after). Types without the hook record none.
+probability before and after, the drop and the top-1 after; gradcam: per image and method the class, the
+map's centre, region and concentration). Types without the hook record none.
 """
 
 from __future__ import annotations
