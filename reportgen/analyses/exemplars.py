@@ -185,14 +185,8 @@ class ExemplarsAnalysis(Analysis):
             if not top and (data["top"]["index"][:, f] >= 0).any():
                 row["silent"] = True
                 findings.append(f"Filter {f} never fires on this dataset: no image to show.")
-            if top:
-                ratio = ""
-                if row["visual"] and top[0]["value"] > 0:
-                    share = row["visual"]["activation"] / top[0]["value"]
-                    ratio = f"; its {section.recipe} image reaches {share:.2f}x that"
-                findings.append(
-                    f"Filter {f} peaks at {compact_number(top[0]['value'])} on {top[0]['file']}{ratio}."
-                )
+            if top:  # a peak at one position: not comparable with the ascent's objective (a channel mean)
+                findings.append(f"Filter {f} peaks at {compact_number(top[0]['value'])} on {top[0]['file']}.")
             rows.append(row)
         h, w = lm.input_size
         return SectionResult(
