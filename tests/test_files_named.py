@@ -246,6 +246,22 @@ def test_filter_range_past_the_layer_is_an_error_at_its_field(project: Path, cli
     assert_one_line(err, spec, '"0:999"', "sections[0].filters", "'0:999'")
 
 
+def test_one_range_over_layers_of_different_widths_fits_each_and_is_an_error_only_if_it_fits_none(
+    project: Path, cli_main: Cli
+) -> None:
+    """conv_a has 4 filters, conv_b 6: "0:6" is the first six of each (conv_a shows its 4, said in the
+    log); "0:7" fits neither layer."""
+    text = FILTERS.replace("layers: [conv_a]", "layers: [conv_a, conv_b]")
+    spec = write_spec(project, text.format(selection='    filters: "0:6"\n'))
+    code, _, err = cli_main("validate", spec, "--models")
+    assert code == 0, err
+    assert "sections[0].filters: range '0:6' ends past the last filter: layer 'conv_a' has 4" in err
+    spec = write_spec(project, text.format(selection='    filters: "0:7"\n'))
+    code, _, err = cli_main("validate", spec, "--models")
+    assert code == 2
+    assert_one_line(err, spec, '"0:7"', "sections[0].filters", "'0:7'", "'conv_a' has 4 filters")
+
+
 @pytest.mark.parametrize(
     "selection", ["", "    filters: all\n", '    filters: "0:4"\n', '    filters: "1:"\n']
 )

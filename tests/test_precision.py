@@ -129,6 +129,9 @@ def test_bfloat16_filter_images_keep_the_float32_look(tmp_path: Path, run_cli: A
     assert np.mean(same) >= 0.6
     assert len(driven) >= 8 and np.mean(driven) >= 0.8
     assert np.mean(other) < 0.4 and np.mean(same) > np.mean(other) + 0.3  # SSIM tells the images apart
+    # bfloat16 keeps 8 significant bits of the layer's largest sums, so a filter far below the largest one
+    # may be off by more than 5 % of itself (seen: 117.7 vs 109.0 beside 14637): allow 0.1 % of the largest
+    largest = max(abs(a) for a in acts["float32"])
     for a, b in zip(acts["float32"], acts["bfloat16"], strict=True):
         if a > 100:
-            assert b == pytest.approx(a, rel=0.05)
+            assert b == pytest.approx(a, rel=0.05, abs=0.001 * largest)

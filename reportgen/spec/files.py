@@ -14,6 +14,7 @@ checking them costs nothing extra; files of unused entries only have to exist.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from reportgen.errors import ReportgenError, SpecError
 from reportgen.spec.fields import _RANGE
 from reportgen.spec.load import locate
 from reportgen.spec.schema import Spec
+
+log = logging.getLogger("reportgen")
 
 # Section types whose filter / channel selection is resolved against a layer: (selection, layer field).
 SELECTIONS = {
@@ -77,15 +80,23 @@ def _check_selections(spec: Spec, loaded: dict[str, Any]) -> list[tuple[tuple[An
         if section.type == "activations" and not isinstance(value, str):
             continue  # activations leave out missing channel indices with a note, as documented
         layers = getattr(section, layer_field)
+        checked, problems = 0, []
         for name in layers if isinstance(layers, list) else [layers]:
             try:
                 channels = model.layer_channels(name)
             except (ReportgenError, AttributeError, ValueError, IndexError):
                 continue  # an unknown layer: the section reports it, with suggestions
+            checked += 1
             problem = selection_problem(value, channels, name, field)
             if problem:
-                found.append((("sections", i, field), problem))
-                break
+                problems.append(problem)
+        # One selection for layers of different widths ("the first 16 of each") is fine where it fits
+        # some of them: the smaller ones show what they have, said in the log. Fitting none is a mistake.
+        if problems and len(problems) == checked:
+            found.append((("sections", i, field), problems[0]))
+        elif problems:
+            where = locate(spec, ("sections", i, field))
+            log.warning("%s: sections[%d].%s: %s (shown: what the layer has)", where, i, field, problems[0])
     return found
 
 
