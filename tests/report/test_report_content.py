@@ -109,7 +109,7 @@ def test_readme_lists_every_bundled_image_and_the_real_crop_default() -> None:
     from reportgen.datasets import _faces, _sample_photos
     from reportgen.engine.recipes import Recipe
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     table = readme[readme.index("| set | images |") :]
     table = table[: table.index("\n\n")]
     for name in [*_sample_photos(), *_faces()]:

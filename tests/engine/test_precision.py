@@ -23,7 +23,7 @@ from reportgen.engine.recipes import resolve_recipe
 from reportgen.models import LoadedModel, _weights_sha256
 from reportgen.spec.fields import Preprocess
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_model() -> LoadedModel:

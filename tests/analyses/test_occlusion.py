@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracles import CLASSES, RED_BOX, SIDE, in_box, loaded, oracle_model, scene
 from PIL import Image
-from test_gradients import CLASSES, RED_BOX, SIDE, in_box, loaded, oracle_model, scene
 
 from reportgen.engine.gradients import GradientEngine, fill_source, occlude, patch_boxes, scale_box
 from reportgen.errors import ReportgenError

@@ -394,7 +394,7 @@ def test_a_section_type_is_one_module_and_one_template() -> None:
 
     found = analyses()
     assert sorted(found) == sorted(SECTION_TYPES) and len(found) >= 9
-    templates = Path(__file__).resolve().parents[1] / "templates" / "sections"
+    templates = Path(__file__).resolve().parents[2] / "templates" / "sections"
     for name, analysis in found.items():
         assert analysis.type == name == typing.get_args(analysis.section.model_fields["type"].annotation)[0]
         assert analysis.section.__module__ == type(analysis).__module__ == f"reportgen.analyses.{name}"
@@ -428,5 +428,5 @@ def test_validate_models_flags_unknown_layer_with_location(tmp_path: Path, tiny_
 def test_committed_json_schema_is_current() -> None:
     """Editors read reportgen-spec.schema.json (see the specs' yaml-language-server line): regenerate it
     with `make schema` whenever the spec models change."""
-    committed = json.loads((Path(__file__).resolve().parents[1] / "reportgen-spec.schema.json").read_text())
+    committed = json.loads((Path(__file__).resolve().parents[2] / "reportgen-spec.schema.json").read_text())
     assert committed == json.loads(json.dumps(json_schema()))
