@@ -158,27 +158,17 @@ def _worker_dataset(spec: Any, spec_path: str, dataset: str) -> Any:
 
 def run_dataset_shard(shard: DatasetShard) -> dict[str, Any]:
     """Worker entry point: load spec, model and dataset, check the keys, compute and store one shard."""
-    from reportgen.device import select_cpu_kernels
-    from reportgen.spec.load import load_spec
+    from reportgen.parallel import start_worker, worker_model
 
-    spec = load_spec(shard.spec_path)
-    select_cpu_kernels(spec)
-    import tensorflow as tf
-
-    if shard.threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(shard.threads)
-        except RuntimeError:  # the worker already ran TensorFlow: keep its pool
-            pass
+    spec = start_worker(shard.spec_path, shard.threads)
     from reportgen.device import device_description
-    from reportgen.parallel import _worker_model
     from reportgen.plan import device_budget, forward_batch_for, sample_cost, shard_key
     from reportgen.store import Store, store_root
     from reportgen.work import piece_key
 
     t0 = time.perf_counter()
     host = socket.gethostname()
-    lm = _worker_model(shard.spec_path, shard.model)
+    lm = worker_model(shard.spec_path, shard.model)
     ds = _worker_dataset(spec, shard.spec_path, shard.dataset)
     for piece, key in shard.pieces:
         mine = piece_key(lm, ds, piece, shard.images)
@@ -423,26 +413,16 @@ class ImageShard:
 
 def run_image_shard(shard: ImageShard) -> dict[str, Any]:
     """Worker entry point: load spec, model and dataset, check the key, compute and store one shard."""
-    from reportgen.device import select_cpu_kernels
-    from reportgen.spec.load import load_spec
+    from reportgen.parallel import start_worker, worker_model
 
-    spec = load_spec(shard.spec_path)
-    select_cpu_kernels(spec)
-    import tensorflow as tf
-
-    if shard.threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(shard.threads)
-        except RuntimeError:  # the worker already ran TensorFlow: keep its pool
-            pass
+    spec = start_worker(shard.spec_path, shard.threads)
     from reportgen.device import device_description
-    from reportgen.parallel import _worker_model
     from reportgen.store import Store, store_root
 
     t0 = time.perf_counter()
     host = socket.gethostname()
     req = shard.request
-    lm = _worker_model(shard.spec_path, req.model)
+    lm = worker_model(shard.spec_path, req.model)
     ds = _worker_dataset(spec, shard.spec_path, req.dataset)
     if image_shard_key(lm, ds, req, shard.start, shard.end) != shard.key:
         raise ReportgenError(

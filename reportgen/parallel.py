@@ -103,7 +103,7 @@ def split_pass(p: Any, workers: int) -> list[list[int]]:
 _WORKER_MODELS: dict[tuple[str, str, str], Any] = {}
 
 
-def _worker_model(spec_path: str, model: str) -> Any:
+def worker_model(spec_path: str, model: str) -> Any:
     """The model of a spec, loaded once per worker process (keyed by the spec file's content)."""
     from reportgen.models import ModelRegistry
     from reportgen.spec.load import load_spec, spec_sha256
@@ -114,20 +114,27 @@ def _worker_model(spec_path: str, model: str) -> Any:
     return _WORKER_MODELS[cache_key]
 
 
-def run_ascent_work(work: AscentWork) -> dict[str, Any]:
-    """Worker entry point: load the model from the spec, run the piece's chunks, store every result."""
+def start_worker(spec_path: str, threads: int | None) -> Any:
+    """What every worker entry point does first: load its own copy of the spec, choose TensorFlow's CPU
+    kernels for it before TensorFlow is imported, and take the thread count the host gave it."""
     from reportgen.device import select_cpu_kernels
     from reportgen.spec.load import load_spec
 
-    spec = load_spec(work.spec_path)
+    spec = load_spec(spec_path)
     select_cpu_kernels(spec)
     import tensorflow as tf
 
-    if work.threads:
+    if threads:
         try:
-            tf.config.threading.set_intra_op_parallelism_threads(work.threads)
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
         except RuntimeError:  # the worker already ran TensorFlow: keep its pool
             pass
+    return spec
+
+
+def run_ascent_work(work: AscentWork) -> dict[str, Any]:
+    """Worker entry point: load the model from the spec, run the piece's chunks, store every result."""
+    spec = start_worker(work.spec_path, work.threads)
     from reportgen.device import device_description
     from reportgen.engine.ascent import AscentJob, program_for
     from reportgen.engine.recipes import Recipe
@@ -137,7 +144,7 @@ def run_ascent_work(work: AscentWork) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     host = socket.gethostname()
-    lm = _worker_model(work.spec_path, work.model)
+    lm = worker_model(work.spec_path, work.model)
     recipe = Recipe(**work.recipe)
     for layer, filt, seed, key in work.items:
         if ascent_key(lm, layer, filt, recipe, seed, work.precision) != key:
