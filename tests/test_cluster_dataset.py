@@ -8,11 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import keras
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
+from projects import tinted_class_folders, tiny_classifier
 
 from reportgen.runner import run
 
@@ -23,20 +21,8 @@ CLASSES = ("reds", "greens", "blues")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny classifier and 24 small images in 3 class folders (8 each, tinted by class)."""
     root = tmp_path_factory.mktemp("dsproject")
-    rng = np.random.default_rng(3)
-    for k, name in enumerate(CLASSES):
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(8):
-            pixels = rng.integers(0, 120, (20, 20, 3))
-            pixels[..., k] += 120 + i * 4
-            Image.fromarray(pixels.astype(np.uint8)).save(root / "data" / name / f"{name}_{i}.png")
-    keras.utils.set_random_seed(7)
-    inp = keras.Input((16, 16, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inp)
-    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    out = keras.layers.Dense(3, activation="softmax", name="probs")(x)
-    keras.Model(inp, out).save(root / "tiny.keras")
+    tinted_class_folders(root, CLASSES, per_class=8, seed=3, step=4)
+    tiny_classifier(root / "tiny.keras", len(CLASSES), seed=7, convs=(("conv", 6),))
     return root
 
 

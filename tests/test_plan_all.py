@@ -10,12 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from PIL import Image
+from projects import tinted_class_folders, tiny_classifier
 
 from reportgen.runner import run
 
@@ -43,21 +42,8 @@ SERVED_BY = {"s1-filt": "ascent", "s2-ranking": "dataset", "s3-preds": "dataset"
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny 16x16 classifier and 9 images (20x20) in 3 class folders."""
     root = tmp_path_factory.mktemp("planall")
-    rng = np.random.default_rng(5)
-    for k, name in enumerate(CLASSES):
-        (root / "data" / name).mkdir(parents=True)
-        for i in range(3):
-            pixels = rng.integers(0, 120, (20, 20, 3))
-            pixels[..., k] += 120 + i * 8
-            Image.fromarray(pixels.astype(np.uint8)).save(root / "data" / name / f"{name}_{i}.png")
-    keras.utils.set_random_seed(2)
-    inp = keras.Input((16, 16, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(inp)
-    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")(x)
-    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    out = keras.layers.Dense(3, activation="softmax", name="probs")(x)
-    keras.Model(inp, out).save(root / "tiny.keras")
+    tinted_class_folders(root, CLASSES, per_class=3, seed=5, step=8)
+    tiny_classifier(root / "tiny.keras", len(CLASSES), seed=2, convs=(("conv_a", 4), ("conv", 6)))
     return root
 
 
