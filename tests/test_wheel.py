@@ -57,8 +57,10 @@ def _build_wheel(tmp_path: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copyfile(REPO / name, src / name)
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "-q", "-w", str(dist), str(src)])
+    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                  "-q", "-w", str(dist), str(src)])
+    # the deprecated `license` table printed four setuptools warnings at every install
+    assert "Warning" not in build.stdout + build.stderr, build.stderr
     (wheel,) = dist.glob("reportgen-*.whl")
     return wheel
 
