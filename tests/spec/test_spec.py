@@ -10,8 +10,8 @@ import typing
 from pathlib import Path
 
 import pytest
+from spec_files import col_of, line_of, problems, write
 
-from reportgen.errors import SpecError
 from reportgen.spec.fields import expand_filters
 from reportgen.spec.load import load_spec, spec_sha256
 from reportgen.spec.schema import SECTION_TYPES, Section, json_schema
@@ -69,29 +69,6 @@ sections:
     model: vgg
     layers: [block1_conv1]
 """
-
-
-def write(folder: Path, text: str, name: str = "spec.yaml") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def problems(path: Path) -> list[str]:
-    with pytest.raises(SpecError) as info:
-        load_spec(path)
-    return info.value.problems
-
-
-def line_of(text: str, needle: str) -> int:
-    """1-based line of the first line containing needle (the oracle for file:line)."""
-    return next(i for i, ln in enumerate(text.splitlines(), 1) if needle in ln)
-
-
-def col_of(text: str, needle: str) -> int:
-    ln = text.splitlines()[line_of(text, needle) - 1]
-    return ln.index(needle) + 1
 
 
 # -- the example ----------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from spec_files import line_of, problems, write
 
-from reportgen.errors import SpecError
 from reportgen.spec.load import load_spec
 from reportgen.spec.schema import json_schema
 
@@ -43,22 +43,6 @@ r = subprocess.run([sys.executable, "-m", "reportgen", *sys.argv[1:]], capture_o
 print(json.dumps({"rc": r.returncode, "err": r.stderr,
                   "maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
-
-
-def write(folder: Path, text: str, name: str = "spec.yaml") -> Path:
-    path = folder / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def problems(path: Path) -> list[str]:
-    with pytest.raises(SpecError) as info:
-        load_spec(path)
-    return info.value.problems
-
-
-def line_of(text: str, needle: str) -> int:
-    return next(i for i, ln in enumerate(text.splitlines(), 1) if needle in ln)
 
 
 def measured_validate(path: Path) -> dict[str, object]:
