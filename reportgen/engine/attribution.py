@@ -287,10 +287,25 @@ class Attributor:
         params: AttributionParams | None = None,
         ids: Sequence[int] | None = None,
     ) -> Attribution:
-        """One method for every image (0..255 pixels at the input size). `ids` numbers the images for
-        their noise (default: their position)."""
-        if method not in ATTRIBUTION_METHODS:
-            raise ValueError(f"unknown attribution method {method!r}; known: {list(ATTRIBUTION_METHODS)}")
+        """One method for every image (0..255 pixels at the input size); see `attribute_all`."""
+        return self.attribute_all([method], pixels, targets, params, ids)[method]
+
+    def attribute_all(
+        self,
+        methods: Sequence[str],
+        pixels: np.ndarray,
+        targets: np.ndarray | int | UnitTarget = -1,
+        params: AttributionParams | None = None,
+        ids: Sequence[int] | None = None,
+    ) -> dict[str, Attribution]:
+        """Several methods for the same images, sharing their work: one clean gradient pass per rule (the
+        plain one also resolves each image's class, which every other method then explains, so noisy
+        copies and path points explain the clean image's class), and one pass over the noisy copies for
+        both SmoothGrad and VarGrad. `ids` numbers the images for their noise (default: their position),
+        so a shard of an image set draws what the whole set would."""
+        unknown = [m for m in methods if m not in ATTRIBUTION_METHODS]
+        if unknown:
+            raise ValueError(f"unknown attribution methods {unknown}; known: {list(ATTRIBUTION_METHODS)}")
         p = params or AttributionParams()
         pixels = np.asarray(pixels, np.float32)
         n = len(pixels)
@@ -300,33 +315,42 @@ class Attributor:
             target = np.full(n, -1 if targets.filter is None else targets.filter, np.int32)
         else:
             target = np.broadcast_to(np.asarray(targets, np.int32), (n,)).copy()
-        fn = self.program(RULES.get(method, "plain"), unit)
         batch = self.engine.batch_size
-        grads, score, cls, prob = self.rows(fn, pixels, target, batch)
+        plain = self.program("plain", unit)
+        grads, score, cls, prob = self.rows(plain, pixels, target, batch)
         if not unit:
-            target = cls  # the clean image's class: noisy copies and path points explain the same one
-        if method in ("vanilla", "guided_backprop", "deconvnet"):
-            return Attribution(saliency_map(grads), grads, cls, prob)
-        if method == "gradient_x_input":
-            raw = grads * pixels
-            return Attribution(np.abs(raw.sum(-1)), raw, cls, prob)
-        if method in NOISY:
-            return self._noisy(method, fn, pixels, target, cls, prob, p, ids)
-        return self._integrated(fn, pixels, target, score, cls, prob, p, ids)
+            target = cls
+        out: dict[str, Attribution] = {}
+        for m in methods:
+            if m == "vanilla":
+                out[m] = Attribution(saliency_map(grads), grads, cls, prob)
+            elif m == "gradient_x_input":
+                raw = grads * pixels
+                out[m] = Attribution(np.abs(raw.sum(-1)), raw, cls, prob)
+            elif m in RULES:
+                g = self.rows(self.program(RULES[m], unit), pixels, target, batch)[0]
+                out[m] = Attribution(saliency_map(g), g, cls, prob)
+            elif m == "integrated_gradients":
+                out[m] = self._integrated(plain, pixels, target, score, cls, prob, p, ids)
+        noisy = [m for m in methods if m in NOISY]
+        if noisy:
+            mean, var = self._noisy(plain, pixels, target, p, ids)
+            if "smoothgrad" in noisy:
+                out["smoothgrad"] = Attribution(saliency_map(mean), mean, cls, prob)
+            if "vargrad" in noisy:
+                out["vargrad"] = Attribution(var.max(-1), var, cls, prob)
+        return {m: out[m] for m in methods}
 
     def _noisy(
         self,
-        method: str,
         fn: Callable[..., Any],
         pixels: np.ndarray,
         target: np.ndarray,
-        cls: np.ndarray,
-        prob: np.ndarray,
         p: AttributionParams,
         ids: list[int],
-    ) -> Attribution:
-        """SmoothGrad's mean or VarGrad's variance of the gradient over `samples` noisy copies per image,
-        streamed in chunks of whole batches whatever image the copies belong to."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (SmoothGrad) and population variance (VarGrad) of the gradient over `samples` noisy copies
+        per image, streamed in whole batches of copies whatever image they belong to."""
         n, s = len(pixels), p.samples
         total = np.zeros_like(pixels, dtype=np.float64)
         square = np.zeros_like(total)
@@ -343,11 +367,8 @@ class Attributor:
             total[c] = g.sum(1)
             square[c] = np.square(g).sum(1)
         mean = total / s
-        if method == "smoothgrad":
-            raw = mean.astype(np.float32)
-            return Attribution(saliency_map(raw), raw, cls, prob)
-        raw = np.maximum(square / s - np.square(mean), 0.0).astype(np.float32)
-        return Attribution(raw.max(-1), raw, cls, prob)
+        var = np.maximum(square / s - np.square(mean), 0.0)
+        return mean.astype(np.float32), var.astype(np.float32)
 
     def _integrated(
         self,
