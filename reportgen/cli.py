@@ -2,7 +2,8 @@
 
 Exit codes (for cron): 0 success; 1 the run failed (one-line reason on stderr: the environment, e.g.
 a full disk or a folder without write permission); 2 the spec (or a file it names) or the command line
-is wrong; 3 another run of the same output is in progress; 130 interrupted (Ctrl-C, SIGINT); 143
+is wrong; 3 another run of the same output is in progress; 4 the report was published but a
+`--fail-on-change` rule fired; 130 interrupted (Ctrl-C, SIGINT); 143
 terminated (SIGTERM, e.g. `kill` or a cron/systemd timeout). Every failure is one line on stderr; `-v`
 adds the traceback of an unexpected one.
 
@@ -113,8 +114,11 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from reportgen.gate import EXIT_CHANGED, check_rules, evaluate
     from reportgen.runner import run
+    from reportgen.spec.load import load_spec
 
+    rules = check_rules(args.fail_on_change, load_spec(args.spec)) if args.fail_on_change else []
     summary = run(
         args.spec,
         quiet=args.quiet,
@@ -139,6 +143,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             + (f" and report.pdf ({summary.pages} pages)" if summary.pages else "")
             + f"; {summary.computed} results computed, {summary.reused} reused, {summary.seconds:.1f} s"
         )
+    if rules:  # after publishing: the report of a failing night is what people open
+        manifest = json.loads((summary.output / "manifest.json").read_text(encoding="utf-8"))
+        fired = evaluate(rules, manifest.get("changes"))
+        if fired:
+            more = f" (and {len(fired) - 1} more rules)" if len(fired) > 1 else ""
+            print(f"reportgen: {fired[0]}{more}", file=sys.stderr)
+            return EXIT_CHANGED
     return 0
 
 
@@ -262,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="samples per chunk (default: what fits the device's free memory)",
+    )
+    p.add_argument(
+        "--fail-on-change",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="exit 4 after publishing when the change report crosses RULE (repeatable): SECTION.FIGURE OP "
+        "NUMBER, e.g. predictions.flips>0.05, filters.changed>=3, class_ranking.tau<0.8; SECTION is a "
+        "section type or title; FIGURE a count (changed, unchanged, new, removed), its share "
+        "(changed_share, ...), or any figure of the section's change report (item metrics are averaged); "
+        "OP one of > >= < <= == !=; NUMBER may end in %%. Needs `baseline:` in the spec",
     )
     p.set_defaults(func=cmd_run)
 
