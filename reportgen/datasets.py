@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ from reportgen.errors import ReportgenError, SpecError
 from reportgen.labels import readable_class
 from reportgen.progress import log
 from reportgen.spec.fields import MAX_PIXELS_CEILING, DatasetSpec
-from reportgen.store import store_root
+from reportgen.store import atomic_write, store_root
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -321,11 +321,25 @@ def scan_folder(
 # -- builtin photo sets ---------------------------------------------------------------------------
 
 
-def _export(target: Path, images: dict[str, np.ndarray]) -> Path:
-    """Write named arrays as PNG files into target atomically (build beside, then rename)."""
+BUILTIN_LISTING = ".reportgen-builtin"  # the names a builtin folder was written with, one per line
+
+
+def _export(target: Path, make: Callable[[], dict[str, np.ndarray]]) -> Path:
+    """Write the named arrays `make()` returns as PNG files into target atomically (build beside, then
+    rename). `make` runs only when the folder is missing or incomplete: it imports scikit-image and
+    decodes every photo (~1.8 s), which an unchanged rerun must not pay. The folder's listing file says
+    which files a complete folder has; a folder written before the listing existed gets it added (its
+    PNGs, and so the dataset's digest, stay as they are)."""
     from PIL import Image
 
+    listing = target / BUILTIN_LISTING
+    if listing.is_file():
+        names = [n for n in listing.read_text(encoding="utf-8").splitlines() if n]
+        if names and all((target / f"{n}.png").exists() for n in names):
+            return target
+    images = make()
     if target.is_dir() and all((target / f"{n}.png").exists() for n in images):
+        atomic_write(listing, "".join(f"{n}\n" for n in images).encode())
         return target
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -333,6 +347,7 @@ def _export(target: Path, images: dict[str, np.ndarray]) -> Path:
         path = tmp / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.asarray(arr)).save(path)
+    (tmp / BUILTIN_LISTING).write_text("".join(f"{n}\n" for n in images), encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
     os.rename(tmp, target)
@@ -387,11 +402,11 @@ def builtin_folder(name: str) -> Path:
     home = reportgen_home()
     home.mkdir(parents=True, exist_ok=True)
     if name == "sample-photos":
-        return _export(home / "sample-photos", _sample_photos())
+        return _export(home / "sample-photos", _sample_photos)
     if name == "faces":
-        return _export(home / "faces", _faces())
+        return _export(home / "faces", _faces)
     if name == "lfw-faces":
-        return _export(home / "lfw-faces", _lfw_classes())
+        return _export(home / "lfw-faces", _lfw_classes)
     if name == "fashion-mnist-test":
         from reportgen.fashion import ensure_fashion_folder
 
