@@ -27,7 +27,8 @@ from reportgen.datasets import DatasetRegistry, dataset_notes
 from reportgen.device import device_description, select_cpu_kernels
 from reportgen.engine.scheduler import AscentScheduler
 from reportgen.execute import execute_dataset, execute_images
-from reportgen.history import RunRecord, baseline_changes, history_path, item_rows, record_run
+from reportgen.history import RunRecord, history_path, item_rows, record_run
+from reportgen.history.changes import manifest_items, prepare_baseline, run_changes
 from reportgen.models import ModelRegistry
 from reportgen.parallel import Backend
 from reportgen.plan import check_samples_fit, plan_work
@@ -145,6 +146,7 @@ def _prepare(
         with ctx.timed(sid), ctx.ascent.section(sid), ctx.work.section(sid), _counting(ctx, counts):
             analysis.prepare(section, ctx, i)
         titled.append((section, analysis, title, sid, counts))
+    prepare_baseline(spec, ctx)  # a baseline folder is checked, and `align:` plans its dataset passes
     return ctx, titled
 
 
@@ -245,10 +247,10 @@ def _run_locked(
         )
     )
     meta = run_meta(spec, spec_path, summary, started, steps, sections, ctx.timings)
-    changes = None
-    if spec.baseline == "previous":  # read before this run is recorded: the previous run is the last one
-        shown = [(sid, title, s.type, analysis) for s, analysis, title, sid, _ in titled]
-        changes = baseline_changes(history_path(spec), meta["spec_path"], history, shown)
+    for entry in sections:  # the items a later `baseline: PATH` or `reportgen diff` compares with
+        entry["items"] = manifest_items(history, entry["id"])
+    named = [(sid, title, s.type) for s, _, title, sid, _ in titled]
+    changes = run_changes(spec, ctx, meta["spec_path"], history, named, staging)
     context = report_context(spec, meta, sections, ctx.models.loaded(), sizes, changes)
     with ctx.timed("render: html"):
         render_html(context, staging / "report.html")

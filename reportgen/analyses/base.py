@@ -171,13 +171,30 @@ class Analysis:
         which keeps everything about a type in its own module."""
         return []
 
-    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
-        """What changed in one history item between a baseline run and this one, in a few words for the
-        "What changed" section, or None when it counts as unchanged. `old`/`new`: {"image_digest",
-        "metrics"} of the item. Default: any difference of picture or figures."""
+    def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
+        """How one history item changed between a baseline and this run (`reportgen.history.changes`).
+        `old`/`new`: {"image_digest", "metrics", "picture": absolute path of the item's picture or None,
+        "root": the output folder its relative paths (e.g. a stored map) resolve against}; `limits`: the
+        type's thresholds from the spec's `changes:`. Default, for types without figures to compare: any
+        difference of picture or figures."""
         if old["image_digest"] != new["image_digest"]:
-            return "picture changed"
-        return "figures changed" if old["metrics"] != new["metrics"] else None
+            return Change(True, "picture changed", {}, 1.0)
+        plain_old, plain_new = ({k: v for k, v in e["metrics"].items() if k != "picture"} for e in (old, new))
+        if plain_old != plain_new:
+            return Change(True, "figures changed", {}, 1.0)
+        return Change(False, "", {}, 0.0)
+
+
+@dataclass
+class Change:
+    """One item's change: whether it counts as changed (a figure beyond its threshold), what changed in a
+    few words (the report), the change figures (manifest, `--fail-on-change`) and a score (0 = nothing,
+    about 1 = completely different) that orders the most-changed items first."""
+
+    changed: bool
+    what: str
+    figures: dict[str, Any]
+    score: float
 
 
 @dataclass

@@ -23,6 +23,7 @@ from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import (
     Analysis,
     Artifact,
+    Change,
     HistoryItem,
     RunContext,
     SectionOutput,
@@ -32,6 +33,7 @@ from reportgen.analyses.base import (
 from reportgen.analyses.shared import NAMES_IN_NOTE, missing_note, thumbnail
 from reportgen.datasets import Dataset
 from reportgen.errors import ReportgenError
+from reportgen.history.figures import rank_tau, set_overlap
 from reportgen.imaging import chart_text
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
@@ -255,31 +257,47 @@ class ClassRankingAnalysis(Analysis):
         )
 
     def history_items(self, result: SectionResult) -> list[HistoryItem]:
-        """Per filter: its most activating images in rank order and, with labels, the class it peaks on."""
+        """Per filter: its most activating images in rank order and, with labels, the class it peaks on and
+        the order of all ranked classes."""
         units: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
         for a in result.artifacts:
             unit = units.setdefault(
                 (a.model, a.layer, a.filter),
-                {"model": a.model, "layer": a.layer, "filter": a.filter, "top_class": None, "top_images": []},
-            )
+                {"model": a.model, "layer": a.layer, "filter": a.filter, "top_class": None, "top_images": [],
+                 "order": []},
+            )  # fmt: skip
             if a.kind == "chart":
                 unit["top_class"] = a.metrics["top_class"]
             elif a.kind == "image":
                 unit["top_images"].append([a.metrics["rank"], a.metrics["image"], a.metrics["value"]])
+        for entry in result.context["filters"]:
+            for (_, _, f), unit in units.items():
+                if f == entry["filter"]:
+                    unit["order"] = entry.get("order", [])
         return [
             HistoryItem(f"{m}/{layer}/{f}", {**unit, "top_images": sorted(unit["top_images"])})
             for (m, layer, f), unit in units.items()
             if f is not None
         ]
 
-    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
-        """Changed: another peak class, or another order of the most activating images."""
+    def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
+        """Changed: the class order's Kendall tau (over the classes ranked in either run, a class missing
+        from one ranked last there) below `tau`, or the share of most activating images both runs show
+        below `overlap`."""
         a, b = old["metrics"], new["metrics"]
-        if a["top_class"] != b["top_class"]:
-            return f"peak class {a['top_class']} → {b['top_class']}"
-        if [t[1] for t in a["top_images"]] != [t[1] for t in b["top_images"]]:
-            return "top images reordered or replaced"
-        return None
+        figures: dict[str, Any] = {"tau": None, "top_overlap": set_overlap(
+            [t[1] for t in a["top_images"]], [t[1] for t in b["top_images"]])}  # fmt: skip
+        reasons = []
+        if a.get("order") and b.get("order"):
+            figures["tau"] = round(rank_tau(a["order"], b["order"]), 4)
+            if figures["tau"] < limits["tau"]:
+                peaks = f"peak {a['top_class']} → {b['top_class']}"
+                reasons.append(f"class order tau {figures['tau']:.2f} ({peaks})")
+        if figures["top_overlap"] < limits["overlap"]:
+            reasons.append(f"top images overlap {figures['top_overlap']:.0%}")
+        reorder = (1.0 - figures["tau"]) / 2 if figures["tau"] is not None else 0.0
+        score = max(1.0 - figures["top_overlap"], reorder)
+        return Change(bool(reasons), "; ".join(reasons), figures, score)
 
     def _rank_classes(
         self,
@@ -341,6 +359,7 @@ class ClassRankingAnalysis(Analysis):
         chart_rel = out.bytes(f"{stem}.png", chart)
         return {
             "rows": top[:TABLE_ROWS_SHOWN],
+            "order": [r["name"] for r in rows],  # every ranked class, for Kendall tau between runs
             "ranked": len(rows),
             "median": med,
             "chart": chart_rel,

@@ -20,13 +20,23 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from reportgen.analyses import dataset_pass
-from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult, slugify
+from reportgen.analyses.base import (
+    Analysis,
+    Artifact,
+    Change,
+    HistoryItem,
+    RunContext,
+    SectionOutput,
+    SectionResult,
+    slugify,
+)
 from reportgen.analyses.shared import filter_requests
 from reportgen.datasets import load_image
 from reportgen.engine.receptive_field import Field as ReceptiveField
 from reportgen.engine.receptive_field import receptive_field, source_box
 from reportgen.engine.recipes import ascent_size, params_json_schema, resolve_recipe
 from reportgen.errors import ReportgenError
+from reportgen.history.figures import set_overlap
 from reportgen.imaging import compact_number, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
@@ -206,6 +216,28 @@ class ExemplarsAnalysis(Analysis):
             findings=findings,
             sizes=[ascent_size(lm, resolve_recipe(section.recipe, section.params))] if section.recipe else [],
         )
+
+    def history_items(self, result: SectionResult) -> list[HistoryItem]:
+        """Per filter and polarity: the source images of its exemplars in rank order (the exemplar set)."""
+        units: dict[tuple[Any, Any, Any, str], list[list[Any]]] = {}
+        for a in result.artifacts:
+            if a.kind == "exemplar":
+                key = (a.model, a.layer, a.filter, a.metrics["polarity"])
+                row = [a.metrics["rank"], a.metrics["source"], a.metrics["activation"]]
+                units.setdefault(key, []).append(row)
+        return [
+            HistoryItem(f"{m}/{layer}/{f}/{pol}", {"model": m, "layer": layer, "filter": f, "polarity": pol,
+                                                   "exemplars": sorted(rows)})  # fmt: skip
+            for (m, layer, f, pol), rows in units.items()
+        ]
+
+    def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
+        """Changed: the share of exemplar source images both runs show below `overlap`."""
+        sources = [[e[1] for e in side["metrics"]["exemplars"]] for side in (old, new)]
+        overlap = set_overlap(*sources)
+        changed = overlap < limits["overlap"]
+        what = f"exemplar overlap {overlap:.0%}" if changed else ""
+        return Change(changed, what, {"overlap": overlap}, 1 - overlap)
 
 
 ANALYSIS = ExemplarsAnalysis()

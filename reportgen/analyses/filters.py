@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from reportgen.analyses.base import (
     Analysis,
     Artifact,
+    Change,
     HistoryItem,
     RunContext,
     SectionOutput,
@@ -23,12 +24,12 @@ from reportgen.analyses.shared import dead_explanation, dead_label, filter_reque
 from reportgen.engine.quality import NOT_ROBUST
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
 from reportgen.errors import ReportgenError, SpecError, echo
+from reportgen.history.figures import relative_change
+from reportgen.history.perceptual import entry_pictures
 from reportgen.imaging import compact_number, grid
 from reportgen.report.layout import lead_height, plain_params, plan_grid_heights
 from reportgen.report.markdown import render_markdown
 from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
-
-ACTIVATION_TOLERANCE = 1e-3  # relative activation change that counts as a change between runs
 
 
 class FiltersSection(SectionBase):
@@ -424,15 +425,27 @@ class FiltersAnalysis(Analysis):
             )
         return items
 
-    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
-        """Changed: another picture (digest of its PNG), or an activation that moved by more than
-        ACTIVATION_TOLERANCE of the larger magnitude (a picture can stay while the unit's response moves)."""
+    def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
+        """Changed: pictures that look different (SSIM below `ssim`, or the fixed network's feature distance
+        above `feature`: `reportgen.history.perceptual`), or an activation that moved by more than
+        `activation` of the larger magnitude (a picture can stay while the unit's response moves)."""
         a, b = old["metrics"]["activation"], new["metrics"]["activation"]
-        moved = abs(b - a) > ACTIVATION_TOLERANCE * max(abs(a), abs(b), 1e-12)
-        picture = old["image_digest"] != new["image_digest"]
-        if not (moved or picture):
-            return None
-        return f"{'picture changed; ' if picture else ''}activation {compact_number(a)} → {compact_number(b)}"
+        figures: dict[str, Any] = {"activation_change": round(relative_change(a, b), 4)}
+        looks = entry_pictures(old, new)
+        reasons = []
+        if looks is None:  # the old picture is gone: only its digest is left to compare
+            figures.update(ssim=None, feature=None)
+            if old["image_digest"] != new["image_digest"]:
+                reasons.append("picture changed (old picture no longer on disk)")
+        else:
+            figures.update(looks)
+            if looks["ssim"] < limits["ssim"] or looks["feature"] > limits["feature"]:
+                reasons.append(f"picture SSIM {looks['ssim']:.2f}, feature distance {looks['feature']:.2f}")
+        if figures["activation_change"] > limits["activation"]:
+            reasons.append(f"activation {compact_number(a)} → {compact_number(b)}")
+        seen = looks or {"ssim": 1.0 if not reasons else 0.0, "feature": 0.0}
+        score = max(figures["activation_change"], 1.0 - seen["ssim"], seen["feature"])
+        return Change(bool(reasons), "; ".join(reasons), figures, score)
 
     @staticmethod
     def quality_line(grids: list[dict[str, Any]], side_by_side: bool, masked: bool) -> str:

@@ -17,6 +17,7 @@ from pydantic import Field
 from reportgen.analyses.base import (
     Analysis,
     Artifact,
+    Change,
     HistoryItem,
     RunContext,
     SectionOutput,
@@ -36,6 +37,7 @@ from reportgen.analyses.shared import (
     skipped_note,
 )
 from reportgen.datasets import ImageItem
+from reportgen.history.figures import centre_shift, map_correlation, stored_map
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
 from reportgen.work import ImageRequest
@@ -72,7 +74,6 @@ class GradcamSection(SectionBase, ImagesMixin):
 
 
 TABLE_ROWS = 25  # rows shown in the PDF; the CSV artifact has them all
-CONCENTRATION_TOLERANCE = 0.1  # change of the top-10% heat share that counts as a change between runs
 
 
 class GradcamAnalysis(Analysis):
@@ -218,29 +219,49 @@ class GradcamAnalysis(Analysis):
         )
 
     def history_items(self, result: SectionResult) -> list[HistoryItem]:
-        """Per (image, method): the explained class, the map's centre (pixels, and its region word) and its
-        concentration (share of the heat in the hottest 10% of pixels)."""
+        """Per (image, method): the explained class, the map's centre (pixels, and its region word), its
+        concentration (share of the heat in the hottest 10% of pixels), the picture and the map at input
+        resolution (.npy, for the correlation of old and new maps)."""
+        maps = {(a.metrics["image"], a.metrics["method"]): a.path for a in result.artifacts
+                if a.kind == "map" and a.metrics["resolution"] == "input"}  # fmt: skip
         return [
             HistoryItem(
                 f"{a.metrics['image']}/{a.metrics['method']}",
                 {"model": a.model, "layer": a.layer, "image": a.metrics["image"],
                  "method": a.metrics["method"], "class": a.metrics["class"],
                  "centre": [a.metrics["centre_x"], a.metrics["centre_y"]],
-                 "region": a.metrics["region"], "concentration": a.metrics["top10_share"]},
+                 "region": a.metrics["region"], "concentration": a.metrics["top10_share"],
+                 "map": maps.get((a.metrics["image"], a.metrics["method"]))},
+                a.path,
             )  # fmt: skip
             for a in result.artifacts
             if a.kind == "heatmap"
         ]
 
-    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
-        """Changed: another explained class, the centre in another region of the image, or a concentration
-        that moved by more than CONCENTRATION_TOLERANCE."""
+    def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
+        """Changed: another explained class, maps whose Pearson correlation is below `correlation`, or a
+        centre of heat that moved by more than `shift` image diagonals (both from the stored maps at input
+        resolution; without them, a change of the region word counts)."""
         a, b = old["metrics"], new["metrics"]
-        ca, cb = a["concentration"], b["concentration"]
-        spread = (ca is None) != (cb is None) or (ca is not None and abs(ca - cb) > CONCENTRATION_TOLERANCE)
-        if a["class"] == b["class"] and a["region"] == b["region"] and not spread:
-            return None
-        return f"{a['class']} at {a['region']} ({ca}) → {b['class']} at {b['region']} ({cb})"
+        figures: dict[str, Any] = {"class_flips": int(a["class"] != b["class"]), "correlation": None,
+                                   "centre_shift": None}  # fmt: skip
+        ma, mb = (stored_map(e) for e in (old, new))
+        if ma is not None and mb is not None and ma.shape == mb.shape:
+            figures["correlation"] = round(map_correlation(ma, mb), 4)
+            figures["centre_shift"] = round(centre_shift(ma, mb), 4)
+        reasons = [f"class {a['class']} → {b['class']}"] if figures["class_flips"] else []
+        if figures["correlation"] is None:
+            if a["region"] != b["region"]:
+                reasons.append(f"centre {a['region']} → {b['region']}")
+        else:
+            if figures["correlation"] < limits["correlation"]:
+                reasons.append(f"map correlation {figures['correlation']:.2f}")
+            if figures["centre_shift"] > limits["shift"]:
+                reasons.append(f"centre moved {figures['centre_shift']:.2f} diagonals ({a['region']} → "
+                               f"{b['region']})")  # fmt: skip
+        score = figures["class_flips"] + (1.0 - (figures["correlation"] if figures["correlation"] is not None
+                                                 else 1.0 - bool(reasons)))  # fmt: skip
+        return Change(bool(reasons), "; ".join(reasons), figures, score)
 
     @staticmethod
     def findings(

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from reportgen.analyses.base import (
     Analysis,
     Artifact,
+    Change,
     HistoryItem,
     RunContext,
     SectionOutput,
@@ -38,8 +39,6 @@ from reportgen.errors import ReportgenError
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
-
-DROP_TOLERANCE = 0.05  # change of the probability drop that counts as a change between runs
 
 
 class OcclusionMask(Strict):
@@ -368,12 +367,15 @@ class OcclusionAnalysis(Analysis):
             for m in image["masks"]
         ]
 
-    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
-        """Changed: the drop moved by more than DROP_TOLERANCE, or the occluded image's top-1 changed."""
+    def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
+        """Changed: the probability drop moved by more than `drop`, or the occluded image's top-1 changed."""
         a, b = old["metrics"], new["metrics"]
-        if abs(a["drop"] - b["drop"]) <= DROP_TOLERANCE and a["top_after"] == b["top_after"]:
-            return None
-        return f"drop {a['drop']:.3f} → {b['drop']:.3f}; top-1 occluded {a['top_after']} → {b['top_after']}"
+        shift = abs(a["drop"] - b["drop"])
+        figures = {"drop_change": round(shift, 4), "top_after_flips": int(a["top_after"] != b["top_after"])}
+        if shift <= limits["drop"] and not figures["top_after_flips"]:
+            return Change(False, "", figures, shift)
+        what = f"drop {a['drop']:.3f} → {b['drop']:.3f}; top-1 occluded {a['top_after']} → {b['top_after']}"
+        return Change(True, what, figures, shift + figures["top_after_flips"])
 
     @staticmethod
     def _cam_arrays(

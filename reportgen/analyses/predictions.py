@@ -17,6 +17,7 @@ from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import (
     Analysis,
     Artifact,
+    Change,
     HistoryItem,
     RunContext,
     SectionOutput,
@@ -157,17 +158,25 @@ class PredictionsAnalysis(Analysis):
                 a.metrics["image"],
                 {"model": a.model, "image": a.metrics["image"], "top1": a.metrics["top_class"],
                  "confidence": a.metrics["probability"], "top_k": a.metrics["top_k"]},
+                a.path,
             )  # fmt: skip
             for a in result.artifacts
             if a.kind == "image"
         ]
 
-    def item_change(self, old: dict[str, Any], new: dict[str, Any]) -> str | None:
-        """Changed: a flip of the top-1 class; a confidence that moves under the same class is not."""
+    def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
+        """Changed: a flip of the top-1 class (`flips` 1, whose mean over a section is the share of flipped
+        images), or a confidence in the same class that moved by more than `confidence`."""
         a, b = old["metrics"], new["metrics"]
-        if a["top1"] == b["top1"]:
-            return None
-        return f"top-1 {a['top1']} ({a['confidence']:.2f}) → {b['top1']} ({b['confidence']:.2f})"
+        flip = a["top1"] != b["top1"]
+        delta = b["confidence"] - a["confidence"]
+        figures = {"flips": int(flip), "confidence_delta": round(delta, 4)}
+        if flip:
+            what = f"top-1 {a['top1']} ({a['confidence']:.2f}) → {b['top1']} ({b['confidence']:.2f})"
+            return Change(True, what, figures, 1.0 + abs(delta))
+        moved = abs(delta) > limits["confidence"]
+        what = f"confidence in {a['top1']} {a['confidence']:.2f} → {b['confidence']:.2f}" if moved else ""
+        return Change(moved, what, figures, abs(delta))
 
     @staticmethod
     def _probabilities(

@@ -119,11 +119,13 @@ def write_manifest(
         "title": spec.title,
         "sections": [
             {
+                "id": s["id"],
                 "type": s["type"],
                 "title": s["title"],
                 "findings": s["findings"],
                 "results": s["results"],
                 "artifacts": [a.manifest() for a in s["artifacts"]],
+                "items": s.get("items", []),  # the run history's items (reportgen.history.changes)
             }
             for s in sections
         ],

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from reportgen.engine.recipes import recipe_problems
 from reportgen.errors import ECHO_CHARS, SpecError, echo
 from reportgen.spec import schema
+from reportgen.spec.changes import baseline_problems
 from reportgen.spec.output_check import check_output
 from reportgen.spec.yaml_lines import MAX_SPEC_BYTES, Located, SpecTextError, decode, parse
 
@@ -181,6 +182,7 @@ def _cross_check(located: Located, filename: str) -> list[str]:
             numeric = {k: v for k, v in params.items() if isinstance(v, int | float | bool)}
             for exc in recipe_problems(recipe, numeric):
                 at(("sections", i, "params", exc.param) if exc.param else ("sections", i, "recipe"), str(exc))
+    baseline_problems(data, at, _suggest)
     return problems
 
 

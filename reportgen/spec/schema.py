@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr
 
 from reportgen.analyses import section_models
+from reportgen.spec.changes import BaselineSpec, ChangeThresholds
 from reportgen.spec.fields import MAX_SEED, DatasetSpec, ModelSpec, Strict
 
 _MODELS = section_models()
@@ -35,10 +36,15 @@ class Spec(Strict):
     models: dict[str, ModelSpec] = Field(min_length=1)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     sections: list[Section] = Field(min_length=1)
-    baseline: Literal["previous"] | None = Field(
+    baseline: str | BaselineSpec | None = Field(
         None,
-        description="previous: open the report with a 'What changed' section comparing every section's items "
-        "with the last successful run of this spec in the run history (<cache>/history.sqlite).",
+        description="Open the report with a 'What changed' section: previous (the last successful run of "
+        "this spec in the run history <cache>/history.sqlite), an earlier output folder, or {run: previous | "
+        "PATH, model: KEY, align: DATASET_KEY}.",
+    )
+    changes: ChangeThresholds = Field(
+        default_factory=ChangeThresholds,
+        description="Per section type: the thresholds beyond which an item counts as changed.",
     )
     _located: Any = PrivateAttr(None)
     _filename: str = PrivateAttr("<spec>")
