@@ -216,6 +216,17 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from reportgen.diff import diff
+
+    summary = diff(Path(args.old), Path(args.new), Path(args.output), pdf=not args.no_pdf)
+    if not args.quiet:
+        counts = ", ".join(f"{v} {k}" for k, v in summary.counts.items())
+        pages = f" and report.pdf ({summary.pages} pages)" if summary.pages else ""
+        print(f"change report: {summary.output / 'report.html'}{pages}; {counts}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from reportgen.spec.schema import json_schema
 
@@ -299,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_key", nargs="?", help="with a spec: the key of the model under `models:`")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("diff", help="the 'What changed' report of two output folders, nothing recomputed")
+    p.add_argument("old", help="the earlier output folder")
+    p.add_argument("new", help="the later output folder")
+    p.add_argument("-o", "--output", required=True, help="folder to publish the change report to")
+    p.add_argument("--no-pdf", action="store_true", help="HTML only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
