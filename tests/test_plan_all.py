@@ -122,6 +122,7 @@ def test_dry_run_without_ascent_has_a_headline(
 def test_occlusion_and_saliency_halve_the_batch_on_out_of_memory(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from reportgen.engine.attribution import Attributor
     from reportgen.engine.gradients import GradientEngine
 
     sections = [SECTIONS[5], SECTIONS[6]]
@@ -129,7 +130,7 @@ def test_occlusion_and_saliency_halve_the_batch_on_out_of_memory(
     run(normal, quiet=True, batch_size=4)
 
     tried: list[tuple[str, int]] = []
-    real_cam, real_grad = GradientEngine.gradcam, GradientEngine.input_gradients
+    real_cam = GradientEngine.gradcam
 
     def failing(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def call(self: GradientEngine, *args: Any, **kwargs: Any) -> Any:
@@ -141,7 +142,15 @@ def test_occlusion_and_saliency_halve_the_batch_on_out_of_memory(
         return call
 
     monkeypatch.setattr(GradientEngine, "gradcam", failing("gradcam", real_cam))
-    monkeypatch.setattr(GradientEngine, "input_gradients", failing("gradients", real_grad))
+    real_rows = Attributor.rows  # saliency's gradients (reportgen.engine.attribution)
+
+    def failing_rows(self: Attributor, *args: Any, **kwargs: Any) -> Any:
+        tried.append(("gradients", self.engine.batch_size))
+        if self.engine.batch_size > 2:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor (injected)")
+        return real_rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(Attributor, "rows", failing_rows)
     injected = write_spec(project, "oom-injected", sections)
     run(injected, quiet=True, batch_size=4)
     assert ("gradcam", 4) in tried and ("gradcam", 2) in tried  # occlusion: 4 failed, 2 ran
@@ -196,3 +205,61 @@ def test_the_executor_computes_image_work_and_build_only_reads_it(
         result = analysis.build(section, ctx, SectionOutput(tmp_path, sid), index)
         assert result.findings
     assert (ctx.computed, ctx.reused) == (3, 0)  # the executor's work, counted once for its section
+
+
+CLASS_SECTIONS = [
+    SECTIONS[0],
+    {"type": "class_model", "title": "classes", "model": "tiny", "classes": ["reds", 2], "recipe": "fourier",
+     "params": {"steps": 4}},
+]
+
+
+def test_class_models_are_an_ascent_pass_batched_with_back_off_and_read_in_build(
+    project: Path, cli_main: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reportgen.engine.class_model import ClassModelProgram
+
+    spec = write_spec(project, "classes", CLASS_SECTIONS)
+    rows = plan_rows(cli_main, spec, "--batch-size", "2")
+    assert [(r["kind"], r["sections"], r["items"], r["cached"], r["batch"], r["shards"]) for r in rows] == [
+        ("ascent", ["s1-filt"], 3, 0, 2, 2), ("ascent", ["s2-classes"], 2, 0, 2, 1)
+    ]
+    assert rows[1]["flops"] > 0 and rows[1]["bytes_per_sample"] > 0
+    code, out, err = cli_main("run", spec, "--dry-run")
+    assert code == 0, err
+    assert "pass 2: ascent tiny (recipe " in out and "2 class models at 16x16 px" in out, out
+
+    tried: list[int] = []
+    real_init = ClassModelProgram.__init__
+
+    def flaky_init(self: ClassModelProgram, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        loop = self._run
+
+        def run(*tensors: Any) -> Any:
+            tried.append(int(tensors[0].shape[0]))
+            if tried[-1] > 1:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor (injected)")
+            return loop(*tensors)
+
+        self._run = run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassModelProgram, "__init__", flaky_init)
+        first = run(spec, quiet=True, batch_size=2)
+    assert tried == [2, 1, 1]  # --batch-size reached the class models; the chunk halved on out-of-memory
+    assert first.computed == 5  # 3 filters + 2 class models
+    reference = run(write_spec(project, "classes-b1", CLASS_SECTIONS), quiet=True, batch_size=1)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("build must only read class models")
+
+    monkeypatch.setattr(ClassModelProgram, "run_classes", broken)
+    again = run(spec, quiet=True)
+    assert (again.computed, again.reused) == (0, 5)
+    after = plan_rows(cli_main, spec)
+    assert [(r["cached"], r["shards"]) for r in after] == [(3, 0), (2, 0)]
+    images = ("assets/s2-classes/class_0000.png", "assets/s2-classes/class_0002.png")
+    for name in images:  # the same pixels from the cache, and whatever the batch
+        assert (again.output / name).read_bytes() == (first.output / name).read_bytes()
+        assert (reference.output / name).read_bytes() == (first.output / name).read_bytes()

@@ -1,8 +1,18 @@
-"""`saliency`: which pixels the class score is most sensitive to (vanilla gradients and SmoothGrad).
+"""`saliency`: which input pixels a class score (or a unit's activation) is most sensitive to.
 
-Vanilla maps are the largest |d score / d pixel| over the colour channels; they are noisy because the
-gradient of a ReLU network jumps between nearby inputs. SmoothGrad averages the gradient over noisy
-copies of the image, which keeps what is stable and suppresses that noise.
+Methods (computed by `reportgen.engine.attribution`, where each is described and cited): vanilla
+gradients, SmoothGrad, integrated gradients, VarGrad, gradient x input, guided backpropagation and
+deconvnet. Vanilla maps are the largest |d score / d pixel| over the colour channels; they are noisy
+because the gradient of a ReLU network jumps between nearby inputs. SmoothGrad averages the gradient over
+noisy copies of the image, which keeps what is stable and suppresses that noise; VarGrad takes the
+variance over the same copies. Integrated gradients and gradient x input are signed contributions to the
+score; integrated gradients add up to score(image) - score(baseline), which the manifest records with
+the error of the path sum. Guided backprop and deconvnet change the ReLUs' backward pass (on a clone).
+
+A `target` that is a unit (`{layer, filter}` or `{layer}`) explains that unit's activation instead of a
+class: the "back-propagation maps" of an intermediate layer.
+
+Every map's signed, unreduced (H, W, C) values are saved as a `.npy` artifact of kind "map".
 """
 
 from __future__ import annotations
@@ -19,7 +29,6 @@ from reportgen.analyses.base import (
     SectionOutput,
     SectionResult,
     colour_bar,
-    map_array,
 )
 from reportgen.analyses.shared import (
     FINDING_IMAGES,
@@ -33,32 +42,102 @@ from reportgen.analyses.shared import (
     skipped_note,
 )
 from reportgen.datasets import ImageItem
+from reportgen.errors import SpecError
 from reportgen.imaging import colormap, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
-from reportgen.spec.fields import ImagesMixin, Index, SectionBase
+from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
+
+Method = Literal[
+    "vanilla",
+    "smoothgrad",
+    "integrated_gradients",
+    "vargrad",
+    "gradient_x_input",
+    "guided_backprop",
+    "deconvnet",
+]
+NOISY = ("smoothgrad", "vargrad")
+
+
+class UnitTarget(Strict):
+    """A unit instead of a class: the maps then show what the layer's (or filter's) activation is most
+    sensitive to in the input."""
+
+    layer: str = Field(description="Layer whose activation is explained (`reportgen layers` lists them).")
+    filter: Index | None = Field(
+        None,
+        description="One filter (channel) of the layer: its mean activation over positions is explained. "
+        "Omitted: the whole layer, as half the mean square of its activations (each unit weighted by its "
+        "own activation, so units of opposite sign do not cancel).",
+    )
 
 
 class SaliencySection(SectionBase, ImagesMixin):
     type: Literal["saliency"]
     needs_top: ClassVar[bool] = True
     model: str
-    methods: list[Literal["vanilla", "smoothgrad"]] = Field(default_factory=lambda: ["vanilla", "smoothgrad"])
+    methods: list[Method] = Field(
+        default_factory=lambda: ["vanilla", "smoothgrad"],
+        description="Attribution methods, side by side: vanilla, smoothgrad, integrated_gradients, vargrad, "
+        "gradient_x_input, guided_backprop, deconvnet.",
+    )
     samples: int = Field(
-        16, ge=1, le=256, description="SmoothGrad noisy samples (each a copy of the image in memory)."
+        16,
+        ge=1,
+        le=256,
+        description="SmoothGrad / VarGrad noisy samples (each a copy of the image in memory).",
     )
     noise: float = Field(
         0.15,
         ge=0,
         le=10,
         allow_inf_nan=False,
-        description="SmoothGrad noise std as a share of the input range.",
+        description="SmoothGrad / VarGrad noise std as a share of the input range.",
     )
-    target: Index | str | None = None
+    ig_baseline: Literal["black", "blur", "noise"] = Field(
+        "black",
+        description="Integrated gradients' reference image: black, a strong blur of the image, or uniform "
+        "noise (seeded per model, image and seed).",
+    )
+    ig_steps: int = Field(
+        32,
+        ge=2,
+        le=512,
+        description="Integrated gradients' points along the path from the baseline (midpoint rule); more "
+        "steps, smaller completeness error, one gradient each.",
+    )
+    target: Index | str | UnitTarget | None = Field(
+        None,
+        description="Class (index or name) to explain, none for each image's top prediction, or a unit: "
+        "{layer, filter} or {layer}.",
+    )
+
 
 CMAP = "inferno"
 CLIP_PERCENTILE = 99.0  # a handful of extreme gradients would otherwise turn the rest of the map black
-LABELS = {"vanilla": "vanilla gradient", "smoothgrad": "SmoothGrad"}
+LABELS = {
+    "vanilla": "vanilla gradient",
+    "smoothgrad": "SmoothGrad",
+    "integrated_gradients": "integrated gradients",
+    "vargrad": "VarGrad",
+    "gradient_x_input": "gradient × input",
+    "guided_backprop": "guided backprop",
+    "deconvnet": "deconvnet",
+}
+# What each map shows, for the caption (the engine's module docstring has the details and papers).
+DESCRIPTIONS = {
+    "vanilla": "the largest |gradient| over the colour channels (Simonyan et al. 2014)",
+    "smoothgrad": "the same for the mean gradient over noisy copies (Smilkov et al. 2017)",
+    "vargrad": "the largest variance of the gradient over the same noisy copies (Adebayo et al. 2018)",
+    "gradient_x_input": "|sum over channels of gradient × pixel| (Shrikumar et al. 2016)",
+    "integrated_gradients": "|sum over channels| of the gradient averaged along the straight path from "
+    "the baseline, times (image − baseline) (Sundararajan et al. 2017)",
+    "guided_backprop": "the largest |gradient| when every ReLU passes back only positive gradients where "
+    "its input was positive (Springenberg et al. 2015)",
+    "deconvnet": "the largest |gradient| when every ReLU passes back only positive gradients "
+    "(Zeiler & Fergus 2014)",
+}
 
 
 def render_map(values: np.ndarray) -> np.ndarray:
@@ -68,56 +147,94 @@ def render_map(values: np.ndarray) -> np.ndarray:
     return np.asarray(upscale_for_print(to_pil(rgb)))
 
 
+def unit_target(lm: LoadedModel, unit: UnitTarget, ctx: RunContext, index: int) -> dict[str, Any]:
+    """A unit target as plain data, with the layer and filter checked against the model."""
+    layer = lm.layer(unit.layer, ctx.where(index, "target", "layer"))
+    channels = int(layer.output.shape[-1])
+    if unit.filter is not None and unit.filter >= channels:
+        where = ctx.where(index, "target", "filter")
+        raise SpecError(
+            [f"{where}: layer {unit.layer!r} has {channels} filters (0..{channels - 1}); pick one of them"]
+        )
+    return {"layer": unit.layer, "filter": unit.filter}
+
+
+def describe_target(lm: LoadedModel, target: int | dict[str, Any]) -> str:
+    if isinstance(target, dict):
+        if target["filter"] is None:
+            return f"the activation of layer {target['layer']!r} (half its mean square)"
+        return f"the mean activation of filter {target['filter']} of layer {target['layer']!r}"
+    return explained(lm, target)
+
+
 class SaliencyAnalysis(Analysis):
     section = SaliencySection
+    version = "2"  # raw (H, W, C) values of every method are stored beside the display maps
 
     def default_title(self, section: SaliencySection) -> str:
         return f"Saliency maps of {section.model}"
 
     def _work(
         self, section: SaliencySection, ctx: RunContext, index: int
-    ) -> tuple[LoadedModel, int, Any, list[ImageItem], list[str], list[str], str]:
-        """Model, target, dataset, images, notes, methods and the content key, with located field errors."""
+    ) -> tuple[LoadedModel, Any, list[ImageItem], list[str], list[str], dict[str, Any], str]:
+        """Model, dataset, images, notes, methods, the engine's parameters and the content key, which
+        covers every parameter the chosen methods use; field errors are located."""
         lm = ctx.models.get(section.model)
-        target = resolve_target(lm, section.target, ctx.where(index, "target"))
+        where = ctx.where(index, "target")
+        target: int | dict[str, Any] = (
+            unit_target(lm, section.target, ctx, index)
+            if isinstance(section.target, UnitTarget)
+            else resolve_target(lm, section.target, where)
+        )
         ds, items, notes = select_images(section, ctx, index)
         methods = list(dict.fromkeys(section.methods))
         params: dict[str, Any] = {"target": target, "methods": methods}
-        if "smoothgrad" in methods:
+        if any(m in NOISY for m in methods):
             params.update(samples=section.samples, noise=section.noise, seed=ctx.spec.seed)
+        if "integrated_gradients" in methods:
+            params.update(ig_baseline=section.ig_baseline, ig_steps=section.ig_steps)
+            if section.ig_baseline == "noise":
+                params.update(seed=ctx.spec.seed)
         key = result_key(self.type, self.version, lm, ds, items, params)
-        return lm, target, ds, items, notes, methods, key
+        return lm, ds, items, notes, methods, params, key
 
     def prepare(self, section: SaliencySection, ctx: RunContext, index: int) -> None:
-        """Declare the gradient batch: one input gradient per image (the vanilla map and the class
-        SmoothGrad explains), plus `samples` noisy copies per image for SmoothGrad. The executor computes
-        it (`reportgen.engine.gradient_batches.saliency`) before any section builds."""
-        lm, target, _, items, _, methods, key = self._work(section, ctx, index)
+        """Declare the gradient batch: one input gradient per image (vanilla, gradient x input, and the
+        class every other method explains), one per image for each of guided backprop and deconvnet,
+        `samples` noisy copies per image shared by SmoothGrad and VarGrad, and `ig_steps` path points plus
+        the baseline per image for integrated gradients. The executor computes it
+        (`reportgen.engine.gradient_batches.saliency`) before any section builds."""
+        lm, _, items, _, methods, params, key = self._work(section, ctx, index)
         n = len(items)
-        samples = n + (n * section.samples if "smoothgrad" in methods else 0)
-        params = {
-            "target": target,
+        per_image = 1 + sum(m in ("guided_backprop", "deconvnet") for m in methods)
+        if any(m in NOISY for m in methods):
+            per_image += section.samples
+        if "integrated_gradients" in methods:
+            per_image += section.ig_steps + 1
+        target = params["target"]
+        request = {
+            **params,
+            "target": tuple(target.items()) if isinstance(target, dict) else target,
             "methods": tuple(methods),
-            "samples": section.samples,
-            "noise": section.noise,
-            "seed": ctx.spec.seed,
             "where": ctx.where(index, "dataset"),
         }
         ctx.work.add(
             ImageRequest(
-                "gradient", section.model, section.dataset, key, n, samples, (lm.model.layers[-1].name,),
+                "gradient", section.model, section.dataset, key, n, n * per_image,
+                (lm.model.layers[-1].name,),
                 backward=True, engine="saliency", names=tuple(it.name for it in items),
-                params=tuple(params.items()),
+                params=tuple(request.items()),
             )  # fmt: skip
         )
 
     def build(
         self, section: SaliencySection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
-        lm, target, _, items, notes, methods, key = self._work(section, ctx, index)
+        lm, _, items, notes, methods, params, key = self._work(section, ctx, index)
         res = ctx.result(key, "saliency")
         notes += skipped_note(items, res["kept"])
         sizes = image_sizes(items)
+        unit = isinstance(params["target"], dict)
         figures, artifacts = [], []
         stats: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         for k, i in enumerate(res["kept"].tolist()):
@@ -133,41 +250,46 @@ class SaliencyAnalysis(Analysis):
                 "image": shown,
                 "maps": [],
             }
+            explains = {"unit": dict(params["target"])} if unit else {"class": cls, "probability": prob}
             for m in methods:
                 rel = out.image(f"{stem}_{m}.png", render_map(res[m][k]))
                 s = heat_stats(res[m][k], sizes[i])
                 stats[m].append({**s, "image": item.name})
                 entry["maps"].append({"method": m, "label": LABELS[m], "src": rel})
+                row = {
+                    "image": item.name,
+                    "method": m,
+                    **explains,
+                    "top10_share": s["top10"],
+                    "centre_x": s["com_x"],
+                    "centre_y": s["com_y"],
+                }
+                artifacts.append(Artifact("heatmap", rel, section.model, None, None, row))
+                raw = res[f"raw_{m}"][k]
+                extra: dict[str, Any] = {}
+                if m == "integrated_gradients":
+                    extra = {
+                        "baseline": section.ig_baseline,
+                        "steps": section.ig_steps,
+                        "score_difference": float(res["ig_score_difference"][k]),
+                        "completeness_error": float(res["ig_completeness_error"][k]),
+                    }
+                # A gradient map's own resolution is the model's input: signed, one value per channel.
                 artifacts.append(
                     Artifact(
-                        "heatmap",
-                        rel,
+                        "map",
+                        out.array(f"{stem}_{m}.npy", raw),
                         section.model,
-                        None,
+                        params["target"]["layer"] if unit else None,
                         None,
                         {
-                            "image": item.name,
                             "method": m,
-                            "class": cls,
-                            "probability": prob,
-                            "top10_share": s["top10"],
-                            "centre_x": s["com_x"],
-                            "centre_y": s["com_y"],
+                            "image": item.name,
+                            "resolution": "input",
+                            "shape": list(raw.shape),
+                            **explains,
+                            **extra,
                         },
-                    )
-                )
-                # A gradient map's own resolution is the model's input: one array serves both.
-                artifacts.append(
-                    map_array(
-                        out,
-                        f"{stem}_{m}.npy",
-                        res[m][k],
-                        "input",
-                        section.model,
-                        None,
-                        item.name,
-                        m,
-                        **{"class": cls},
                     )
                 )
             figures.append(entry)
@@ -176,11 +298,16 @@ class SaliencyAnalysis(Analysis):
         return SectionResult(
             context={
                 "model": section.model,
-                "explains": explained(lm, target),
+                "explains": describe_target(lm, params["target"]),
+                "unit": unit,
                 "figures": figures,
+                "methods": [{"label": LABELS[m], "text": DESCRIPTIONS[m]} for m in methods],
                 "samples": section.samples,
                 "noise": section.noise,
-                "smoothgrad": "smoothgrad" in methods,
+                "smoothgrad": any(m in NOISY for m in methods),
+                "ig": "integrated_gradients" in methods,
+                "ig_baseline": section.ig_baseline,
+                "ig_steps": section.ig_steps,
                 "colorbar": bar,
             },
             artifacts=artifacts,
@@ -203,11 +330,10 @@ class SaliencyAnalysis(Analysis):
             else:
                 out.append(
                     f"{s['image']}: {LABELS[main]} centres at x {s['com_x']}, y {s['com_y']} "
-                    f"({s['region']}); the top 10% of pixels hold {s['top10']:.0%} of the gradient "
-                    "magnitude."
+                    f"({s['region']}); the top 10% of pixels hold {s['top10']:.0%} of the map's total."
                 )
         shares = {m: [s["top10"] for s in stats[m] if not s["empty"]] for m in methods}
-        if len(methods) == 2 and shares["vanilla"] and shares["smoothgrad"]:
+        if "vanilla" in methods and "smoothgrad" in methods and shares["vanilla"] and shares["smoothgrad"]:
             pairs = zip(res["vanilla"], res["smoothgrad"], strict=True)
             corr = [
                 float(np.corrcoef(v.ravel(), g.ravel())[0, 1])
@@ -221,6 +347,13 @@ class SaliencyAnalysis(Analysis):
             if corr:
                 line += f"; the two maps correlate at r = {np.mean(corr):.2f} on average"
             out.append(line + ".")
+        if "integrated_gradients" in methods and len(res["ig_completeness_error"]):
+            err = res["ig_completeness_error"]
+            out.append(
+                f"Integrated gradients add up to the score difference from the baseline within "
+                f"{float(np.mean(err)):.1%} on average (worst {float(np.max(err)):.1%}); more `ig_steps` "
+                "make the path sum more exact."
+            )
         return out
 
 

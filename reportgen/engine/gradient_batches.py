@@ -62,22 +62,40 @@ def gradcam(lm: Any, pixels: np.ndarray, params: dict[str, Any], batch: int) -> 
 def saliency(
     lm: Any, pixels: np.ndarray, ids: np.ndarray, params: dict[str, Any], batch: int
 ) -> dict[str, np.ndarray]:
-    """Vanilla gradients and/or SmoothGrad of `params["target"]` (-1: each image's top class).
+    """Input attributions of `params["target"]` by each of `params["methods"]`
+    (`reportgen.engine.attribution.ATTRIBUTION_METHODS`).
 
-    params: target, methods, and for SmoothGrad samples, noise, seed. `ids`: each decoded image's index
-    in the section's chosen images, which seeds its noise (a shard of them draws the same noise)."""
+    params: target (a class index, -1 for each image's top class, or (("layer", name), ("filter", index
+    or None)) for a unit),
+    methods, samples, noise, seed (SmoothGrad/VarGrad), ig_baseline, ig_steps (integrated gradients).
+    `ids`: each decoded image's index in the section's chosen images, which seeds its noise (a shard of
+    them draws the same noise). Returns per method its display map under the method's name (the name
+    vanilla and SmoothGrad maps had before) and its signed (N, H, W, C) values as `raw_<method>`;
+    integrated gradients add `ig_score_difference` and `ig_completeness_error`."""
+    from reportgen.engine.attribution import AttributionParams, UnitTarget, attributor_for
     from reportgen.engine.gradients import engine_for
 
-    eng = engine_for(lm, batch)
-    vanilla, grads = eng.vanilla(pixels, params["target"])
-    arrays = {"classes": grads.classes, "probability": grads.probability}
-    if "vanilla" in params["methods"]:
-        arrays["vanilla"] = vanilla
-    if "smoothgrad" in params["methods"]:
-        # The clean image's class, so that every noisy copy explains the same class.
-        arrays["smoothgrad"] = eng.smoothgrad(
-            pixels, grads.classes, params["samples"], params["noise"], params["seed"], ids
-        )
+    target = params["target"]
+    if isinstance(target, tuple):  # a unit, as (key, value) pairs: requests hold hashable plain data
+        unit = dict(target)
+        target = UnitTarget(unit["layer"], unit["filter"])
+    p = AttributionParams(
+        samples=params.get("samples", 16),
+        noise=params.get("noise", 0.15),
+        seed=params.get("seed", 0),
+        ig_baseline=params.get("ig_baseline", "black"),
+        ig_steps=params.get("ig_steps", 32),
+        model_key=lm.key,
+    )
+    methods = list(params["methods"])
+    results = attributor_for(engine_for(lm, batch)).attribute_all(methods, pixels, target, p, ids)
+    first = results[methods[0]]
+    arrays = {"classes": first.classes, "probability": first.probability}
+    for m, r in results.items():
+        arrays[m], arrays[f"raw_{m}"] = r.maps, r.raw
+        if r.score_difference is not None and r.completeness_error is not None:
+            arrays["ig_score_difference"] = r.score_difference
+            arrays["ig_completeness_error"] = r.completeness_error
     return arrays
 
 
