@@ -30,7 +30,7 @@ from reportgen.analyses.base import (
     SectionResult,
     slugify,
 )
-from reportgen.analyses.shared import NAMES_IN_NOTE, missing_note, thumbnail
+from reportgen.analyses.shared import NAMES_IN_NOTE, class_means, missing_note, thumbnail
 from reportgen.datasets import Dataset
 from reportgen.errors import ReportgenError
 from reportgen.history.figures import rank_tau, set_overlap
@@ -53,19 +53,6 @@ class ClassRankingSection(SectionBase):
 
 TABLE_ROWS_SHOWN = 25  # rows printed in the report; the CSV artifact has every class
 SILENT_MAX = 1e-6  # a filter whose largest per-image mean activation is at most this never fires
-
-
-def class_means(means: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, C) per-image channel means -> (K, C) per-class means and (K,) image counts.
-
-    Rows of undecodable images (NaN) are left out; classes without any image get NaN means.
-    """
-    valid = ~np.isnan(means).any(axis=1)
-    sums = np.zeros((n_classes, means.shape[1]), np.float64)
-    np.add.at(sums, labels[valid], means[valid].astype(np.float64))
-    counts = np.bincount(labels[valid], minlength=n_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / counts[:, None], counts
 
 
 def bar_chart(names: list[str], values: list[float], title: str, xlabel: str) -> bytes:

@@ -3,14 +3,13 @@ optionally with several recipes side by side."""
 
 from __future__ import annotations
 
-import difflib
 from statistics import median
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
 from pydantic import Field, field_validator
 
+from reportgen.analyses import dataset_pass
 from reportgen.analyses.base import (
     Analysis,
     Artifact,
@@ -20,10 +19,23 @@ from reportgen.analyses.base import (
     SectionOutput,
     SectionResult,
 )
-from reportgen.analyses.shared import dead_explanation, dead_label, filter_requests
+from reportgen.analyses.shared import (
+    FAR_BELOW,
+    artifact_filter,
+    dead_explanation,
+    dead_label,
+    exemplar_partner,
+    exemplar_ratio,
+    filter_requests,
+    known_recipes,
+    reference_activations,
+    reference_request,
+    unit_list,
+    visual_tile,
+)
 from reportgen.engine.quality import NOT_ROBUST
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
-from reportgen.errors import ReportgenError, SpecError, echo
+from reportgen.errors import ReportgenError, SpecError
 from reportgen.history.figures import relative_change
 from reportgen.history.perceptual import entry_pictures
 from reportgen.imaging import compact_number, grid
@@ -65,19 +77,7 @@ class FiltersSection(SectionBase):
 
     _f = field_validator("filters")(check_filter_selection)
 
-    @field_validator("compare")
-    @classmethod
-    def _known_recipes(cls, value: list[str]) -> list[str]:
-        from reportgen.engine.recipes import RECIPES
-
-        for name in value:
-            if name not in RECIPES:
-                close = difflib.get_close_matches(name, list(RECIPES), n=1) if len(name) < 100 else []
-                raise ValueError(
-                    f"unknown recipe {echo(name)}; "
-                    + (f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(RECIPES)}")
-                )
-        return value
+    _c = field_validator("compare")(known_recipes)
 
     @property
     def recipes(self) -> list[str]:
@@ -176,22 +176,6 @@ def _median(values: list[float | None]) -> float | None:
     return float(median(known)) if known else None
 
 
-def mask_alpha(mask: np.ndarray, crop: int) -> np.ndarray:
-    """MaCo's transparency (H, W) as alpha in [0, 1]: cropped like the image, scaled so the 99th percentile
-    is opaque (a few extreme gradients would otherwise leave everything else invisible)."""
-    m = np.asarray(mask, np.float64)
-    if crop and m.shape[0] > 2 * crop + 8 and m.shape[1] > 2 * crop + 8:
-        m = m[crop:-crop, crop:-crop]
-    top = np.percentile(m, 99)
-    return np.clip(m / top, 0.0, 1.0) if top > 0 else np.ones_like(m)
-
-
-def overlay(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """The image over white with the given alpha: where the mask is low the image fades out."""
-    a = alpha[..., None]
-    return (image.astype(np.float64) * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
-
-
 # -- page layout ---------------------------------------------------------------------------------------
 class FiltersAnalysis(Analysis):
     section = FiltersSection
@@ -200,8 +184,15 @@ class FiltersAnalysis(Analysis):
         return f"Filters of {', '.join(section.layers)} ({' vs '.join(section.recipes)})"
 
     def prepare(self, section: FiltersSection, ctx: RunContext, index: int) -> None:
+        """The ascent requests of every (layer, recipe); where an `exemplars` section shows natural images
+        of the same units, also the dataset pass's piece that gives their `exemplar_ratio`."""
         for layer, filters in layer_filters(section, ctx, index).items():
             unit = unit_options(section, ctx, index, layer)
+            partner = exemplar_partner(ctx, section.model, layer)
+            if partner is not None:
+                ref = reference_request(section.model, partner[0], layer, section.objective, partner[1])
+                if ref is not None:
+                    dataset_pass.request(ctx, ref)
             for name in section.recipes:
                 for req in filter_requests(
                     section, ctx, layer, units_of(section, filters), name, section.params, unit
@@ -223,6 +214,7 @@ class FiltersAnalysis(Analysis):
         tiles, labels, dead, rows, artifacts = [], [], [], [], []
         unit = unit_options(section, ctx, index, layer)
         per_unit = section.objective not in ("layer", "direction")
+        references = self.references(section, ctx, layer)
         for req in filter_requests(
             section, ctx, layer, units_of(section, filters), recipe_name, section.params, unit
         ):
@@ -235,29 +227,13 @@ class FiltersAnalysis(Analysis):
             )
             stem += f"_v{v}" if section.diversity > 1 else ""
             rel = out.copy(f"{stem}.png", path)
-            tile = np.asarray(Image.open(path).convert("RGB"))
             quality = {"hf_energy": meta.get("hf_energy"), "robustness": meta.get("robustness")}
-            mask_rel = None
-            if meta.get("mask"):  # MaCo: the transparency mask as its own artifact, the tile as an overlay
-                mask = ctx.store.get_npy(ctx.ascent.requests[req] + "-mask")
-                alpha = mask_alpha(mask, recipe.crop)
-                mask_rel = out.array(f"{stem}_mask.npy", mask)
-                png = out.image(f"{stem}_mask.png", (alpha * 255).astype(np.uint8))
-                artifacts.append(
-                    Artifact(
-                        "mask",
-                        png,
-                        section.model,
-                        layer,
-                        f if per_unit else None,
-                        {
-                            "recipe": recipe_name,
-                            "array": mask_rel,
-                            **({"variant": v} if section.diversity > 1 else {}),
-                        },
-                    )
-                )
-                tile = overlay(tile, alpha)
+            if f in references:
+                quality["exemplar_ratio"] = exemplar_ratio(meta["activation"], references[f])
+            variant = {"variant": v} if section.diversity > 1 else {}
+            tile, mask = visual_tile(ctx, out, req, recipe_name, recipe, path, meta, stem, variant)
+            if mask is not None:  # MaCo: the transparency mask as its own artifact, the tile as an overlay
+                artifacts.append(mask)
             tiles.append(tile)
             mark = f" {DEAD_MARK}" if meta["dead"] else ""
             name = f"#{f}" if per_unit else section.objective
@@ -272,6 +248,7 @@ class FiltersAnalysis(Analysis):
                     "activation": meta["activation"],
                     "dead": meta["dead"],
                     "path": rel,
+                    "exemplar_ratio": None,
                     **quality,
                 }
             )
@@ -285,7 +262,7 @@ class FiltersAnalysis(Analysis):
             }
             if section.diversity > 1:
                 metrics["variant"] = v
-            artifacts.append(Artifact("filter", rel, section.model, layer, f if per_unit else None, metrics))
+            artifacts.append(Artifact("filter", rel, section.model, layer, artifact_filter(req), metrics))
         # with diversity, one row per filter: its variants side by side
         columns = section.diversity if section.diversity > 1 else section.columns
         image = grid(tiles, labels, columns=columns, tile_side=128, dim=dead)
@@ -299,6 +276,7 @@ class FiltersAnalysis(Analysis):
         info = {
             "hf_energy": _median([r["hf_energy"] for r in live]),
             "robustness": _median([r["robustness"] for r in live]),
+            "exemplar_ratio": _median([r["exemplar_ratio"] for r in live]),
             "recipe": recipe_name,
             "grid": grid_rel,
             "filters": rows,
@@ -331,6 +309,19 @@ class FiltersAnalysis(Analysis):
                         f"{tag}: the visualisation of {len(shaky)} of {len(alive)} live units is not robust "
                         "(under small unseen shifts, zooms and rotations it keeps less than "
                         f"{NOT_ROBUST:.0%} of its activation): {names}{', ...' if len(shaky) > 8 else ''}."
+                    )
+                below = [
+                    r for r in alive if r["exemplar_ratio"] is not None and r["exemplar_ratio"] < FAR_BELOW
+                ]
+                if below:
+                    partner = exemplar_partner(ctx, section.model, layer)
+                    dataset = partner[0] if partner else ""
+                    findings.append(
+                        f"{tag}: the visualisation of {len(below)} of {len(alive)} live units falls far "
+                        f"below the natural exemplars of dataset {dataset!r} (less than {FAR_BELOW:.0%} of "
+                        "the best image's activation): "
+                        + unit_list([f"{r['filter']}" for r in below])
+                        + "."
                     )
                 if g["dead"]:
                     pre_relu = resolve_recipe(name, section.params).pre_relu
@@ -448,6 +439,18 @@ class FiltersAnalysis(Analysis):
         return Change(bool(reasons), "; ".join(reasons), figures, score)
 
     @staticmethod
+    def references(section: FiltersSection, ctx: RunContext, layer: str) -> dict[int, float]:
+        """Per unit that an `exemplars` section of the spec also shows: its best natural activation under
+        this section's objective (the denominator of `exemplar_ratio`); empty without such a section."""
+        partner = exemplar_partner(ctx, section.model, layer)
+        if partner is None:
+            return {}
+        dataset, k, units = partner
+        lm, ds = ctx.models.get(section.model), ctx.datasets.get(dataset)
+        best = reference_activations(ctx, lm, ds, layer, section.objective, k)
+        return {} if best is None else {f: float(best[f]) for f in units}
+
+    @staticmethod
     def quality_line(grids: list[dict[str, Any]], side_by_side: bool, masked: bool) -> str:
         """The medians of the quality figures of a layer's grids, each with what it measures (short: the
         line is part of the layer's block, which never breaks, and counts in the page-flow estimate)."""
@@ -456,7 +459,12 @@ class FiltersAnalysis(Analysis):
             hf = f"{g['hf_energy']:.1%}" if g.get("hf_energy") is not None else "n/a"
             rob = f"{g['robustness']:.2f}" if g.get("robustness") is not None else "n/a"
             name = f"{g['recipe']}: " if side_by_side else ""
-            parts.append(f"{name}high-frequency energy {hf}, robustness {rob}")
+            ratio = (
+                f", {g['exemplar_ratio']:.2f}x the best natural image"
+                if g.get("exemplar_ratio") is not None
+                else ""
+            )
+            parts.append(f"{name}high-frequency energy {hf}, robustness {rob}{ratio}")
         mask = " MaCo tiles fade to white where its transparency mask is low." if masked else ""
         return (
             f"Quality, medians over live units: {'; '.join(parts)} (share of spectral power above 0.25 "

@@ -3,21 +3,25 @@ lives here (this module defines no `ANALYSIS`, so it is no section type)."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from reportgen.analyses.base import RunContext
+from reportgen.analyses import dataset_pass
+from reportgen.analyses.base import Artifact, RunContext, SectionOutput
 from reportgen.datasets import Dataset, ImageItem, load_image
 from reportgen.engine.gradient_batches import as_uint8, load_inputs  # noqa: F401 - the sections' image helpers
-from reportgen.engine.recipes import resolve_recipe
+from reportgen.engine.recipes import RECIPES, Recipe, resolve_recipe
 from reportgen.engine.scheduler import AscentRequest
-from reportgen.errors import ReportgenError
+from reportgen.errors import ReportgenError, echo
 from reportgen.imaging import overlay, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
+from reportgen.spec.fields import expand_filters
 from reportgen.store import content_key
+from reportgen.work import DatasetRequest, peaks_key
 
 THUMB_SIDE = 192  # thumbnails are fitted into this square; smaller images are upscaled to stay sharp
 NAMES_IN_NOTE = 8  # file names a note lists before "and N more"
@@ -197,6 +201,19 @@ def dead_explanation(pre_relu: bool) -> str:
     return "activation stays ~0"
 
 
+def known_recipes(value: list[str]) -> list[str]:
+    """Field validator of a list of recipe names (`compare`): each must be a recipe, with a close match
+    suggested for a typo."""
+    for name in value:
+        if name not in RECIPES:
+            close = difflib.get_close_matches(name, list(RECIPES), n=1) if len(name) < 100 else []
+            raise ValueError(
+                f"unknown recipe {echo(name)}; "
+                + (f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(RECIPES)}")
+            )
+    return value
+
+
 def filter_requests(
     section: Any,
     ctx: RunContext,
@@ -218,3 +235,119 @@ def filter_requests(
         for f in filters
         for v in range(n)
     ]
+
+
+# -- visualisations beside natural exemplars: MaCo's mask, exemplar_ratio, top classes --------------------
+
+# A visualisation whose activation is below this share of the best natural image's falls "far below" its
+# exemplars: the ascent maximises exactly that number, so it should beat any photo; less than half means
+# the optimisation (its size, regularisers, steps) did not find what the unit responds to.
+FAR_BELOW = 0.5
+SILENT_REFERENCE = 1e-6  # a best natural activation at most this: the unit never fires there, no ratio
+
+
+def mask_alpha(mask: np.ndarray, crop: int) -> np.ndarray:
+    """MaCo's transparency (H, W) as alpha in [0, 1]: cropped like the image, scaled so the 99th percentile
+    is opaque (a few extreme gradients would otherwise leave everything else invisible)."""
+    m = np.asarray(mask, np.float64)
+    if crop and m.shape[0] > 2 * crop + 8 and m.shape[1] > 2 * crop + 8:
+        m = m[crop:-crop, crop:-crop]
+    top = np.percentile(m, 99)
+    return np.clip(m / top, 0.0, 1.0) if top > 0 else np.ones_like(m)
+
+
+def fade(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The image over white with the given alpha: where the mask is low the image fades out."""
+    a = alpha[..., None]
+    return (image.astype(np.float64) * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
+
+
+def visual_tile(
+    ctx: RunContext,
+    out: SectionOutput,
+    req: AscentRequest,
+    recipe_name: str,
+    recipe: Recipe,
+    path: Path,
+    meta: dict[str, Any],
+    stem: str,
+    extra: dict[str, Any] | None = None,
+) -> tuple[np.ndarray, Artifact | None]:
+    """A visualisation as shown: the stored image, or for MaCo the image faded by its transparency mask,
+    with the mask as its own artifact (`.npy` + PNG, `"kind": "mask"`); `filters` and `exemplars` show
+    the same tile for the same result."""
+    tile = np.asarray(Image.open(path).convert("RGB"))
+    if not meta.get("mask"):
+        return tile, None
+    mask = ctx.store.get_npy(ctx.ascent.requests[req] + "-mask")
+    alpha = mask_alpha(mask, recipe.crop)
+    array = out.array(f"{stem}_mask.npy", mask)
+    png = out.image(f"{stem}_mask.png", (alpha * 255).astype(np.uint8))
+    metrics = {"recipe": recipe_name, "array": array, **(extra or {})}
+    return fade(tile, alpha), Artifact("mask", png, req.model, req.layer, artifact_filter(req), metrics)
+
+
+def artifact_filter(req: AscentRequest) -> int | None:
+    """The artifact's filter field: None for the one image of a `layer` / `direction` objective."""
+    return None if req.objective in ("layer", "direction") else req.filter
+
+
+def exemplar_partner(ctx: RunContext, model: str, layer: str) -> tuple[str, int, set[int]] | None:
+    """(dataset, top k, units) of the first `exemplars` section of the spec on this model and layer: the
+    natural images a visualisation of one of those units is compared with (`exemplar_ratio`)."""
+    for s in ctx.spec.sections:
+        if s.type == "exemplars" and s.model == model and s.layer == layer:
+            channels = ctx.models.get(model).layer_channels(layer)
+            return s.dataset, s.top, set(expand_filters(s.filters, channels))
+    return None
+
+
+def reference_request(model: str, dataset: str, layer: str, objective: str, k: int) -> DatasetRequest | None:
+    """What the dataset pass must keep to compare a visualisation with natural images under the same
+    statistic: a channel objective (the map's mean) with each image's channel mean ("means", the piece
+    class rankings read), a neuron (one position) with the images' peaks ("topk" with the exemplars' k);
+    a layer or direction objective has no single unit to compare."""
+    if objective == "channel":
+        return DatasetRequest(model, dataset, layers=(layer,))
+    if objective == "neuron":
+        return DatasetRequest(model, dataset, layers=(layer,), stats=("topk",), k=k)
+    return None
+
+
+def reference_activations(
+    ctx: RunContext, lm: LoadedModel, ds: Dataset, layer: str, objective: str, k: int
+) -> np.ndarray | None:
+    """(C,) the best natural activation of each channel under the objective's statistic (see
+    `reference_request`): the largest channel mean over the images, or the top exemplar's peak."""
+    if objective == "channel":
+        means = dataset_pass.layer_means(ctx, lm, ds, layer)["means"]
+        valid = ~np.isnan(means).any(axis=1)
+        return means[valid].max(axis=0) if valid.any() else None
+    if objective == "neuron":
+        return ctx.result(peaks_key(lm, ds, layer, "topk", k), "dataset pass")["value"][0]
+    return None
+
+
+def exemplar_ratio(activation: float, reference: float) -> float | None:
+    """The visualisation's activation over the best natural image's (None where the unit never fires on
+    the dataset: a ratio to ~0 says nothing)."""
+    return float(activation / reference) if reference > SILENT_REFERENCE else None
+
+
+def class_means(means: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) per-image channel means -> (K, C) per-class means and (K,) image counts.
+
+    Rows of undecodable images (NaN) are left out; classes without any image get NaN means.
+    """
+    valid = ~np.isnan(means).any(axis=1)
+    sums = np.zeros((n_classes, means.shape[1]), np.float64)
+    np.add.at(sums, labels[valid], means[valid].astype(np.float64))
+    counts = np.bincount(labels[valid], minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts[:, None], counts
+
+
+def unit_list(units: list[str], shown: int = NAMES_IN_NOTE) -> str:
+    """"1, 4, 9 and 3 more": units named in a finding, the list capped for wide layers."""
+    head = ", ".join(units[:shown])
+    return head + (f" and {len(units) - shown} more" if len(units) > shown else "")

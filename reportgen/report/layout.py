@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from reportgen.imaging import text_lines
@@ -117,3 +118,47 @@ def plan_grid_heights(lead: float, layers: list[dict[str, Any]], side_by_side: b
             caps.append(None)
             y = head + natural + tail
     return caps
+
+
+# The unit atlas (`exemplars` with `atlas: true`): one row per unit, a fixed number of rows per page, so
+# a layer of hundreds of units reads as pages of equal rows. The numbers mirror .atlas in report.css.
+ATLAS_THUMB_MAX = 64.0  # pt (22.6 mm): a thumbnail's side however few share a row
+ATLAS_LABEL = 76.0  # pt: the unit column (index, top classes, quality figures)
+ATLAS_GAP = 2.0  # pt between thumbnails
+ATLAS_FONT = 6.0  # pt: values under thumbnails and the unit column's text, line-height 1.25
+ATLAS_ROW_PAD = 2 * 2 + 0.5  # a row's padding (2 pt top and bottom) and its 0.5 pt rule
+
+
+@dataclass(frozen=True)
+class AtlasLayout:
+    """Sizes of a unit atlas, in pt: a thumbnail's side, one row's height, and how many rows fit on the
+    section's first page (under its lead and caption) and on each later page."""
+
+    thumb: float
+    row: float
+    first: int
+    per_page: int
+
+    def pages(self, rows: list[Any]) -> list[dict[str, Any]]:
+        """`rows` cut into page groups: {"rows", "break": whether the group starts a new page}. A lead
+        that leaves no room for a row sends the first group to the next page."""
+        groups = [rows[: self.first]] if self.first else []
+        rest = rows[self.first :]
+        groups += [rest[i : i + self.per_page] for i in range(0, len(rest), self.per_page)]
+        return [{"rows": g, "break": bool(i or not self.first)} for i, g in enumerate(g for g in groups if g)]
+
+
+def atlas_layout(lead: float, caption: str, thumbs: int, label_lines: int) -> AtlasLayout:
+    """The atlas's sizes for rows of `thumbs` thumbnails (visualisations and exemplar crops) beside a unit
+    column of `label_lines` lines: thumbnails share the width left by the unit column (at most
+    ATLAS_THUMB_MAX, so that few per row stay thumbnails), and a row is as tall as its thumbnail with its
+    value line, or its unit column if that is taller. `lead`: height of what precedes the section's
+    partial (`lead_height`); `caption`: the partial's caption paragraph above the rows."""
+    thumbs = max(thumbs, 1)
+    thumb = min(ATLAS_THUMB_MAX, (PAGE_WIDTH - ATLAS_LABEL - ATLAS_GAP * thumbs) / thumbs)
+    line = 1.25 * ATLAS_FONT
+    row = max(thumb + line + 1, label_lines * line) + ATLAS_ROW_PAD
+    top = lead % PAGE_HEIGHT + text_lines(caption, 8.5, PAGE_WIDTH) * 1.4 * 8.5 + 8.5
+    per_page = max(1, int((PAGE_HEIGHT - SLACK) // row))
+    first = max(0, int((PAGE_HEIGHT - top - SLACK) // row))
+    return AtlasLayout(thumb, row, first, per_page)
