@@ -1,5 +1,5 @@
-"""All benchmarks in one run: matmul peak, filters, ranking, rerun and dataset-pass throughput; Markdown
-results tables.
+"""All benchmarks in one run: matmul peak, filters, ranking, rerun, attribution (Score-CAM, integrated
+gradients) and dataset-pass throughput; Markdown results tables.
 
 Every ratio compares reportgen with the naive approach measured in this same run, and every FLOP rate
 is divided by the matmul peak measured in this same run, so the table holds on the machine it ran on.
@@ -22,16 +22,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import filters, ranking, rerun, throughput  # noqa: E402
+from benchmarks import attribution, filters, ranking, rerun, throughput  # noqa: E402
 from benchmarks import peak as peak_mod  # noqa: E402
 from benchmarks.common import ONEDNN_MODES, RAW, Row, machine, markdown_table, select_kernels  # noqa: E402
 
 MODES = {
     # quick: 4 filters in 2 chunks (so the engine's steady rate is seen), 64 images, the small rerun spec
     "quick": {"filters": 4, "batch": 2, "images": 64, "classic_filters": 2, "classic_images": 8,
-              "spec": None, "peak_repeats": 3, "rounds": 1, "rss": [200, 1000]},
+              "spec": None, "peak_repeats": 3, "rounds": 1, "rss": [200, 1000], "attribution_images": 8},
     "full": {"filters": 64, "batch": 16, "images": 256, "classic_filters": 4, "classic_images": 16,
-             "spec": rerun.DEMO, "peak_repeats": 5, "rounds": 2, "rss": [1000, 10000]},
+             "spec": rerun.DEMO, "peak_repeats": 5, "rounds": 2, "rss": [1000, 10000],
+             "attribution_images": 32},
 }
 
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(ranking.run("vgg16-hed", "block3_conv1", cfg["images"], 224, 8, cfg["classic_filters"],
                             cfg["classic_images"], peaks))
     rows.append(rerun.run(cfg["spec"]))
+    rows += attribution.run("fashion-cnn", "conv3", cfg["attribution_images"], 32, 32, peaks)
     passes = throughput.run(cfg["images"], 224, 8, cfg["rounds"], cfg["rss"], "block1_conv1")
     command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
     end_peaks = peak_mod.measure(2048, cfg["peak_repeats"], filters.peak_dtypes(args.precision))[0]
