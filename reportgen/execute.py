@@ -343,6 +343,30 @@ def gradient_batch(
     return {"images": gb.as_uint8(pixels), "kept": kept, **arrays}
 
 
+def sanity_batch(
+    lm: Any,
+    ds: Any,
+    items: list[Any],
+    request: Any,
+    batch: int,
+    on_batch: Callable[[int], None],
+    start: int = 0,
+) -> dict[str, np.ndarray]:
+    """The arrays of one `sanity` request or of a `gradcam` request with faithfulness curves
+    (`reportgen.engine.sanity_batches`); `start` numbers a shard's images as in the whole request (their
+    seeded tie-breaks)."""
+    from reportgen.engine import gradient_batches as gb
+    from reportgen.engine import sanity_batches as sb
+
+    params = dict(request.params)
+    pixels, kept = gb.load_inputs(lm, ds, items, params["where"])
+    run = sb.sanity if request.engine == "sanity" else sb.gradcam_faithfulness
+    what = f"{request.engine} {request.model}"
+    arrays = with_backoff(lambda b: run(lm, pixels, kept + start, params, b), batch, what)
+    on_batch(len(items))
+    return {"images": gb.as_uint8(pixels), "kept": kept, **arrays}
+
+
 # engine name -> the call that computes one ImageRequest, or a shard of its images: (model, dataset,
 # images, request, batch, on_batch, start) -> the arrays its section reads
 IMAGE_ENGINES: dict[str, Callable[..., dict[str, np.ndarray]]] = {
@@ -350,6 +374,8 @@ IMAGE_ENGINES: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "gradcam": gradient_batch,
     "saliency": gradient_batch,
     "occlusion": gradient_batch,
+    "sanity": sanity_batch,
+    "gradcam_faithfulness": sanity_batch,
 }
 # How shards' arrays merge: indices of decoded images in the request ("kept", "index") are shifted by the
 # shard's start, indices into the decoded images ("pair_image") by the decoded images of earlier shards,

@@ -84,3 +84,32 @@ def in_box(yx: tuple[int, int], box: tuple[int, int, int, int]) -> bool:
 
 
 # -- references: one image at a time, straight from the Keras layers ---------------------------------
+
+
+# -- a linear edge detector (the randomisation check of tests/engine/test_faithfulness.py, tests/analyses/
+# test_sanity.py) ---------------------------------------------------------------------------------------
+
+
+def edge_model() -> keras.Model:
+    """Linear up to the softmax: Sobel x and y kernels on the colour sum, a seeded random dense head."""
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(2, 3, padding="same", name="edges")(inp)
+    x = keras.layers.Dense(3, name="head")(keras.layers.Flatten()(x))
+    model = keras.Model(inp, keras.layers.Activation("softmax")(x))
+    sobel = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
+    k = np.zeros((3, 3, 3, 2), np.float32)
+    k[..., 0], k[..., 1] = sobel[:, :, None] / 3, sobel.T[:, :, None] / 3
+    model.get_layer("edges").set_weights([k, np.zeros(2, np.float32)])
+    return model
+
+
+def shapes(seed: int) -> np.ndarray:
+    """Three coloured squares on black."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((32, 32, 3), np.float32)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, 24, 2)
+        s = rng.integers(4, 9)
+        img[y0 : y0 + s, x0 : x0 + s] = rng.uniform(80, 255, 3)
+    return img

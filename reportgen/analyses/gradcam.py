@@ -42,6 +42,9 @@ from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
 from reportgen.work import ImageRequest
 
+FAITHFULNESS_STEPS = 16  # deletion/insertion levels of `faithfulness: true`
+FAITHFULNESS_BASELINE = "blur"  # what deleted pixels become (RISE's blurred copy)
+
 CamMethod = Literal["gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam"]
 METHODS: tuple[str, ...] = get_args(CamMethod)  # the canonical order (cache keys, engine)
 LABELS = {
@@ -70,6 +73,12 @@ class GradcamSection(SectionBase, ImagesMixin):
     )
     max_n: int = Field(
         10, ge=1, le=4096, description="Faster-ScoreCAM: channels of largest variance kept per image."
+    )
+    faithfulness: bool = Field(
+        False,
+        description="Also measure each map's deletion and insertion curves (Petsiuk et al. 2018): the class "
+        f"probability as the pixels are blurred away, or put back, in the map's order, {FAITHFULNESS_STEPS} "
+        "steps; 2 x (steps + 1) forward passes per image and method.",
     )
 
 
@@ -105,8 +114,15 @@ class GradcamAnalysis(Analysis):
             params["methods"] = [m for m in METHODS if m in methods]
             if "faster-scorecam" in methods:
                 params["max_n"] = section.max_n
+        if section.faithfulness:
+            params["faithfulness"] = self._curve_params(ctx)
         key = result_key(self.type, self.version, lm, ds, items, params)
         return lm, target, ds, items, notes, key
+
+    @staticmethod
+    def _curve_params(ctx: RunContext) -> dict[str, Any]:
+        """The deletion/insertion parameters of `faithfulness: true` (seed: the curves' tie-breaks)."""
+        return {"steps": FAITHFULNESS_STEPS, "baseline": FAITHFULNESS_BASELINE, "seed": ctx.spec.seed}
 
     def prepare(self, section: GradcamSection, ctx: RunContext, index: int) -> None:
         """Declare the batch of maps: one forward + backward pass per image, and Score-CAM's forward-only
@@ -126,10 +142,15 @@ class GradcamAnalysis(Analysis):
             "max_n": section.max_n,
             "where": ctx.where(index, "dataset"),
         }
+        engine = "gradcam"
+        if section.faithfulness:  # computed by reportgen.engine.sanity_batches.gradcam_faithfulness
+            engine = "gradcam_faithfulness"
+            params.update(self._curve_params(ctx))
+            masked += n * len(methods) * 2 * (FAITHFULNESS_STEPS + 1)
         ctx.work.add(
             ImageRequest(
                 "gradient", section.model, section.dataset, key, n, n, last, backward=True,
-                forward_samples=masked, engine="gradcam", names=tuple(it.name for it in items),
+                forward_samples=masked, engine=engine, names=tuple(it.name for it in items),
                 params=tuple(params.items()),
             )  # fmt: skip
         )
@@ -143,6 +164,7 @@ class GradcamAnalysis(Analysis):
         notes += skipped_note(items, res["kept"])
         sizes = image_sizes(items)
         figures, rows, artifacts = [], [], []
+        faithful: list[dict[str, Any]] = []  # deletion/insertion areas per (image, method), if asked for
         for k, i in enumerate(res["kept"].tolist()):
             item = items[i]
             cls, prob = int(res["classes"][k]), float(res["probability"][k])
@@ -175,6 +197,13 @@ class GradcamAnalysis(Analysis):
                     "region": stats["region"],
                     "top10_share": None if stats["empty"] else round(stats["top10"], 3),
                 }
+                if section.faithfulness:
+                    s = m.replace("++", "pp")
+                    auc = {"deletion_auc": round(float(res[f"deletion_auc_{s}"][k]), 4),
+                           "insertion_auc": round(float(res[f"insertion_auc_{s}"][k]), 4)}  # fmt: skip
+                    row.update(auc)
+                    figure["maps"][-1].update(auc)
+                    faithful.append({"method": m, "image": item.name, **auc})
                 rows.append(row)
                 artifacts.append(Artifact("heatmap", rel, section.model, section.layer, None, dict(row)))
                 for resolution, values in (("conv", conv), ("input", heat)):
@@ -199,6 +228,9 @@ class GradcamAnalysis(Analysis):
         bar, bar_artifact = colour_bar(out, "colorbar.png", "jet", section.model)
         artifacts.append(bar_artifact)
         artifacts.append(Artifact("table", csv_rel, section.model, section.layer, None, {"rows": len(rows)}))
+        artifacts += [
+            Artifact("faithfulness", csv_rel, section.model, section.layer, None, f) for f in faithful
+        ]
         return SectionResult(
             context={
                 "layer": section.layer,
@@ -212,9 +244,10 @@ class GradcamAnalysis(Analysis):
                 "colorbar": bar,
                 "methods": [LABELS[m] for m in methods],
                 "max_n": section.max_n if "faster-scorecam" in methods else None,
+                "faithfulness": {"steps": FAITHFULNESS_STEPS} if section.faithfulness else None,
             },
             artifacts=artifacts,
-            findings=self.findings(rows, sizes, res, methods),
+            findings=self.findings(rows, sizes, res, methods) + faithfulness_findings(faithful),
             notes=notes,
         )
 
@@ -311,6 +344,30 @@ class GradcamAnalysis(Analysis):
             text = f"{LABELS[m]} vs {LABELS[first]}: same region in {same} of {len(main)} images"
             out.append(text + (f", pixel correlation {np.mean(corr):.2f} on average." if corr else "."))
         return out
+
+
+
+
+def faithfulness_findings(faithful: list[dict[str, Any]]) -> list[str]:
+    """Each method's mean deletion and insertion areas, and (with several methods) which is most faithful."""
+    if not faithful:
+        return []
+    methods = list(dict.fromkeys(f["method"] for f in faithful))
+    mean = {
+        m: (np.mean([f["deletion_auc"] for f in faithful if f["method"] == m]),
+            np.mean([f["insertion_auc"] for f in faithful if f["method"] == m]))
+        for m in methods
+    }  # fmt: skip
+    out = [
+        f"{LABELS[m]}: deletion area {d:.3f} (lower: the map finds the evidence), insertion area {i:.3f} "
+        "(higher is better) on average."
+        for m, (d, i) in mean.items()
+    ]
+    if len(methods) > 1:
+        best_d = min(methods, key=lambda m: mean[m][0])
+        best_i = max(methods, key=lambda m: mean[m][1])
+        out.append(f"Most faithful by deletion: {LABELS[best_d]}; by insertion: {LABELS[best_i]}.")
+    return out
 
 
 ANALYSIS = GradcamAnalysis()

@@ -1,0 +1,121 @@
+"""The work of the `sanity` section and of `gradcam`'s `faithfulness: true`, run by the executor
+(`reportgen.execute.sanity_batch`) from the sections' requests before any section builds.
+
+`sanity`: each method's maps on the trained model, their deletion/insertion curves
+(`reportgen.engine.faithfulness`), and the maps of the same images and classes on the model randomised
+from the top down (`reportgen.engine.randomize`) with their similarity to the trained model's maps.
+`gradcam_faithfulness`: the Grad-CAM batch (`gradient_batches.gradcam`) plus the curves of its maps.
+
+Array names use the method's slug ("gradcam++" -> "gradcampp"). Every array is per image, so the shards of
+a request merge by concatenation (`reportgen.execute.merge_image_shards`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reportgen.engine.gradient_batches import gradcam
+
+CAMS = ("gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam")
+GRADIENTS = ("vanilla", "gradient_x_input")  # input-space methods computed from one input gradient
+
+
+def slug(method: str) -> str:
+    return method.replace("++", "pp")
+
+
+def attribution_maps(
+    lm: Any, batch: int, pixels: np.ndarray, classes: np.ndarray, methods: list[str], params: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """(N, H, W) map of each method at the model's input size, for the given (concrete) classes: CAMs of
+    `params["layer"]` from one pass (Score-CAM's masked passes batched), input-gradient methods from one
+    input gradient. Gradient x input multiplies the gradient by the 0..255 pixels (a black pixel adds
+    nothing) and sums the colour channels, signed; the checks compare absolute values."""
+    from reportgen.engine.gradients import engine_for, saliency_map
+
+    eng = engine_for(lm, batch)
+    out: dict[str, np.ndarray] = {}
+    cams = [m for m in methods if m in CAMS]
+    if cams:
+        out.update(eng.cams(pixels, params["layer"], classes, cams, params["max_n"]).heatmaps)
+    if any(m in GRADIENTS for m in methods):
+        grads = eng.input_gradients(pixels, classes).gradients
+        if "vanilla" in methods:
+            out["vanilla"] = saliency_map(grads)
+        if "gradient_x_input" in methods:
+            out["gradient_x_input"] = (grads * np.asarray(pixels, np.float32)).sum(axis=-1)
+    unknown = [m for m in methods if m not in out]
+    if unknown:
+        raise ValueError(f"unknown attribution methods {unknown}")
+    return {m: out[m].astype(np.float32) for m in methods}
+
+
+def _curves(
+    lm: Any, batch: int, pixels: np.ndarray, ids: np.ndarray, maps: dict[str, np.ndarray],
+    classes: np.ndarray, params: dict[str, Any],
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Deletion/insertion curves and their areas of each method's maps, as arrays named by its slug."""
+    from reportgen.engine.faithfulness import curve_program
+
+    program = curve_program(lm, batch)
+    arrays: dict[str, np.ndarray] = {}
+    for m, values in maps.items():
+        c = program.curves(pixels, values, classes, params["steps"], params["baseline"], params["seed"], ids)
+        s = slug(m)
+        arrays.update({
+            f"deletion_{s}": c.deletion, f"insertion_{s}": c.insertion,
+            f"deletion_auc_{s}": c.deletion_auc, f"insertion_auc_{s}": c.insertion_auc,
+        })  # fmt: skip
+    return arrays
+
+
+def sanity(
+    lm: Any, pixels: np.ndarray, ids: np.ndarray, params: dict[str, Any], batch: int
+) -> dict[str, np.ndarray]:
+    """Maps, faithfulness curves and the randomisation cascade of `params["methods"]`.
+
+    params: methods, layer (CAMs), max_n (Faster-ScoreCAM), target (-1: each image's top class), steps and
+    baseline (curves), depth (cascade steps; None: every parameterised layer), seed. `ids`: each decoded
+    image's index in the section's chosen images (seeds its tie-breaking in the curves)."""
+    from reportgen.engine.faithfulness import spearman, ssim
+    from reportgen.engine.gradients import engine_for
+    from reportgen.engine.randomize import cascade
+
+    methods = list(params["methods"])
+    pixels = np.asarray(pixels, np.float32)
+    first = engine_for(lm, batch).input_gradients(pixels, params["target"])
+    classes = first.classes  # the trained model's; every randomised model explains the same class
+    maps = attribution_maps(lm, batch, pixels, classes, methods, params)
+    arrays: dict[str, np.ndarray] = {"classes": classes, "probability": first.probability}
+    for m in methods:
+        arrays[f"map_{slug(m)}"] = maps[m]
+    arrays.update(_curves(lm, batch, pixels, ids, maps, classes, params))
+    steps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for _, _, randomised in cascade(lm, params["seed"], params["depth"]):
+        for m, values in attribution_maps(randomised, batch, pixels, classes, methods, params).items():
+            steps[m].append(values)
+    n, (h, w) = len(pixels), lm.input_size
+    for m in methods:
+        s = slug(m)
+        stack = np.stack(steps[m], axis=1) if steps[m] else np.zeros((n, 0, h, w), np.float32)
+        arrays[f"cascade_{s}"] = stack
+        arrays[f"spearman_{s}"] = np.asarray(
+            [[spearman(maps[m][i], stack[i, k]) for k in range(stack.shape[1])] for i in range(n)], np.float32
+        ).reshape(n, -1)
+        arrays[f"ssim_{s}"] = np.asarray(
+            [[ssim(maps[m][i], stack[i, k]) for k in range(stack.shape[1])] for i in range(n)], np.float32
+        ).reshape(n, -1)
+    return arrays
+
+
+def gradcam_faithfulness(
+    lm: Any, pixels: np.ndarray, ids: np.ndarray, params: dict[str, Any], batch: int
+) -> dict[str, np.ndarray]:
+    """The `gradcam` section's arrays (`gradient_batches.gradcam`) plus deletion/insertion curves of each
+    method's maps for the class it explains. params: gradcam's, plus steps, baseline, seed."""
+    arrays = gradcam(lm, pixels, params, batch)
+    maps = {m: arrays["heatmaps" if m == "gradcam" else f"heatmaps_{m}"] for m in params["methods"]}
+    pixels = np.asarray(pixels, np.float32)
+    return {**arrays, **_curves(lm, batch, pixels, ids, maps, arrays["classes"], params)}
