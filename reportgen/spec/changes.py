@@ -15,9 +15,9 @@ are the values below (README, "What changed").
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Discriminator, Field, Tag
 
 from reportgen.errors import echo
 from reportgen.spec.fields import Strict
@@ -37,6 +37,14 @@ class BaselineSpec(Strict):
         description="Dataset key: match units of the two checkpoints by the correlation of their per-image "
         "channel means over it (Li et al. 2015) before comparing them.",
     )
+
+
+Baseline = Annotated[
+    Annotated[str, Tag("run")] | Annotated[BaselineSpec, Tag("mapping")],
+    Discriminator(lambda value: "run" if isinstance(value, str) else "mapping"),
+]
+"""`previous`, a PATH, or the mapping form: told apart by the value's kind, so a wrong mapping gets the
+mapping's errors only (not also "not a string")."""
 
 
 class FilterChanges(Strict):

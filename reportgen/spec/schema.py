@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PrivateAttr
 
 from reportgen.analyses import section_models
-from reportgen.spec.changes import BaselineSpec, ChangeThresholds
+from reportgen.spec.changes import Baseline, ChangeThresholds
 from reportgen.spec.fields import MAX_SEED, DatasetSpec, ModelSpec, Strict
 
 _MODELS = section_models()
@@ -36,7 +36,7 @@ class Spec(Strict):
     models: dict[str, ModelSpec] = Field(min_length=1)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     sections: list[Section] = Field(min_length=1)
-    baseline: str | BaselineSpec | None = Field(
+    baseline: Baseline | None = Field(
         None,
         description="Open the report with a 'What changed' section: previous (the last successful run of "
         "this spec in the run history <cache>/history.sqlite), an earlier output folder, or {run: previous | "
