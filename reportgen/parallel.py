@@ -16,7 +16,6 @@ Backends: `loky` (local processes, `--jobs N`; `--jobs 1` runs in the main proce
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -28,7 +27,6 @@ from typing import Any
 from reportgen.errors import ReportgenError
 
 BACKENDS = ("loky", "dask")
-PIECES_PER_WORKER = 2  # a few pieces per worker balance the load; each also reports progress
 
 
 @dataclass(frozen=True)
@@ -77,27 +75,19 @@ class Backend:
 
 @dataclass(frozen=True)
 class AscentWork:
-    """One piece of a pass, as plain data for a worker."""
+    """One piece of a pass, as plain data for a worker: the requests themselves (any objective,
+    diversity groups whole, class models), each with the content key the planner gave it."""
 
     spec_path: str
     model: str
     recipe: dict[str, Any]
     precision: str
     layers: tuple[str, ...]  # the whole pass's layers: the same program as a local run
-    items: tuple[tuple[str, int, int, str], ...]  # (layer, filter, seed, content key)
+    items: tuple[tuple[Any, str], ...]  # (reportgen.engine.scheduler.AscentRequest, content key)
     batch_size: int | None  # None: the worker sizes chunks for its own device
     memory_share: float = 1.0
     threads: int | None = None  # TensorFlow intra-op threads for a local worker process
     index: int = 0  # position of the piece's pass in the plan
-
-
-def split_pass(p: Any, workers: int) -> list[list[int]]:
-    """Indices of a pass's requests cut into pieces of whole chunks: about PIECES_PER_WORKER pieces per
-    worker, and chunks no larger than needed to give every worker some (results do not depend on it)."""
-    size = max(1, min(p.batch_size, math.ceil(p.pending / max(1, workers))))
-    chunks = [list(range(s, min(s + size, p.pending))) for s in range(0, p.pending, size)]
-    per_piece = max(1, math.ceil(len(chunks) / max(1, workers * PIECES_PER_WORKER)))
-    return [sum(chunks[i : i + per_piece], []) for i in range(0, len(chunks), per_piece)]
 
 
 _WORKER_MODELS: dict[tuple[str, str, str], Any] = {}
@@ -136,9 +126,8 @@ def run_ascent_work(work: AscentWork) -> dict[str, Any]:
     """Worker entry point: load the model from the spec, run the piece's chunks, store every result."""
     spec = start_worker(work.spec_path, work.threads)
     from reportgen.device import device_description
-    from reportgen.engine.ascent import AscentJob, program_for
     from reportgen.engine.recipes import Recipe
-    from reportgen.engine.scheduler import ascent_key, store_result
+    from reportgen.engine.scheduler import CLASS_TAG, pass_program, request_key, run_chunks
     from reportgen.plan import batch_size_for, device_budget, sample_cost
     from reportgen.store import Store, store_root
 
@@ -146,27 +135,26 @@ def run_ascent_work(work: AscentWork) -> dict[str, Any]:
     host = socket.gethostname()
     lm = worker_model(work.spec_path, work.model)
     recipe = Recipe(**work.recipe)
-    for layer, filt, seed, key in work.items:
-        if ascent_key(lm, layer, filt, recipe, seed, work.precision) != key:
+    for req, key in work.items:
+        if req.recipe != recipe or request_key(lm, req, work.precision) != key:
             raise ReportgenError(
                 f"worker {host}: model {work.model!r} of {work.spec_path} is not the model the run planned "
                 f"with (weights digest {lm.digest[:16]}); every worker must see the same spec, model files "
                 "and reportgen version at the same paths"
             )
     store = Store(store_root(spec))
-    todo = [item for item in work.items if not store.has(item[3], "json")]  # a retried piece may have some
-    program = program_for(lm, work.layers, recipe, work.precision)
+    program = pass_program(lm, work.layers, recipe, work.precision)
+    computed = [lm.model.layers[-1].name] if work.layers == (CLASS_TAG,) else list(work.layers)
     batch = work.batch_size or batch_size_for(
-        sample_cost(lm, work.layers, program.size, work.precision), device_budget(work.memory_share)
+        sample_cost(lm, computed, program.size, work.precision), device_budget(work.memory_share)
     )
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
-        results = program.run([AscentJob(layer, filt, seed) for layer, filt, seed, _ in chunk], batch)
-        for (_, _, _, key), res in zip(chunk, results, strict=True):
-            store_result(store, key, res)
+    # the local run's chunk loop: stored results (a retried piece) are skipped, groups kept whole
+    done, _ = run_chunks(
+        store, program, [req for req, _ in work.items], [key for _, key in work.items], batch, lambda n: None
+    )
     return {
         "index": work.index,
-        "keys": [item[3] for item in todo],
+        "keys": done,
         "items": len(work.items),
         "device": f"{host}: {device_description()}",
         "seconds": time.perf_counter() - t0,
@@ -210,6 +198,8 @@ def run_passes(
     """Run the pending passes' pieces on the backend; returns (keys stored, worker devices)."""
     from joblib import Parallel, delayed
 
+    from reportgen.plan import ascent_pieces
+
     if spec_path is None:
         raise ReportgenError("parallel runs need the spec's path: workers load the models from it")
     spec_path = str(os.path.abspath(spec_path))
@@ -220,16 +210,10 @@ def run_passes(
         works, advances = [], []
         for index, p in enumerate(passes):
             advances.append(
-                board.add(
-                    f"ascent {p.model} ({len(p.layers)} layers, {p.recipe.steps} steps) "
-                    f"on {backend.describe()}",
-                    p.pending,
-                )
+                board.add(f"{p.label()} on {backend.describe()}", p.pending)
             )
-            for piece in split_pass(p, workers):
-                items = tuple(
-                    (p.requests[i].layer, p.requests[i].filter, p.requests[i].seed, p.keys[i]) for i in piece
-                )
+            for piece in ascent_pieces(p, workers):
+                items = tuple((p.requests[i], p.keys[i]) for i in piece)
                 # the planner's chunk size, unless dask workers may size their own (no --batch-size)
                 chunk = batch_size if backend.name == "dask" else min(p.batch_size, len(items))
                 works.append(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reportgen.engine.recipes import Recipe, ascent_size
+from reportgen.engine.scheduler import CLASS_TAG
 
 MEMORY_FACTOR = 3.0
 # A pass computes every sample up to its deepest layer. Layers whose forward cost exceeds DEPTH_RATIO x the
@@ -198,8 +199,20 @@ class AscentPass:
         return len(self.requests)
 
     @property
+    def classes(self) -> bool:
+        """A pass of class models (`class_model` sections): the objective is the model's class logits."""
+        return self.layers == (CLASS_TAG,)
+
+    @property
     def chunks(self) -> int:
         return math.ceil(self.pending / self.batch_size) if self.pending else 0
+
+    def label(self) -> str:
+        """The pass's progress line."""
+        if self.classes:
+            return f"class models {self.model} ({self.recipe.steps} steps)"
+        layers = f"{len(self.layers)} layer{'s' if len(self.layers) != 1 else ''}"
+        return f"ascent {self.model} ({layers}, {self.recipe.steps} steps)"
 
     @property
     def flops(self) -> int:
@@ -209,10 +222,14 @@ class AscentPass:
     def describe(self) -> str:
         if not self.pending:
             return f"ascent {self.model} ({recipe_label(self.recipe)}): all {self.total} results stored"
-        layers = ", ".join(self.layers)
+        n = len(self.layers)
+        what = (
+            f"{self.pending} class model{'s' if self.pending != 1 else ''}"
+            if self.classes
+            else f"{self.pending} filters over {n} layer{'s' if n != 1 else ''} ({', '.join(self.layers)})"
+        )
         return (
-            f"ascent {self.model} ({recipe_label(self.recipe)}): {self.pending} filters over "
-            f"{len(self.layers)} layer{'s' if len(self.layers) != 1 else ''} ({layers}) "
+            f"ascent {self.model} ({recipe_label(self.recipe)}): {what} "
             f"at {self.size[0]}x{self.size[1]} px, "
             f"{self.recipe.steps} steps, batch {min(self.batch_size, self.pending)} ({self.chunks} chunk"
             f"{'s' if self.chunks != 1 else ''}), est. {human_flops(self.flops)}, "
@@ -229,6 +246,11 @@ class Plan:
     budget: DeviceBudget
     precision: str = "float32"
     sections: dict[str, tuple[int, int]] = field(default_factory=dict)  # sid -> (results, stored)
+    workers: int = 1  # of the backend the passes run on (1: in this process)
+
+    def shards(self, p: AscentPass) -> int:
+        """Units of work of a pass: its chunks here, its pieces on a parallel backend's workers."""
+        return len(ascent_pieces(p, self.workers)) if self.workers > 1 else p.chunks
 
     @property
     def total(self) -> int:
@@ -273,28 +295,35 @@ def build_plan(
     precision: str,
     batch_size: int | None = None,
     budget: DeviceBudget | None = None,
+    workers: int = 1,
 ) -> Plan:
-    """Group requests (AscentRequest -> content key) per (model, recipe), drop the stored, size batches.
+    """Group requests (AscentRequest -> content key) per (model, recipe), drop the stored, size batches;
+    class models (layer CLASS_TAG) get passes of their own. `workers`: of a parallel backend (the pieces
+    each pass is cut into, `ascent_pieces`).
 
     A key requested twice (two sections, or two model entries with the same weights) is computed once,
     in the pass of its first request."""
     budget = budget or device_budget()
-    groups: dict[tuple[str, Recipe], list[tuple[Any, str]]] = {}
+    groups: dict[tuple[str, Recipe, bool], list[tuple[Any, str]]] = {}
     seen: set[str] = set()
     for req, key in requests.items():
         if key in seen:
             continue
         seen.add(key)
-        groups.setdefault((req.model, req.recipe), []).append((req, key))
+        groups.setdefault((req.model, req.recipe, req.layer == CLASS_TAG), []).append((req, key))
     stored_keys = {key for key in seen if store.has(key, "json")}
     passes = []
-    for (model_key, recipe), items in groups.items():
+    for (model_key, recipe, classes), items in groups.items():
         lm = models.get(model_key)
         size = ascent_size(lm, recipe)
         todo = [(r, k) for r, k in items if k not in stored_keys]
-        order = [ly.name for ly in lm.model.layers]
-        pending_layers = sorted({r.layer for r, _ in todo}, key=order.index)
-        layer_groups = split_by_depth(lm, pending_layers, [r.layer for r, _ in todo], size, precision)
+        if classes:  # class models run through the whole model, in a pass of their own
+            pending_layers = [CLASS_TAG] if todo else []
+            layer_groups = [(CLASS_TAG,)] if todo else []
+        else:
+            order = [ly.name for ly in lm.model.layers]
+            pending_layers = sorted({r.layer for r, _ in todo}, key=order.index)
+            layer_groups = split_by_depth(lm, pending_layers, [r.layer for r, _ in todo], size, precision)
         for i, group in enumerate(layer_groups or [()]):
             # results of layers with nothing pending are counted (as stored) in the first pass
             mine = [(r, k) for r, k in items if r.layer in group or not i and r.layer not in pending_layers]
@@ -310,12 +339,33 @@ def build_plan(
                 stored=len(mine) - len(pending),
                 all_keys=[k for _, k in mine],
             )
+            if classes:
+                p.layers = (CLASS_TAG,)
             if pending:
-                p.cost = sample_cost(lm, group, size, precision)
+                computed = [lm.model.layers[-1].name] if classes else list(group)
+                p.cost = sample_cost(lm, computed, size, precision)
                 p.batch_size = batch_size_for(p.cost, budget, batch_size)
             passes.append(p)
     sections = {sid: (len(set(keys)), len(set(keys) & stored_keys)) for sid, keys in owners.items()}
-    return Plan(passes, budget, precision, sections)
+    return Plan(passes, budget, precision, sections, workers)
+
+
+# A parallel backend gets about this many pieces of an ascent pass per worker: a few balance the load,
+# and each reports progress when it finishes.
+PIECES_PER_WORKER = 2
+
+
+def ascent_pieces(p: AscentPass, workers: int) -> list[list[int]]:
+    """Indices of a pass's pending requests cut into pieces for a parallel backend's workers: whole
+    chunks (never splitting a `diversity` group, `engine.ascent.chunk_ranges`), about PIECES_PER_WORKER
+    pieces per worker, and chunks no larger than needed to give every worker some (results do not depend
+    on the chunks). The dry run counts these; `reportgen.parallel.run_passes` sends them."""
+    from reportgen.engine.ascent import chunk_ranges
+
+    size = max(1, min(p.batch_size, math.ceil(p.pending / max(1, workers))))
+    chunks = [list(range(s, e)) for s, e in chunk_ranges([r.job() for r in p.requests], size)]
+    per_piece = max(1, math.ceil(len(chunks) / max(1, workers * PIECES_PER_WORKER)))
+    return [sum(chunks[i : i + per_piece], []) for i in range(0, len(chunks), per_piece)]
 
 
 def split_by_depth(
@@ -721,7 +771,7 @@ class WorkPlan:
                     "batch": p.batch_size if p.pending else 0,
                     "flops": p.flops,
                     "bytes_per_sample": int(p.cost.activation_bytes * MEMORY_FACTOR),
-                    "shards": p.chunks,
+                    "shards": self.ascent.shards(p),
                 }
             )
         return rows + [p.row() for p in self.dataset] + [p.row() for p in self.images]
@@ -731,7 +781,7 @@ def plan_work(
     ctx: Any, memory_share: float = 1.0, batch_size: int | None = None, workers: int = 1
 ) -> WorkPlan:
     """The whole run's plan from the requests sections declared in `prepare` (ctx: a RunContext)."""
-    ascent = ctx.ascent.plan(memory_share=memory_share)
+    ascent = ctx.ascent.plan(memory_share=memory_share, workers=workers)
     board = ctx.work
     dataset = plan_dataset(
         board, ctx.store, ctx.models, ctx.datasets, ascent.budget, ctx.spec.precision, batch_size, workers

@@ -11,6 +11,8 @@ import keras
 import pytest
 import yaml
 
+from reportgen.engine.recipes import resolve_recipe
+from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError
 from reportgen.parallel import AscentWork, Backend, run_ascent_work
 from reportgen.runner import run
@@ -94,8 +96,9 @@ def test_local_processes_match_a_local_run(tmp_path: Path, model_file: Path, loc
 
 def test_worker_refuses_a_model_that_differs_from_the_plan(tmp_path: Path, model_file: Path) -> None:
     spec = write_spec(tmp_path, model_file, "w")
-    work = AscentWork(str(spec), "tiny", {"steps": 2, "size": 32}, "float32", ("conv_a",),
-                      (("conv_a", 0, 0, "0" * 64),), batch_size=1)
+    recipe = resolve_recipe("keras-example", {"steps": 2, "size": 32})
+    work = AscentWork(str(spec), "tiny", recipe.as_dict(), "float32", ("conv_a",),
+                      ((AscentRequest("tiny", "conv_a", 0, recipe, 0), "0" * 64),), batch_size=1)
     with pytest.raises(ReportgenError, match="is not the model the run planned with"):
         run_ascent_work(work)
 

@@ -1,8 +1,11 @@
 """`class_model`: images that maximise a class's pre-softmax score, and how confident the model is on them.
 
-All requested classes are optimised in one batch by `reportgen.engine.class_model`; each class's result is
-cached on its own (it depends only on model, class, recipe and seed), so adding a class to a spec computes
-only that class.
+`prepare` requests one ascent sample per class (`AscentRequest` with layer `CLASS_TAG`, its filter the
+class index); the planner batches the classes of every section with the same model and recipe into one
+class-model pass (`--dry-run` lists it, `--batch-size` and the out-of-memory back-off apply, a parallel
+backend runs its pieces on the workers) and the executor stores each class's result on its own (it
+depends only on model, class, recipe and seed), so adding a class to a spec computes only that class.
+`build` only reads the stored results. Every recipe works: the pixel ones, `fourier` and `maco`.
 """
 
 from __future__ import annotations
@@ -10,14 +13,15 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from PIL import Image
 from pydantic import Field
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
+from reportgen.engine.scheduler import CLASS_TAG, AscentRequest
 from reportgen.errors import ReportgenError
-from reportgen.imaging import to_pil, upscale_for_print
+from reportgen.imaging import upscale_for_print
 from reportgen.spec.fields import Index, SectionBase
-from reportgen.store import content_key
 
 
 class ClassModelSection(SectionBase):
@@ -25,7 +29,12 @@ class ClassModelSection(SectionBase):
     needs_top: ClassVar[bool] = True
     model: str
     classes: list[Index | str] = Field(min_length=1)
-    recipe: str = "regularized"
+    recipe: str = Field(
+        "regularized",
+        description="How the images are optimised: regularized (jitter, blur, decay in pixel space), "
+        "keras-example (plain ascent), fourier (lucid: 1/f Fourier coefficients, decorrelated colour, "
+        "Adam) or maco (Fourier phase only with a natural magnitude, random crops, Nadam).",
+    )
     params: dict[str, float | int | bool] = Field(
         default_factory=dict, description="Recipe overrides.", json_schema_extra=params_json_schema
     )
@@ -68,7 +77,7 @@ CSV_COLUMNS = [
 
 class ClassModelAnalysis(Analysis):
     section = ClassModelSection
-    version = "2"  # 2: starts seeded by the model key, not the weights (engine.ascent.sample_seed)
+    version = "3"  # 3: planned with the ascent (results keyed by engine.scheduler.request_key)
 
     def default_title(self, section: ClassModelSection) -> str:
         return f"Class models ({section.recipe})"
@@ -85,60 +94,39 @@ class ClassModelAnalysis(Analysis):
             )
         return lm, recipe, target_classes(section, ctx, index, lm, int(shape[-1]))
 
+    def _requests(self, section: ClassModelSection, ctx: RunContext, index: int) -> list[AscentRequest]:
+        """One ascent request per class, in spec order."""
+        _, recipe, targets = self._plan(section, ctx, index)
+        return [AscentRequest(section.model, CLASS_TAG, t, recipe, ctx.spec.seed) for t in targets]
+
     def prepare(self, section: ClassModelSection, ctx: RunContext, index: int) -> None:
-        """The classes run in build (one batch per section); checks the fields before any ascent runs."""
-        self._plan(section, ctx, index)
+        """Checks the fields and requests every class from the ascent planner."""
+        for req in self._requests(section, ctx, index):
+            ctx.ascent.request(req)
 
     def build(
         self, section: ClassModelSection, ctx: RunContext, out: SectionOutput, index: int
     ) -> SectionResult:
-        from reportgen.engine.class_model import class_model_program
-
-        lm, recipe, targets = self._plan(section, ctx, index)
+        lm, recipe, _ = self._plan(section, ctx, index)
         size = ascent_size(lm, recipe)
-        keys = {
-            t: content_key(
-                "class_model",
-                self.version,
-                lm.digest,
-                lm.preprocessing.model_dump(),
-                t,
-                recipe.as_dict(),
-                ctx.spec.seed,
-                size,
-                ctx.spec.precision,
-            )
-            for t in targets
-        }
-        todo = [t for t in targets if not ctx.store.has(keys[t], "npz")]
-        fresh = {}
-        if todo:
-            with ctx.timed("engine: class_model"):
-                program = class_model_program(lm, recipe, ctx.spec.precision)
-                with ctx.progress.task(f"class models {section.model}", len(todo)) as advance:
-                    fresh = {r.target: r for r in program.run(todo, ctx.spec.seed, on_chunk=advance)}
-
-        def compute(t: int) -> dict[str, np.ndarray]:
-            r = fresh[t]
-            return {
-                "image": r.image,
-                "probs": r.probs.astype(np.float32),
-                "logits": np.array([r.logit_start, r.logit_final], np.float32),
-            }
-
         rows, artifacts = [], []
-        for t in targets:
-            arrays = ctx.cached(keys[t], lambda t=t: compute(t))
-            probs = arrays["probs"]
+        for req in self._requests(section, ctx, index):
+            t = req.filter
+            path, meta = ctx.ascent.result(req)
+            stored = ctx.store.get_arrays(ctx.ascent.requests[req])
+            if stored is None:
+                raise KeyError(f"class model probabilities missing for {req}")
+            probs = stored["probs"]
             order = np.argsort(-probs, kind="stable")[:3]
             top = int(order[0])
             name = lm.class_name(t)
-            rel = out.image(f"class_{t:04d}.png", np.asarray(upscale_for_print(to_pil(arrays["image"]))))
+            with Image.open(path) as image:  # the uint8 pixels the model scored, stored losslessly
+                rel = out.image(f"class_{t:04d}.png", np.asarray(upscale_for_print(image)))
             row = {
                 "class": t,
                 "name": name,
-                "logit_start": float(arrays["logits"][0]),
-                "logit_final": float(arrays["logits"][1]),
+                "logit_start": float(meta["logit_start"]),
+                "logit_final": float(meta["logit_final"]),
                 "confidence": float(probs[t]),
                 "top_class": top,
                 "top_name": lm.class_name(top),

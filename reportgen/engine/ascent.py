@@ -364,7 +364,7 @@ class AscentProgram:
             raise ValueError(f"precision {dtype!r} is not one of {', '.join(PRECISIONS)}")
         self.model, self.layers, self.recipe = model, tuple(layers), recipe
         self.size = ascent_size(model, recipe)
-        outputs = [_objective_output(model.layer(name), recipe.pre_relu) for name in self.layers]
+        outputs = self._objective_outputs()
         extractor = keras.Model(model.model.inputs, outputs)
         self.extractor = extractor if dtype == "float32" else mixed_precision_clone(extractor, dtype)
         self.channels = [int(o.shape[-1]) for o in outputs]
@@ -383,7 +383,8 @@ class AscentProgram:
         shapes = extractor.compute_output_shape((1, h, w, c))
         if not isinstance(shapes[0], list | tuple):  # one output: one shape rather than a list of them
             shapes = [shapes]
-        self._map_sizes = [(int(s[1] or 0), int(s[2] or 0)) for s in shapes]
+        self._map_sizes = [(int(s[1] or 0), int(s[2] or 0)) if len(s) == 4 else (0, 0) for s in shapes]
+        self.clip_pixels = recipe.is_regularized  # pixel recipes: clip x to [-1, 1] after every step
         self._blur = gaussian_kernel(recipe.blur_sigma, c) if recipe.blur_every else None
         self._opt = tf.constant(optimizer_tables(recipe.optimizer, recipe.steps)) if recipe.adam else None
         spec = [
@@ -403,6 +404,10 @@ class AscentProgram:
         self._run = tf.function(self._ascend, input_signature=spec, reduce_retracing=True)
 
     # -- graph pieces -------------------------------------------------------------------------
+    def _objective_outputs(self) -> list[Any]:
+        """The symbolic outputs the objectives read: one per layer (class models read the logits)."""
+        return [_objective_output(self.model.layer(name), self.recipe.pre_relu) for name in self.layers]
+
     def _outputs(self, x: tf.Tensor) -> list[tf.Tensor]:
         """The layers' outputs for canonical images; the preprocessing runs in float32 (a mixed-precision
         extractor casts its input itself)."""
@@ -530,7 +535,7 @@ class AscentProgram:
                 v = v + (tf.square(grads) - v) * 0.001
                 z = z + r.lr * (coef[0] * m + coef[1] * grads) / (tf.sqrt(coef[2] * v) + eps)
             if self.param.kind == "pixel":
-                z = regularize(z, step, r, self._blur, self.size, clip=r.is_regularized)
+                z = regularize(z, step, r, self._blur, self.size, clip=self.clip_pixels)
         img = self.param.image(z)
         final = self._objective(self._outputs(img), t)
         d = ROBUSTNESS_DRAWS

@@ -14,7 +14,7 @@ The scheduler also remembers which section asked for which key, for the report's
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,9 @@ from reportgen.store import Store, content_key
 # ascent-3: objectives, diversity, Fourier parameterisations; quality figures stored with each result.
 # ascent-4: starts seeded by the spec's model key instead of the weights digest (`ascent.sample_seed`).
 ASCENT_CODE_VERSION = "ascent-4"
+# The `layer` of a class-model request (its `filter` is the class index): distinct from every layer name,
+# part of each class sample's seed, and the mark of a class-model pass (`reportgen.engine.class_model`).
+CLASS_TAG = "__class_model__"
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,19 @@ def ascent_key(
     )
 
 
+def request_key(lm: Any, req: AscentRequest, precision: str) -> str:
+    """Content key of a request's result: the planner's and, recomputed, every cluster worker's."""
+    if req.layer == CLASS_TAG:
+        unit: tuple[Any, ...] = ("class",)
+    else:
+        unit = (req.objective, req.position, req.direction, req.variant, req.diversity)
+        unit = () if unit == ("channel", None, None, 0, 1) else unit
+    return ascent_key(lm, req.layer, req.filter, req.recipe, req.seed, precision, unit)
+
+
 def store_result(store: Store, key: str, res: Any) -> None:
-    """PNG, raw array, then the metrics JSON: the JSON is what marks the result as present."""
+    """PNG, raw array, then the metrics JSON: the JSON is what marks the result as present. A class
+    model's result also stores the model's softmax on its image and its logits at start and end."""
     store.put_png(key, res.image)
     store.put_npy(key, res.raw.astype(np.float16))
     meta = {
@@ -86,7 +100,60 @@ def store_result(store: Store, key: str, res: Any) -> None:
     if res.mask is not None:  # MaCo's transparency: stored under the result's key with a suffix
         store.put_npy(key + "-mask", res.mask.astype(np.float32))
         meta["mask"] = True
+    if getattr(res, "probs", None) is not None:
+        store.put_arrays(key, {"probs": res.probs.astype(np.float32)})
+        meta.update(logit_start=res.logit_start, logit_final=res.logit_final)
     store.put_json(key, meta)
+
+
+def pass_program(lm: Any, layers: tuple[str, ...], recipe: Recipe, precision: str) -> Any:
+    """The compiled program of a pass: the class-model loop for a pass of class models, else the filter
+    ascent over the pass's layers (both cached on the model)."""
+    if layers == (CLASS_TAG,):
+        from reportgen.engine.class_model import class_model_program
+
+        return class_model_program(lm, recipe, precision)
+    from reportgen.engine.ascent import program_for
+
+    return program_for(lm, layers, recipe, precision)
+
+
+def run_chunks(
+    store: Store,
+    program: Any,
+    requests: list[AscentRequest],
+    keys: list[str],
+    batch: int,
+    advance: Callable[[int], None],
+) -> tuple[list[str], int]:
+    """The ascent's chunk loop, here and on cluster workers: chunks of at most `batch` samples (never
+    splitting a `diversity` group), each claimed, computed and stored as it finishes, so a killed run
+    resumes from it and a run of another spec sharing the store waits for its keys instead of computing
+    them too. Returns (keys computed, results found stored meanwhile)."""
+    from reportgen.engine.ascent import chunk_ranges
+
+    jobs = [r.job() for r in requests]
+    classes = requests and requests[0].layer == CLASS_TAG
+    computed: list[str] = []
+    reused = 0
+    for start, end in chunk_ranges(jobs, batch):
+        chunk_keys = keys[start:end]
+        with store.claim_all(chunk_keys):
+            missing = {jobs[start + i].group for i, k in enumerate(chunk_keys) if not store.has(k, "json")}
+            # a diversity group is optimised together: one missing variant recomputes them all
+            todo = [i for i in range(len(chunk_keys)) if jobs[start + i].group in missing]
+            if skipped := len(chunk_keys) - len(todo):  # stored by another run or worker meanwhile
+                reused += skipped
+                advance(skipped)
+            if not todo:
+                continue
+            chunk = [jobs[start + i] for i in todo]
+            run = program.run_classes if classes else program.run
+            results = run(chunk, batch, on_chunk=advance)
+            for i, res in zip(todo, results, strict=True):
+                store_result(store, chunk_keys[i], res)
+                computed.append(chunk_keys[i])
+    return computed, reused
 
 
 class AscentScheduler:
@@ -106,12 +173,7 @@ class AscentScheduler:
         self._section: str | None = None
 
     def key(self, req: AscentRequest) -> str:
-        lm = self.models.get(req.model)
-        unit = (req.objective, req.position, req.direction, req.variant, req.diversity)
-        default = unit == ("channel", None, None, 0, 1)
-        return ascent_key(
-            lm, req.layer, req.filter, req.recipe, req.seed, self.precision, () if default else unit
-        )
+        return request_key(self.models.get(req.model), req, self.precision)
 
     @contextmanager
     def section(self, sid: str) -> Iterator[None]:
@@ -138,8 +200,8 @@ class AscentScheduler:
             seen.add(key)
         return groups
 
-    def plan(self, memory_share: float = 1.0) -> Any:
-        """The passes that `execute` would run now (reportgen.plan.Plan)."""
+    def plan(self, memory_share: float = 1.0, workers: int = 1) -> Any:
+        """The passes that `execute` would run now (reportgen.plan.Plan); `workers` of a parallel backend."""
         from reportgen.plan import build_plan, device_budget
 
         return build_plan(
@@ -150,6 +212,7 @@ class AscentScheduler:
             self.precision,
             self.batch_size,
             device_budget(memory_share),
+            workers,
         )
 
     def execute(self, progress: Any, backend: Any = None, spec_path: Any = None) -> None:
@@ -178,34 +241,12 @@ class AscentScheduler:
         self.seconds = time.perf_counter() - t0
 
     def _run_pass(self, p: Any, progress: Any) -> None:
-        from reportgen.engine.ascent import chunk_ranges, program_for
-
         lm = self.models.get(p.model)
-        program = program_for(lm, p.layers, p.recipe, self.precision)
-        jobs = [r.job() for r in p.requests]
-        layers = f"{len(p.layers)} layer{'s' if len(p.layers) != 1 else ''}"
-        label = f"ascent {p.model} ({layers}, {p.recipe.steps} steps)"
-        with progress.task(label, len(jobs)) as advance:
-            # store each chunk as it finishes, so a killed run resumes from it; claim its keys first, so a
-            # run of another spec sharing the store waits for them instead of computing them too
-            for start, end in chunk_ranges(jobs, p.batch_size):
-                keys = p.keys[start:end]
-                with self.store.claim_all(keys):
-                    missing = {
-                        jobs[start + i].group for i, key in enumerate(keys) if not self.store.has(key, "json")
-                    }
-                    # a diversity group is optimised together: one missing variant recomputes them all
-                    todo = [i for i in range(len(keys)) if jobs[start + i].group in missing]
-                    if skipped := len(keys) - len(todo):  # stored by that other run meanwhile
-                        self.reused += skipped
-                        advance(skipped)
-                    if not todo:
-                        continue
-                    chunk = [jobs[start + i] for i in todo]
-                    results = program.run(chunk, p.batch_size, on_chunk=advance)
-                    for i, res in zip(todo, results, strict=True):
-                        store_result(self.store, keys[i], res)
-                        self.computed_keys.add(keys[i])
+        program = pass_program(lm, p.layers, p.recipe, self.precision)
+        with progress.task(p.label(), p.pending) as advance:
+            done, reused = run_chunks(self.store, program, p.requests, p.keys, p.batch_size, advance)
+        self.computed_keys.update(done)
+        self.reused += reused
 
     def section_counts(self) -> dict[str, tuple[int, int]]:
         """Section id -> (results computed in this run, results taken from the store). A result that
