@@ -113,3 +113,7 @@ def shapes(seed: int) -> np.ndarray:
         s = rng.integers(4, 9)
         img[y0 : y0 + s, x0 : x0 + s] = rng.uniform(80, 255, 3)
     return img
+
+
+# the input-space methods' settings of `reportgen.engine.sanity_batches.sanity` params, kept small for tests
+ATTRIBUTION = {"samples": 4, "noise": 0.15, "ig_baseline": "black", "ig_steps": 8, "model_key": "m"}

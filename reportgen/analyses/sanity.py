@@ -37,10 +37,13 @@ from reportgen.spec.fields import ImagesMixin, Index, SectionBase
 from reportgen.work import ImageRequest
 
 SanityMethod = Literal[
-    "gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam", "vanilla", "gradient_x_input"
-]
+    "gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam",  # class activation maps
+    "vanilla", "smoothgrad", "integrated_gradients", "vargrad", "gradient_x_input", "guided_backprop",
+    "deconvnet",  # input-space methods (reportgen.engine.attribution)
+]  # fmt: skip
 METHODS: tuple[str, ...] = get_args(SanityMethod)
 CAMS = METHODS[:5]
+NOISY = ("smoothgrad", "vargrad")
 LABELS = {
     "gradcam": "Grad-CAM",
     "gradcam++": "Grad-CAM++",
@@ -48,7 +51,12 @@ LABELS = {
     "scorecam": "Score-CAM",
     "faster-scorecam": "Faster-ScoreCAM",
     "vanilla": "vanilla gradient",
+    "smoothgrad": "SmoothGrad",
+    "integrated_gradients": "integrated gradients",
+    "vargrad": "VarGrad",
     "gradient_x_input": "gradient × input",
+    "guided_backprop": "guided backprop",
+    "deconvnet": "deconvnet",
 }
 
 
@@ -90,6 +98,18 @@ class SanitySection(SectionBase, ImagesMixin):
     )
     baseline: Literal["blur", "gray"] = Field(
         "blur", description="What deleted pixels become and insertion starts from: a blurred copy or gray."
+    )
+    samples: int = Field(
+        16, ge=1, le=256, description="SmoothGrad/VarGrad noisy samples per image and cascade step."
+    )
+    noise: float = Field(
+        0.15, ge=0, le=10, allow_inf_nan=False, description="SmoothGrad/VarGrad noise std, share of 0..255."
+    )
+    ig_baseline: Literal["black", "blur", "noise"] = Field(
+        "black", description="Integrated gradients: the path's starting image."
+    )
+    ig_steps: int = Field(
+        32, ge=1, le=1024, description="Integrated gradients: points on the path per image and cascade step."
     )
 
 
@@ -202,8 +222,13 @@ class SanityAnalysis(Analysis):
             "depth": len(layers),
             "seed": ctx.spec.seed,
         }
-        key = result_key(self.type, self.version, lm, ds, items, params)
-        return lm, target, items, notes, layers, params, key
+        noisy = {"samples": section.samples, "noise": section.noise}
+        path = {"ig_baseline": section.ig_baseline, "ig_steps": section.ig_steps}
+        # the key holds the settings of the methods asked for only; the engine gets them all
+        keyed = {**params, **(noisy if set(NOISY) & set(methods) else {}),
+                 **(path if "integrated_gradients" in methods else {})}  # fmt: skip
+        key = result_key(self.type, self.version, lm, ds, items, keyed)
+        return lm, target, items, notes, layers, {**params, **noisy, **path, "model_key": lm.key}, key
 
     def prepare(self, section: SanitySection, ctx: RunContext, index: int) -> None:
         """Declare the check's batch: every method's maps on the trained model and on each step of the
@@ -213,7 +238,14 @@ class SanityAnalysis(Analysis):
         lm, _, items, _, layers, params, key = self._work(section, ctx, index)
         n, methods = len(items), params["methods"]
         models = 1 + len(layers)
-        gradient_passes = n * models * (int(any(m in CAMS[:3] for m in methods)) + 1)
+        per_model = (
+            int(any(m in CAMS[:3] for m in methods))  # Grad-CAM, Grad-CAM++, LayerCAM: one pass
+            + 1  # the clean input gradient (also resolves the classes)
+            + (section.samples if set(NOISY) & set(methods) else 0)
+            + (section.ig_steps if "integrated_gradients" in methods else 0)
+            + sum(m in ("guided_backprop", "deconvnet") for m in methods)
+        )
+        gradient_passes = n * models * per_model
         masked = 0
         if "scorecam" in methods or "faster-scorecam" in methods:
             channels = lm.layer_channels(section.layer)

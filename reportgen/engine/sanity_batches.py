@@ -19,7 +19,6 @@ import numpy as np
 from reportgen.engine.gradient_batches import gradcam
 
 CAMS = ("gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam")
-GRADIENTS = ("vanilla", "gradient_x_input")  # input-space methods computed from one input gradient
 
 
 def slug(method: str) -> str:
@@ -27,28 +26,29 @@ def slug(method: str) -> str:
 
 
 def attribution_maps(
-    lm: Any, batch: int, pixels: np.ndarray, classes: np.ndarray, methods: list[str], params: dict[str, Any]
-) -> dict[str, np.ndarray]:
+    lm: Any, batch: int, pixels: np.ndarray, classes: np.ndarray, methods: list[str], params: dict[str, Any],
+    ids: np.ndarray,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """(N, H, W) map of each method at the model's input size, for the given (concrete) classes: CAMs of
-    `params["layer"]` from one pass (Score-CAM's masked passes batched), input-gradient methods from one
-    input gradient. Gradient x input multiplies the gradient by the 0..255 pixels (a black pixel adds
-    nothing) and sums the colour channels, signed; the checks compare absolute values."""
-    from reportgen.engine.gradients import engine_for, saliency_map
+    `params["layer"]` from one pass (Score-CAM's masked passes batched), input-space methods through the
+    shared attribution engine (`reportgen.engine.attribution`: their display maps, e.g. |sum over colour
+    channels| of gradient x input), which shares one clean gradient pass and one noisy pass between them."""
+    from reportgen.engine.attribution import AttributionParams, attributor_for
+    from reportgen.engine.gradients import engine_for
 
     eng = engine_for(lm, batch)
     out: dict[str, np.ndarray] = {}
     cams = [m for m in methods if m in CAMS]
     if cams:
         out.update(eng.cams(pixels, params["layer"], classes, cams, params["max_n"]).heatmaps)
-    if any(m in GRADIENTS for m in methods):
-        grads = eng.input_gradients(pixels, classes).gradients
-        if "vanilla" in methods:
-            out["vanilla"] = saliency_map(grads)
-        if "gradient_x_input" in methods:
-            out["gradient_x_input"] = (grads * np.asarray(pixels, np.float32)).sum(axis=-1)
-    unknown = [m for m in methods if m not in out]
-    if unknown:
-        raise ValueError(f"unknown attribution methods {unknown}")
+    others = [m for m in methods if m not in CAMS]
+    if others:
+        p = AttributionParams(
+            samples=params["samples"], noise=params["noise"], seed=params["seed"],
+            ig_baseline=params["ig_baseline"], ig_steps=params["ig_steps"], model_key=params["model_key"],
+        )  # fmt: skip
+        found = attributor_for(eng).attribute_all(others, pixels, classes, p, ids)
+        out.update({m: r.maps for m, r in found.items()})
     return {m: out[m].astype(np.float32) for m in methods}
 
 
@@ -87,14 +87,15 @@ def sanity(
     pixels = np.asarray(pixels, np.float32)
     first = engine_for(lm, batch).input_gradients(pixels, params["target"])
     classes = first.classes  # the trained model's; every randomised model explains the same class
-    maps = attribution_maps(lm, batch, pixels, classes, methods, params)
+    maps = attribution_maps(lm, batch, pixels, classes, methods, params, ids)
     arrays: dict[str, np.ndarray] = {"classes": classes, "probability": first.probability}
     for m in methods:
         arrays[f"map_{slug(m)}"] = maps[m]
     arrays.update(_curves(lm, batch, pixels, ids, maps, classes, params))
     steps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    for _, _, randomised in cascade(lm, params["seed"], params["depth"]):
-        for m, values in attribution_maps(randomised, batch, pixels, classes, methods, params).items():
+    for _, layer, randomised in cascade(lm, params["seed"], params["depth"]):
+        _sync_relu_twins(randomised, batch, layer)
+        for m, values in attribution_maps(randomised, batch, pixels, classes, methods, params, ids).items():
             steps[m].append(values)
     n, (h, w) = len(pixels), lm.input_size
     for m in methods:
@@ -108,6 +109,19 @@ def sanity(
             [[ssim(maps[m][i], stack[i, k]) for k in range(stack.shape[1])] for i in range(n)], np.float32
         ).reshape(n, -1)
     return arrays
+
+
+def _sync_relu_twins(randomised: Any, batch: int, layer: str) -> None:
+    """Guided backprop and deconvnet run on the attribution engine's own copies of the model (ReLU gradients
+    overridden), made once with the weights of their day: give them the randomised layer's new weights, so
+    their compiled programs see the cascade too (and stay compiled once)."""
+    from reportgen.engine.attribution import attributor_for
+    from reportgen.engine.gradients import engine_for
+
+    attributor = attributor_for(engine_for(randomised, batch))
+    weights = randomised.model.get_layer(layer).get_weights()
+    for twin, _ in attributor._clones.values():  # noqa: SLF001 - the engine keeps no other handle on them
+        twin.get_layer(layer).set_weights(weights)
 
 
 def gradcam_faithfulness(

@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from oracles import edge_model, loaded, shapes
+from oracles import ATTRIBUTION, edge_model, loaded, shapes
 from PIL import Image
 
 from reportgen.analyses.sanity import final_similarity
@@ -34,7 +34,8 @@ def left_or_right(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_gradcam_of_a_trained_cnn_loses_its_map_when_the_weights_are_randomised() -> None:
     """A small CNN trained here for 32 steps (test accuracy 1.0 on the square's side). Measured: Grad-CAM's
     maps go flat once the head is randomised (no ranking: NaN, counted 0) and correlate at about 0.02 on
-    average with everything randomised, so the check passes it; gradient x input keeps about 0.56."""
+    average with everything randomised, so the check passes it; gradient x input keeps about 0.56, guided
+    backprop about 0.07 (0.31 with only the head randomised)."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((32, 32, 1))
     h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
@@ -47,14 +48,21 @@ def test_gradcam_of_a_trained_cnn_loses_its_map_when_the_weights_are_randomised(
     model.fit(x / 255, y, batch_size=32, epochs=2, verbose=0)
     xt, yt = left_or_right(64, 2)
     assert model.evaluate(xt / 255, yt, verbose=0)[1] > 0.9  # it learned the task
-    params = {"methods": ["gradcam", "gradient_x_input"], "layer": "feat", "max_n": 1, "target": -1,
-              "steps": 8, "baseline": "blur", "depth": None, "seed": 0}  # fmt: skip
+    params = {"methods": ["gradcam", "gradient_x_input", "guided_backprop"], "layer": "feat", "max_n": 1,
+              "target": -1, "steps": 8, "baseline": "blur", "depth": None, "seed": 0,
+              **ATTRIBUTION}  # fmt: skip
     a = sb.sanity(loaded(model, PRESETS["unit"]), xt[:4], np.arange(4), params, 16)
     cam, gxi = a["spearman_gradcam"], a["spearman_gradient_x_input"]
     assert cam.shape == gxi.shape == (4, 3)  # head, feat, c1
     assert final_similarity(cam) < 0.5  # passes at the section's default threshold
     assert final_similarity(cam) < final_similarity(gxi)
     assert np.nanmax(np.abs(cam[:, -1])) < 0.5
+    # guided backprop (run on the engine's ReLU-overridden copy, kept in step with the cascade) passes on
+    # this shallow net: about 0.07 at the end; its first step keeps more than Grad-CAM's flat maps
+    assert final_similarity(a["spearman_guided_backprop"]) < 0.5
+    gbp = a["spearman_guided_backprop"]
+    assert not np.allclose(gbp[:, 0], gbp[:, -1])  # the overridden copy followed the cascade past step 1
+    assert final_similarity(a["spearman_guided_backprop"][:, :1]) > final_similarity(cam[:, :1])
 
 
 def write_project(root: Path, sections: str) -> Path:

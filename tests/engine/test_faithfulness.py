@@ -11,7 +11,18 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from oracles import CLASSES, RED_BOX, SIDE, edge_model, loaded, oracle_model, random_model, scene, shapes
+from oracles import (
+    ATTRIBUTION,
+    CLASSES,
+    RED_BOX,
+    SIDE,
+    edge_model,
+    loaded,
+    oracle_model,
+    random_model,
+    scene,
+    shapes,
+)
 
 from reportgen.engine import sanity_batches as sb
 from reportgen.engine.faithfulness import auc, curve_program, levels, spearman, ssim
@@ -143,7 +154,7 @@ def test_gradient_x_input_of_a_linear_model_stays_similar_when_randomised() -> N
     lm = loaded(edge_model(), PRESETS["unit"])
     px = np.stack([shapes(i) for i in range(3)])
     params = {"methods": ["vanilla", "gradient_x_input"], "layer": None, "max_n": 1, "target": -1,
-              "steps": 8, "baseline": "blur", "depth": None, "seed": 0}  # fmt: skip
+              "steps": 8, "baseline": "blur", "depth": None, "seed": 0, **ATTRIBUTION}  # fmt: skip
     a = sb.sanity(lm, px, np.arange(3), params, 8)
     assert a["spearman_gradient_x_input"].shape == (3, 2)
     assert (a["spearman_gradient_x_input"] > 0.9).all()
