@@ -148,7 +148,7 @@ def smooth_model() -> keras.Model:
 
 @pytest.mark.parametrize("baseline", ["black", "blur", "noise"])
 def test_integrated_gradients_are_complete(baseline: str) -> None:
-    eng = GradientEngine(loaded(smooth_model(), PRESETS["tf"]), batch_size=20)  # 32 steps: 1 image a chunk
+    eng = GradientEngine(loaded(smooth_model(), PRESETS["tf"]), batch_size=20)  # < 32 steps: paths split over chunks
     images = np.random.default_rng(4).uniform(0, 255, (3, 12, 12, 3)).astype(np.float32)
     p = AttributionParams(ig_baseline=baseline, ig_steps=32, seed=1, model_key="m")
     r = input_attributions(eng, "integrated_gradients", images, np.array([0, 1, 2], np.int32), p)
