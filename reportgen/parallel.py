@@ -51,9 +51,16 @@ class Backend:
 
     @property
     def planned_workers(self) -> int:
-        """Workers the planner shards for: the local processes; a Dask cluster's size is known only once
-        the run connects (the executor shards again for it, at least one shard per worker)."""
-        return self.jobs if self.name == "loky" else 1
+        """Workers the planner shards for (`--dry-run` too): the local processes, or the worker threads of
+        the Dask cluster, asked from its scheduler (so a cluster that cannot be reached fails the plan as
+        it would fail the run). The executor cuts the same shards from the count it gets when it runs."""
+        if self.name == "loky":
+            return self.jobs
+        client = dask_client(self)
+        try:
+            return cluster_workers(client)
+        finally:
+            client.close()
 
     @property
     def memory_share(self) -> float:
@@ -162,27 +169,38 @@ def run_ascent_work(work: AscentWork) -> dict[str, Any]:
     }
 
 
+def dask_client(backend: Backend, default: bool = False) -> Any:
+    """A `distributed.Client` of the backend's scheduler (the caller closes it); `default`: joblib's dask
+    backend then uses it. One line on stderr when dask is not installed or the scheduler is unreachable."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ReportgenError(
+            "--backend dask needs dask.distributed: pip install 'reportgen[cluster]'"
+        ) from None
+    try:
+        return Client(backend.scheduler, timeout="30s", set_as_default=default)
+    except (OSError, TimeoutError) as exc:
+        raise ReportgenError(
+            f"cannot reach the Dask scheduler at {backend.scheduler} ({exc}); start it with "
+            f"`dask scheduler` and workers with `dask worker {backend.scheduler}`"
+        ) from None
+
+
+def cluster_workers(client: Any) -> int:
+    """Workers a pass is cut for on a Dask cluster: its worker threads (each runs one shard at a time)."""
+    return max(1, sum(client.nthreads().values()))
+
+
 @contextmanager
 def _joblib_backend(backend: Backend) -> Iterator[int]:
     """joblib configured for the backend; yields the number of workers that will share the pieces."""
     from joblib import parallel_config
 
     if backend.name == "dask":
+        client = dask_client(backend, default=True)
         try:
-            from distributed import Client
-        except ImportError:
-            raise ReportgenError(
-                "--backend dask needs dask.distributed: pip install 'reportgen[cluster]'"
-            ) from None
-        try:
-            client = Client(backend.scheduler, timeout="30s", set_as_default=True)
-        except (OSError, TimeoutError) as exc:
-            raise ReportgenError(
-                f"cannot reach the Dask scheduler at {backend.scheduler} ({exc}); start it with "
-                f"`dask scheduler` and workers with `dask worker {backend.scheduler}`"
-            ) from None
-        try:
-            workers = max(1, sum(client.nthreads().values()))
+            workers = cluster_workers(client)
             with parallel_config(backend="dask", n_jobs=-1):
                 yield workers
         finally:
