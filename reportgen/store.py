@@ -61,17 +61,25 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class Store:
-    """Results under root/ab/<key>.<ext>."""
+    """Results under root/ab/<key>.<ext>. `used`: the result files this process found or wrote, so a run
+    can note which results its report stands on (`reportgen.unchanged`: deleting one forces a rebuild)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.used: set[Path] = set()
 
     def path(self, key: str, ext: str) -> Path:
         return self.root / key[:2] / f"{key}.{ext}"
 
+    def _found(self, path: Path) -> bool:
+        if path.exists():
+            self.used.add(path)
+            return True
+        return False
+
     def has(self, key: str, ext: str) -> bool:
-        return self.path(key, ext).exists()
+        return self._found(self.path(key, ext))
 
     @contextmanager
     def claim(self, key: str) -> Iterator[None]:
@@ -119,6 +127,7 @@ class Store:
     def put_bytes(self, key: str, ext: str, data: bytes) -> Path:
         path = self.path(key, ext)
         atomic_write(path, data)
+        self.used.add(path)
         return path
 
     def put_json(self, key: str, obj: Any) -> Path:
@@ -126,7 +135,7 @@ class Store:
 
     def get_json(self, key: str) -> Any | None:
         path = self.path(key, "json")
-        if not path.exists():
+        if not self._found(path):
             return None
         return json.loads(path.read_text())
 
@@ -137,7 +146,7 @@ class Store:
 
     def get_npy(self, key: str) -> np.ndarray | None:
         path = self.path(key, "npy")
-        if not path.exists():
+        if not self._found(path):
             return None
         return np.load(path, allow_pickle=False)
 
@@ -148,7 +157,7 @@ class Store:
 
     def get_arrays(self, key: str) -> dict[str, np.ndarray] | None:
         path = self.path(key, "npz")
-        if not path.exists():
+        if not self._found(path):
             return None
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
