@@ -69,14 +69,17 @@ def clone(lm: Any) -> Any:
     return dataclasses.replace(lm, model=copy, extractors={}, digest=f"{lm.digest}/randomised-clone")
 
 
-def cascade(lm: Any, seed: int, depth: int | None = None) -> Iterator[tuple[int, str, Any]]:
-    """(step, layer, model) for step 1..depth (default: every parameterised layer): `model` is ONE clone
-    whose layers from the top down to `layer` hold re-drawn weights (cumulative, as in the paper). The
-    same clone object is yielded each time, changed in place: read it before advancing."""
+def cascade(lm: Any, seed: int, depth: int | None = None) -> Iterator[tuple[int, str | None, Any]]:
+    """(step, layer, model) for step 0..depth (default: every parameterised layer): `model` is ONE clone,
+    with the trained weights at step 0 and, from step 1 on, re-drawn weights in the layers from the top down
+    to `layer` (cumulative, as in the paper). The same clone object is yielded each time, changed in place
+    (read it before advancing), so everything computed on it, the trained maps included, shares its
+    compiled programs."""
     layers = cascade_layers(lm.model)
     if depth is not None:
         layers = layers[:depth]
     work = clone(lm)
+    yield 0, None, work
     for step, name in enumerate(layers, start=1):
         layer = work.model.get_layer(name)
         rng = layer_rng(lm.digest, name, seed)

@@ -26,13 +26,15 @@ def slug(method: str) -> str:
 
 
 def attribution_maps(
-    lm: Any, batch: int, pixels: np.ndarray, classes: np.ndarray, methods: list[str], params: dict[str, Any],
-    ids: np.ndarray,
-) -> dict[str, np.ndarray]:  # fmt: skip
-    """(N, H, W) map of each method at the model's input size, for the given (concrete) classes: CAMs of
-    `params["layer"]` from one pass (Score-CAM's masked passes batched), input-space methods through the
-    shared attribution engine (`reportgen.engine.attribution`: their display maps, e.g. |sum over colour
-    channels| of gradient x input), which shares one clean gradient pass and one noisy pass between them."""
+    lm: Any, batch: int, pixels: np.ndarray, targets: np.ndarray | int, methods: list[str],
+    params: dict[str, Any], ids: np.ndarray,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
+    """(N, H, W) map of each method at the model's input size, the class each explains (`targets`, or each
+    image's top class where -1) and its probability: CAMs of `params["layer"]` from one pass (Score-CAM's
+    masked passes batched), input-space methods through the shared attribution engine
+    (`reportgen.engine.attribution`: their display maps, e.g. |sum over colour channels| of gradient x
+    input), which shares one clean gradient pass and one noisy pass between them. The first family run
+    resolves the classes, which the other then explains."""
     from reportgen.engine.attribution import AttributionParams, attributor_for
     from reportgen.engine.gradients import engine_for
 
@@ -40,16 +42,19 @@ def attribution_maps(
     out: dict[str, np.ndarray] = {}
     cams = [m for m in methods if m in CAMS]
     if cams:
-        out.update(eng.cams(pixels, params["layer"], classes, cams, params["max_n"]).heatmaps)
+        r = eng.cams(pixels, params["layer"], targets, cams, params["max_n"])
+        out.update(r.heatmaps)
+        targets, probability = r.classes, r.probability
     others = [m for m in methods if m not in CAMS]
     if others:
         p = AttributionParams(
             samples=params["samples"], noise=params["noise"], seed=params["seed"],
             ig_baseline=params["ig_baseline"], ig_steps=params["ig_steps"], model_key=params["model_key"],
         )  # fmt: skip
-        found = attributor_for(eng).attribute_all(others, pixels, classes, p, ids)
-        out.update({m: r.maps for m, r in found.items()})
-    return {m: out[m].astype(np.float32) for m in methods}
+        found = attributor_for(eng).attribute_all(others, pixels, targets, p, ids)
+        out.update({m: a.maps for m, a in found.items()})
+        targets, probability = found[others[0]].classes, found[others[0]].probability
+    return {m: out[m].astype(np.float32) for m in methods}, np.asarray(targets, np.int32), probability
 
 
 def _curves(
@@ -74,28 +79,30 @@ def _curves(
 def sanity(
     lm: Any, pixels: np.ndarray, ids: np.ndarray, params: dict[str, Any], batch: int
 ) -> dict[str, np.ndarray]:
-    """Maps, faithfulness curves and the randomisation cascade of `params["methods"]`.
+    """Maps, faithfulness curves and the randomisation cascade of `params["methods"]`, all computed on one
+    clone of the model (`randomize.cascade`; the trained maps at its step 0), so each program traces once.
 
     params: methods, layer (CAMs), max_n (Faster-ScoreCAM), target (-1: each image's top class), steps and
     baseline (curves), depth (cascade steps; None: every parameterised layer), seed. `ids`: each decoded
     image's index in the section's chosen images (seeds its tie-breaking in the curves)."""
     from reportgen.engine.faithfulness import spearman, ssim
-    from reportgen.engine.gradients import engine_for
     from reportgen.engine.randomize import cascade
 
     methods = list(params["methods"])
     pixels = np.asarray(pixels, np.float32)
-    first = engine_for(lm, batch).input_gradients(pixels, params["target"])
-    classes = first.classes  # the trained model's; every randomised model explains the same class
-    maps = attribution_maps(lm, batch, pixels, classes, methods, params, ids)
-    arrays: dict[str, np.ndarray] = {"classes": classes, "probability": first.probability}
-    for m in methods:
-        arrays[f"map_{slug(m)}"] = maps[m]
-    arrays.update(_curves(lm, batch, pixels, ids, maps, classes, params))
+    target = np.full(len(pixels), params["target"], np.int32)
     steps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    for _, layer, randomised in cascade(lm, params["seed"], params["depth"]):
-        _sync_relu_twins(randomised, batch, layer)
-        for m, values in attribution_maps(randomised, batch, pixels, classes, methods, params, ids).items():
+    arrays: dict[str, np.ndarray] = {}
+    for _, layer, work in cascade(lm, params["seed"], params["depth"]):
+        if layer is None:  # step 0: the clone holds the trained weights: the reference maps, their curves
+            # the trained model's classes; every randomised model explains the same ones
+            maps, classes, probability = attribution_maps(work, batch, pixels, target, methods, params, ids)
+            arrays.update(classes=classes, probability=probability)
+            arrays.update({f"map_{slug(m)}": maps[m] for m in methods})
+            arrays.update(_curves(work, batch, pixels, ids, maps, classes, params))
+            continue
+        _sync_relu_twins(work, batch, layer)
+        for m, values in attribution_maps(work, batch, pixels, classes, methods, params, ids)[0].items():
             steps[m].append(values)
     n, (h, w) = len(pixels), lm.input_size
     for m in methods:
