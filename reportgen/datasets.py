@@ -577,7 +577,7 @@ class Batches:
         reader = CacheReader.open(self.source, self.size, self.channels)
         if reader is not None and reader.has(names):
             return self._cached(reader, names)
-        return self._decode(self._pipeline(to_uint8=True), self.source if self.source.covers(names) else None)
+        return self._decode(self._pipeline(to_uint8=True), self.source.part(names))
 
     def _pipeline(self, to_uint8: bool) -> tf.data.Dataset:
         import tensorflow as tf

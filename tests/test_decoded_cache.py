@@ -198,3 +198,70 @@ def test_decoded_cache_is_opt_in(tmp_path: Path) -> None:
     batches = stream(ds.items, SIZE, 3)
     collect(batches)
     assert not batches.built and not cache.exists()
+
+
+def test_shards_of_a_pass_build_parts_that_any_later_pass_reads(tmp_path: Path) -> None:
+    """A sharded pass (file ranges, as `plan.shard_ranges` cuts them; here or on cluster workers) builds
+    the cache part by part: each range its own files, renamed into place by their one writer. A later
+    whole pass, another sharding and a selection all read the parts without decoding."""
+    from reportgen.plan import shard_ranges
+
+    folder, cache = photos(tmp_path / "data"), tmp_path / "decoded"
+    ds = scan(folder, cache)
+    exact, exact_idx = collect(stream(scan(folder, cache, on=False).items, SIZE, 3, batch_size=3))
+    ranges = shard_ranges(len(ds.items), 2)
+    assert len(ranges) == 2
+    for start, end in ranges:
+        shard = stream(ds.items[start:end], SIZE, 3, batch_size=3)
+        collect(shard)
+        assert shard.built and shard.from_cache == 0
+    key = ds.items[0].decoded.key(SIZE, 3)  # type: ignore[union-attr]
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        f"{key}.{s}-{e}.{ext}" for s, e in ranges for ext in ("u8", "json")
+    )
+    for it in ds.items:  # from now on, decoding any of these files would fail
+        scramble_keeping_stat(it.path)
+    again = scan(folder, cache)
+    whole = stream(again.items, SIZE, 3, batch_size=4)
+    px, idx = collect(whole)
+    assert whole.decoded == 0 and whole.from_cache == len(ds.items) - 1 and not whole.built
+    np.testing.assert_array_equal(idx, exact_idx)  # the broken file is skipped, as decoding skips it
+    np.testing.assert_array_equal(px, np.clip(np.round(exact), 0, 255))
+    across = stream(again.items[2:6], SIZE, 3)  # a range that spans both parts
+    collect(across)
+    assert across.decoded == 0 and across.from_cache == 4 - ("a/broken.jpg" in {
+        it.name for it in again.items[2:6]})
+
+
+def test_concurrent_writers_of_one_part_never_share_a_file(tmp_path: Path) -> None:
+    """Two writers of the same rows (two runs, or a retried shard beside its first try) each write their
+    own temporary file and rename it into place; the cache a reader then finds is whole. A temporary file
+    of another host is never taken for a dead process's."""
+    from reportgen.decoded_cache import CacheReader, CacheWriter
+
+    folder, cache = photos(tmp_path / "data"), tmp_path / "decoded"
+    ds = scan(folder, cache)
+    source = ds.items[0].decoded
+    assert source is not None
+    part = source.part([it.name for it in ds.items[1:4]])
+    assert part is not None and part.span == (1, 4)
+    key = source.key(SIZE, 3)
+    foreign = cache / f".{key}.1-4.u8.tmp-1-0000-some-other-host"
+    cache.mkdir()
+    foreign.write_bytes(b"\0")
+    names = [it.name for it in ds.items]
+    rows = np.arange(len(names) * SIZE[0] * SIZE[1] * 3, dtype=np.uint64).astype(np.uint8).reshape(
+        len(names), *SIZE, 3
+    )
+    first, second = CacheWriter(part, SIZE, 3), CacheWriter(part, SIZE, 3)
+    assert first.tmp != second.tmp and first.active and second.active
+    for writer in (first, second):
+        writer.write(rows[1:4], np.arange(1, 4), names)
+    assert second.commit() and first.commit()
+    assert foreign.exists()  # its writer may be alive on that host
+    reader = CacheReader.open(source, SIZE, 3)
+    assert reader is not None and reader.has(names[1:4]) and not reader.has(names[:2])
+    (pixels, index), = list(reader.batches(names[1:4], 3))
+    np.testing.assert_array_equal(pixels, rows[1:4])
+    np.testing.assert_array_equal(index, [0, 1, 2])
+    assert sorted(p.name for p in cache.glob(f"{key}*")) == [f"{key}.1-4.json", f"{key}.1-4.u8"]
