@@ -222,7 +222,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     summary = diff(Path(args.old), Path(args.new), Path(args.output), pdf=not args.no_pdf)
     if not args.quiet:
         counts = ", ".join(f"{v} {k}" for k, v in summary.counts.items())
-        pages = f" and report.pdf ({summary.pages} pages)" if summary.pages else ""
+        plural = "s" if summary.pages != 1 else ""
+        pages = f" and report.pdf ({summary.pages} page{plural})" if summary.pages else ""
         print(f"change report: {summary.output / 'report.html'}{pages}; {counts}")
     return 0
 

@@ -170,7 +170,7 @@ class PredictionsAnalysis(Analysis):
         a, b = old["metrics"], new["metrics"]
         flip = a["top1"] != b["top1"]
         delta = b["confidence"] - a["confidence"]
-        figures = {"flips": int(flip), "confidence_delta": round(delta, 4)}
+        figures = {"flips": int(flip), "confidence_delta": round(delta, 4) + 0.0}  # + 0.0: no "-0"
         if flip:
             what = f"top-1 {a['top1']} ({a['confidence']:.2f}) → {b['top1']} ({b['confidence']:.2f})"
             return Change(True, what, figures, 1.0 + abs(delta))
