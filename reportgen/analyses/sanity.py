@@ -154,7 +154,9 @@ def similarity_chart(
     names = ["trained"] + [chart_text(n if len(n) <= 18 else n[:17] + "…") for n in layers]
     ax.set_xticks(xs, names, rotation=35 if len(xs) > 4 else 0, ha="right" if len(xs) > 4 else "center",
                   fontsize=7)  # fmt: skip
-    ax.set_ylim(min(-0.1, threshold - 0.1), 1.05)
+    values = np.concatenate([spearman.ravel(), ssim.ravel()])
+    lowest = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+    ax.set_ylim(min(-0.1, threshold - 0.1, lowest - 0.05), 1.05)
     ax.set_ylabel("similarity to trained", fontsize=8)
     ax.set_xlabel("randomised from the top down to this layer", fontsize=8)
     ax.set_title(chart_text(label), fontsize=9)
