@@ -22,22 +22,23 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import attribution, filters, ranking, rerun, throughput  # noqa: E402
+from benchmarks import attribution, exemplars, filters, ranking, rerun, throughput  # noqa: E402
 from benchmarks import peak as peak_mod  # noqa: E402
 from benchmarks.common import ONEDNN_MODES, RAW, Row, machine, markdown_table, select_kernels  # noqa: E402
 
 MODES = {
     # quick: 4 filters in 2 chunks (so the engine's steady rate is seen), 64 images, the small rerun spec
     "quick": {"filters": 4, "batch": 2, "images": 64, "classic_filters": 2, "classic_images": 8,
-              "spec": None, "peak_repeats": 3, "rounds": 1, "rss": [200, 1000], "attribution_images": 8},
+              "spec": None, "peak_repeats": 3, "rounds": 1, "rss": [200, 1000], "attribution_images": 8,
+              "exemplar_images": 32},
     "full": {"filters": 64, "batch": 16, "images": 256, "classic_filters": 4, "classic_images": 16,
              "spec": rerun.DEMO, "peak_repeats": 5, "rounds": 2, "rss": [1000, 10000],
-             "attribution_images": 32},
+             "attribution_images": 32, "exemplar_images": 10000},
 }
 
 
 def report(mode: str, command: str, described: str, steady: str, rows: list[Row], seconds: float,
-           passes: list[throughput.Measure]) -> str:
+           passes: list[throughput.Measure], exemplar_text: str) -> str:
     notes = [f"- {r.case}: " + "; ".join(r.notes) for r in rows if r.notes]
     return "\n".join([
         f"# reportgen benchmarks ({mode})",
@@ -56,6 +57,7 @@ def report(mode: str, command: str, described: str, steady: str, rows: list[Row]
         *notes,
         "",
         throughput.section(passes),
+        exemplar_text,
     ])
 
 
@@ -83,10 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(rerun.run(cfg["spec"]))
     rows += attribution.run("fashion-cnn", "conv3", cfg["attribution_images"], 32, 32, peaks)
     passes = throughput.run(cfg["images"], 224, 8, cfg["rounds"], cfg["rss"], "block1_conv1")
+    exemplar_rows = exemplars.measure(cfg["exemplar_images"], 8, 10, cfg["rounds"])
+    exemplar_text = exemplars.section(exemplar_rows, cfg["exemplar_images"], 10)
     command = "python benchmarks/run_all.py " + " ".join(sys.argv[1:] if argv is None else argv)
     end_peaks = peak_mod.measure(2048, cfg["peak_repeats"], filters.peak_dtypes(args.precision))[0]
     text = report(mode, command.strip(), described, peak_mod.stability(peaks, end_peaks), rows,
-                  time.perf_counter() - t0, passes)
+                  time.perf_counter() - t0, passes, exemplar_text)
     print()
     print(text)
     args.out.write_text(text, encoding="utf-8")
