@@ -25,10 +25,10 @@ whatever the forward input). Both run on a CLONE of the user's model (keras.mode
 ReLUs have the overridden gradient (`tf.custom_gradient`); the user's model, its layers and their
 activation functions are never touched. Overridden: `Activation("relu")` layers, `ReLU()` layers with
 default arguments (no max value, slope or threshold) and any layer whose `activation` is ReLU
-(Conv2D/Dense/... `activation="relu"`). Not overridden: leaky ReLU, ReLU6, ELU, GELU, swish and ReLUs
-applied inside custom or Lambda layers; they keep their ordinary gradient, and `overridden_relus` says
-how many were replaced so callers can report a model where none was. Max-pooling keeps its switches
-(the gradient goes to the max location), as both papers describe.
+(Conv2D/Dense/... `activation="relu"`), in nested models too. Not overridden: leaky ReLU, ReLU6, ELU,
+GELU, swish and ReLUs applied inside custom or Lambda layers; they keep their ordinary gradient, and
+`overridden_relus` says how many were replaced so callers can report a model where none was.
+Max-pooling keeps its switches (the gradient goes to the max location), as both papers describe.
 
 Methods (all return signed, unreduced (N, H, W, C) `raw` values and (N, H, W) `maps` for display):
 - vanilla (Simonyan et al. 2014): the gradient; map = max |g| over channels.
@@ -84,7 +84,6 @@ class UnitTarget:
 
     layer: str
     filter: int | None = None
-
 
 
 @dataclass
@@ -155,6 +154,10 @@ def overridden_clone(model: Any, rule: Rule) -> tuple[Any, int]:
 
     def clone(layer: Any) -> Any:
         nonlocal count
+        if isinstance(layer, keras.Model):  # a nested model (e.g. a keras.applications base): its own ReLUs
+            inner, found = overridden_clone(layer, rule)
+            count += found
+            return inner
         if isinstance(layer, keras.layers.ReLU):
             cfg = layer.get_config()
             if cfg.get("max_value") is None and not cfg.get("negative_slope") and not cfg.get("threshold"):

@@ -100,6 +100,23 @@ def test_guided_backprop_and_deconvnet_equal_the_numpy_rules_and_leave_the_model
                                numpy_rule_gradient(weights, images[0], 0, "plain"), rtol=1e-4, atol=1e-7)
 
 
+def test_relus_of_a_nested_model_are_overridden_too() -> None:
+    """A model used as a layer (as a keras.applications base inside a user's classifier): its ReLUs are
+    replaced in the clone, so guided backprop equals that of the same layers unnested."""
+    flat, weights = relu_model()
+    inp = keras.Input((4, 4, 2))
+    base = keras.Model(flat.inputs, flat.layers[-2].output, name="base")
+    nested = keras.Model(inp, keras.layers.Dense(3, name="head")(base(inp)))
+    nested.get_layer("head").set_weights(weights[-2:])
+    images = np.random.default_rng(3).uniform(0, 255, (4, 4, 4, 2)).astype(np.float32)
+    got = {}
+    for name, model in (("flat", flat), ("nested", nested)):
+        eng = GradientEngine(loaded(model, PRESETS["unit"]), batch_size=4)
+        got[name] = input_attributions(eng, "guided_backprop", images, 1)["raw"]
+        assert attributor_for(eng).overridden_relus("guided") == 3
+    np.testing.assert_allclose(got["nested"], got["flat"], rtol=1e-5, atol=1e-9)
+
+
 def test_gradient_x_input_and_vanilla_match_the_gradient_engine() -> None:
     model = random_model(3, seed=2)
     eng = GradientEngine(loaded(model, PRESETS["tf"]), batch_size=2)
@@ -148,7 +165,7 @@ def smooth_model() -> keras.Model:
 
 @pytest.mark.parametrize("baseline", ["black", "blur", "noise"])
 def test_integrated_gradients_are_complete(baseline: str) -> None:
-    eng = GradientEngine(loaded(smooth_model(), PRESETS["tf"]), batch_size=20)  # < 32 steps: paths split over chunks
+    eng = GradientEngine(loaded(smooth_model(), PRESETS["tf"]), batch_size=20)  # < 32: paths split
     images = np.random.default_rng(4).uniform(0, 255, (3, 12, 12, 3)).astype(np.float32)
     p = AttributionParams(ig_baseline=baseline, ig_steps=32, seed=1, model_key="m")
     r = input_attributions(eng, "integrated_gradients", images, np.array([0, 1, 2], np.int32), p)
