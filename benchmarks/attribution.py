@@ -17,11 +17,12 @@ the top class with 32 steps, over crops of the bundled photos decoded to the mod
   compute: no interpolation, no host work). The issue asks reportgen to stay within 1.5x of the floor.
   FLOPs per path point = 2 x forward (the input gradient costs about one more forward pass).
 
-Both sides are timed after a warm-up call (traces excluded) in the same process; maps are compared.
+All sides are timed after a warm-up call (traces excluded) in the same process, best of `--repeats`
+rounds in which they alternate; Score-CAM maps of both sides are compared.
 
     python benchmarks/attribution.py                       # 8 images, fashion-cnn conv3
     python benchmarks/attribution.py --images 2 --steps 8  # smoke test
-    python benchmarks/attribution.py --model fer-emotion --layer conv2d_6 --onednn off   # FER, 64 px
+    python benchmarks/attribution.py --model fer-emotion --layer conv2d_6   # FER, 64 px
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     select_kernels,
 )
+
+
+def choose_kernels(mode: str, model: str) -> None:
+    """oneDNN as `reportgen run` picks it for a spec of `model` (`reportgen`: off for the builtin CNNs,
+    which `common.select_kernels` cannot say: it asks about VGG16), or forced on/off. Before TensorFlow."""
+    if mode != "reportgen":
+        select_kernels(mode)
+        return
+    import reportgen  # noqa: F401  (applies reportgen's default before TensorFlow loads)
+    from reportgen.analyses.filters import FiltersSection
+    from reportgen.device import select_cpu_kernels
+    from reportgen.spec.fields import ModelSpec
+    from reportgen.spec.schema import Spec
+
+    select_cpu_kernels(Spec(title="benchmark", output="unused", models={"m": ModelSpec(builtin=model)},
+                            sections=[FiltersSection(type="filters", model="m", layers=["any"])]))
 
 
 def load_images(lm: Any, count: int) -> Any:
@@ -87,17 +104,20 @@ def naive_scorecam(eng: Any, pixels: Any, layer: str, classes: Any) -> Any:
     return np.stack(cams)
 
 
-def best_of(fn: Any, repeats: int) -> float:
-    times = []
+def best_of(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Best wall time of each call over `repeats` rounds, the calls interleaved within a round: on a
+    shared machine a burst of other load then hits every side alike instead of one of them."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def run(model: str, layer: str, images: int, steps: int, batch: int, peaks: dict[str, float] | None = None,
-        repeats: int = 1) -> list[Row]:
+        repeats: int = 3) -> list[Row]:
     import numpy as np
     import tensorflow as tf
 
@@ -119,11 +139,12 @@ def run(model: str, layer: str, images: int, steps: int, batch: int, peaks: dict
     eng.cams(pixels[:1], layer, -1, ("scorecam", "faster-scorecam"))  # warm-up: traces
     classes = eng.cams(pixels, layer, -1, ("gradcam",)).classes
     naive_scorecam(eng, pixels[:1], layer, classes[:1])
-    t_naive = best_of(lambda: naive_scorecam(eng, pixels, layer, classes), repeats)
+    t = best_of({"naive": lambda: naive_scorecam(eng, pixels, layer, classes),
+                 "batched": lambda: eng.cams(pixels, layer, -1, ("scorecam",)),
+                 "faster": lambda: eng.cams(pixels, layer, -1, ("faster-scorecam",))}, repeats)
+    t_naive, t_batched, t_faster = t["naive"], t["batched"], t["faster"]
     ref = naive_scorecam(eng, pixels, layer, classes)
-    t_batched = best_of(lambda: eng.cams(pixels, layer, -1, ("scorecam",)), repeats)
     ours = eng.cams(pixels, layer, -1, ("scorecam", "faster-scorecam"))
-    t_faster = best_of(lambda: eng.cams(pixels, layer, -1, ("faster-scorecam",)), repeats)
     diff = float(np.abs(ours.maps["scorecam"] - ref).max())
     passes = images * channels
     print(f"Score-CAM naive  : {t_naive:.2f} s ({passes} one-row masked passes, "
@@ -160,9 +181,9 @@ def run(model: str, layer: str, images: int, steps: int, batch: int, peaks: dict
         att.rows(fn, path, path_targets, batch)
 
     one_at_a_time()
-    t_calls = best_of(one_at_a_time, repeats)
-    t_floor = best_of(floor, repeats)
-    t_ig = best_of(lambda: att.attribute("integrated_gradients", pixels, -1, p), repeats)
+    t = best_of({"calls": one_at_a_time, "floor": floor,
+                 "ig": lambda: att.attribute("integrated_gradients", pixels, -1, p)}, repeats)
+    t_calls, t_floor, t_ig = t["calls"], t["floor"], t["ig"]
     r = att.attribute("integrated_gradients", pixels, -1, p)
     work = images * steps * ASCENT_STEP_FACTOR * fwd
     print(f"IG one call per path point: {t_calls:.2f} s; floor (same program, rows pre-built, batched): "
@@ -186,17 +207,18 @@ def run(model: str, layer: str, images: int, steps: int, batch: int, peaks: dict
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=RAW)
     parser.add_argument("--model", default="fashion-cnn",
-                        help="a builtin classifier: fashion-cnn (28 px), fer-emotion (64 px, --onednn off)")
+                        help="a builtin classifier: fashion-cnn (28 px) or fer-emotion (64 px)")
     parser.add_argument("--layer", default="conv3", help="Score-CAM's layer")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32, help="integrated gradients' steps")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1, help="best of this many timings per case")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many interleaved rounds")
     parser.add_argument("--onednn", choices=ONEDNN_MODES, default="reportgen",
-                        help="CPU kernels: as `reportgen run` picks, or forced")
+                        help="CPU kernels: as `reportgen run` picks for the model (off for the builtin "
+                             "CNNs), or forced")
     parser.add_argument("--peak-size", type=int, default=1024, help="matrix side of the peak measurement")
     args = parser.parse_args(argv)
-    select_kernels(args.onednn)
+    choose_kernels(args.onednn, args.model)
     print(machine())
     peaks, described = peak_mod.measure(args.peak_size, dtypes=("float32",))
     print(described)
