@@ -21,7 +21,7 @@ from PIL import Image
 
 from reportgen.analyses import analysis_for
 from reportgen.analyses.base import RunContext
-from reportgen.datasets import DatasetRegistry
+from reportgen.datasets import DatasetRegistry, load_pixels
 from reportgen.engine import topk
 from reportgen.engine.receptive_field import receptive_field, source_box
 from reportgen.execute import execute_dataset
@@ -215,3 +215,21 @@ def test_a_pass_in_many_shards_keeps_the_top_k_of_one(
         for f in topk.FIELDS:
             assert np.array_equal(one[stat][f], many[stat][f], equal_nan=True), (stat, f)
     assert (one["topk"]["index"] >= 0).all() and one["topk"]["value"].shape == (3, 2)
+
+
+def test_neuron_visualisation_ratio_is_over_the_top_exemplar_peak(project: Path) -> None:
+    """A `neuron` objective (one position) is compared with the top exemplar's peak (one position too):
+    exemplar_ratio = its activation / the largest peak of the unit over the photos, here by the model."""
+    spec = write_spec(project, "neuron", [
+        {"type": "filters", "model": "red", "layers": ["red"], "filters": [0], "recipe": "keras-example",
+         "objective": "neuron", "params": {"steps": 3, "crop": 0}},
+        {"type": "exemplars", "model": "red", "dataset": "photos", "layer": "red", "filters": [0], "top": 2},
+    ])
+    summary = run(spec, quiet=True)
+    manifest = json.loads((summary.output / "manifest.json").read_text())
+    [visual] = [a for a in manifest["sections"][0]["artifacts"] if a["kind"] == "filter"]
+    ds = DatasetRegistry(load_spec(spec)).get("photos")
+    pixels, _ = load_pixels(ds.items, (SIDE, SIDE), 3)
+    model = keras.models.load_model(project / "red.keras")
+    peak = keras.Model(model.inputs[0], model.get_layer("red").output)(pixels).numpy()[..., 0].max()
+    assert peak > 0 and visual["exemplar_ratio"] == pytest.approx(visual["activation"] / peak, rel=1e-4)
