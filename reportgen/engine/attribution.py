@@ -214,6 +214,18 @@ class Attributor:
         """How many ReLUs the `rule` clone replaced (0 for "plain")."""
         return 0 if rule == "plain" else self._model(rule)[1]
 
+    def sync_weights(self, layers: Sequence[str] | None = None) -> None:
+        """Copy the model's current weights (of `layers`, default every layer) into the ReLU-overridden
+        clones. The clones copy the weights once, when made; a caller that changes the model's weights in
+        place (the sanity check's randomisation cascade) calls this so guided backprop and deconvnet see the
+        change and keep their compiled programs."""
+        names = [lyr.name for lyr in self.lm.model.layers] if layers is None else list(layers)
+        for twin, _ in self._clones.values():
+            for name in names:
+                weights = self.lm.model.get_layer(name).get_weights()
+                if weights:
+                    twin.get_layer(name).set_weights(weights)
+
     def _model(self, rule: Rule) -> tuple[Any, int]:
         if rule == "plain":
             return self.lm.model, 0

@@ -100,6 +100,21 @@ def test_guided_backprop_and_deconvnet_equal_the_numpy_rules_and_leave_the_model
                                numpy_rule_gradient(weights, images[0], 0, "plain"), rtol=1e-4, atol=1e-7)
 
 
+def test_clones_follow_weights_changed_in_place_after_sync() -> None:
+    model, weights = relu_model()
+    eng = GradientEngine(loaded(model, PRESETS["unit"]), batch_size=4)
+    images = np.random.default_rng(4).uniform(0, 255, (3, 4, 4, 2)).astype(np.float32)
+    input_attributions(eng, "deconvnet", images, 0)  # the clone exists, with the old weights
+    weights[4] = -weights[4]
+    model.get_layer("d2").set_weights(weights[4:6])
+    attributor_for(eng).sync_weights(["d2"])
+    got = input_attributions(eng, "deconvnet", images, 0)["raw"]
+    for i in range(3):
+        np.testing.assert_allclose(got[i], numpy_rule_gradient(weights, images[i], 0, "deconv"), rtol=1e-4,
+                                   atol=1e-7)
+    assert eng.traces == {"attribution:plain:class": 1, "attribution:deconv:class": 1}
+
+
 def test_relus_of_a_nested_model_are_overridden_too() -> None:
     """A model used as a layer (as a keras.applications base inside a user's classifier): its ReLUs are
     replaced in the clone, so guided backprop equals that of the same layers unnested."""
