@@ -212,8 +212,16 @@ def build_fashion_cnn() -> keras.Model:
     return keras.Model(inputs, outputs, name="fashion_cnn")
 
 
-def ensure_fashion_model(home: Path) -> Path:
-    """`home/fashion_cnn.keras`, training and saving it first if it is not there yet.
+def model_filename(epochs: int = EPOCHS) -> str:
+    """The builtin's file (`fashion_cnn.keras`), or that of the same training stopped after `epochs`
+    (`fashion_cnn_epoch1.keras`: builtin `fashion-cnn-epoch1`, the earlier checkpoint that the nightly
+    twin compares with)."""
+    return MODEL_FILENAME if epochs == EPOCHS else f"fashion_cnn_epoch{epochs}.keras"
+
+
+def ensure_fashion_model(home: Path, epochs: int = EPOCHS) -> Path:
+    """`home/fashion_cnn.keras` (`home/model_filename(epochs)`), training and saving it first if it is
+    not there yet.
 
     Training is seeded (`keras.utils.set_random_seed(0)`, full training set, fixed epochs/batch size), so a
     rebuild on the same software stack gives the same weights. `home/fashion_cnn.json` records the test
@@ -221,18 +229,18 @@ def ensure_fashion_model(home: Path) -> Path:
     model also sees its record.
     """
     home = Path(home)
-    target = home / MODEL_FILENAME
+    target = home / model_filename(epochs)
     if target.is_file():
         return target
-    with _locked(home, "fashion_cnn"):
+    with _locked(home, target.stem):
         if target.is_file():  # another process finished while we waited for the lock
             return target
         _remove_stale(home, f".{target.stem}*.tmp-*")  # model and json temp files
-        _train_and_save(home, target)
+        _train_and_save(home, target, epochs)
     return target
 
 
-def _train_and_save(home: Path, target: Path) -> None:
+def _train_and_save(home: Path, target: Path, epochs: int = EPOCHS) -> None:
     import keras
 
     (x_train, y_train), (x_test, y_test) = load_fashion()
@@ -240,7 +248,7 @@ def _train_and_save(home: Path, target: Path) -> None:
     model = build_fashion_cnn()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     start = time.perf_counter()
-    model.fit(to_model_input(x_train), y_train, epochs=EPOCHS, batch_size=BATCH_SIZE, shuffle=True, verbose=0)
+    model.fit(to_model_input(x_train), y_train, epochs=epochs, batch_size=BATCH_SIZE, shuffle=True, verbose=0)
     seconds = time.perf_counter() - start
     loss, accuracy = model.evaluate(to_model_input(x_test), y_test, batch_size=500, verbose=0)
     if accuracy < MIN_ACCURACY:
@@ -254,7 +262,7 @@ def _train_and_save(home: Path, target: Path) -> None:
     info = {
         "test_accuracy": round(float(accuracy), 4),
         "test_loss": round(float(loss), 4),
-        "epochs": EPOCHS,
+        "epochs": epochs,
         "batch_size": BATCH_SIZE,
         "train_samples": int(len(x_train)),
         "test_samples": int(len(x_test)),
@@ -267,7 +275,7 @@ def _train_and_save(home: Path, target: Path) -> None:
     tmp = home / f".{target.stem}.tmp-{os.getpid()}.keras"  # Keras insists on the .keras suffix
     try:
         model.save(tmp)
-        _write_json_atomic(home / MODEL_INFO_FILENAME, info)
+        _write_json_atomic(home / (MODEL_INFO_FILENAME if epochs == EPOCHS else f"{target.stem}.json"), info)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

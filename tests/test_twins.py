@@ -21,7 +21,8 @@ TWINS = sorted(SPECS.glob("twins/*.yaml"))
 EXPECTED_CLASSIC = {
     "demo", "resnet50v2_layers", "keras_example", "vgg19_filter31", "vgg16_gradcam_faces", "small_cnn_mnist",
 }
-EXPECTED_TWINS = {"hed_layers", "hed_keras_example", "hed_filter31", "fer_gradcam_faces", "fashion_cnn"}
+EXPECTED_TWINS = {"hed_layers", "hed_keras_example", "hed_filter31", "fer_gradcam_faces", "fashion_cnn",
+                 "fashion_nightly"}
 MIN_PAGES = 3
 
 

@@ -27,7 +27,7 @@ KERAS_APPS = (
     "ResNet101V2 ResNet152 ResNet152V2 ResNet50 ResNet50V2 VGG16 VGG19 Xception"
 ).split()
 
-BUILTIN_MODELS = ("vgg16-hed", "fer-emotion", "fashion-cnn")
+BUILTIN_MODELS = ("vgg16-hed", "fer-emotion", "fashion-cnn", "fashion-cnn-epoch1")
 
 # The largest `max_pixels` a dataset may set: Pillow refuses to open anything larger (its own
 # decompression-bomb limit), and a 179-megapixel image already takes ~2 GiB as float32 pixels.
@@ -86,7 +86,7 @@ class Preprocess(Strict):
 
 
 class ModelSpec(Strict):
-    builtin: Literal["vgg16-hed", "fer-emotion", "fashion-cnn"] | None = Field(
+    builtin: Literal["vgg16-hed", "fer-emotion", "fashion-cnn", "fashion-cnn-epoch1"] | None = Field(
         None, description="A model that ships with reportgen's dependencies (works offline)."
     )
     keras_app: str | None = Field(None, description="Any keras.applications name, e.g. VGG16, ResNet50V2.")
