@@ -377,7 +377,7 @@ def test_a_section_type_is_one_module_and_one_template() -> None:
         assert analysis.section.__module__ == type(analysis).__module__ == f"reportgen.analyses.{name}"
         assert (templates / f"{name}.html.j2").is_file(), name
     assert {name for name, a in found.items() if a.section.needs_top} == {
-        "predictions", "gradcam", "occlusion", "saliency", "class_model"
+        "predictions", "gradcam", "occlusion", "saliency", "class_model", "sanity"
     }
 
 
