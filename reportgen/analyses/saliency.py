@@ -233,6 +233,11 @@ class SaliencyAnalysis(Analysis):
         lm, _, items, notes, methods, params, key = self._work(section, ctx, index)
         res = ctx.result(key, "saliency")
         notes += skipped_note(items, res["kept"])
+        if "overridden_relus" in res and len(res["overridden_relus"]) and not res["overridden_relus"][0]:
+            notes.append(
+                f"Model {section.model!r} has no ReLU that guided backprop or deconvnet can override (they "
+                "change ReLU layers and `activation: relu` only), so their maps are plain gradients."
+            )
         sizes = image_sizes(items)
         unit = isinstance(params["target"], dict)
         figures, artifacts = [], []

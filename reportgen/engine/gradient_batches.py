@@ -71,7 +71,8 @@ def saliency(
     `ids`: each decoded image's index in the section's chosen images, which seeds its noise (a shard of
     them draws the same noise). Returns per method its display map under the method's name (the name
     vanilla and SmoothGrad maps had before) and its signed (N, H, W, C) values as `raw_<method>`;
-    integrated gradients add `ig_score_difference` and `ig_completeness_error`."""
+    integrated gradients add `ig_score_difference` and `ig_completeness_error`, guided backprop and
+    deconvnet `overridden_relus` (how many ReLUs their model clone overrides, repeated per image)."""
     from reportgen.engine.attribution import AttributionParams, UnitTarget, attributor_for
     from reportgen.engine.gradients import engine_for
 
@@ -88,9 +89,14 @@ def saliency(
         model_key=lm.key,
     )
     methods = list(params["methods"])
-    results = attributor_for(engine_for(lm, batch)).attribute_all(methods, pixels, target, p, ids)
+    attributor = attributor_for(engine_for(lm, batch))
+    results = attributor.attribute_all(methods, pixels, target, p, ids)
     first = results[methods[0]]
     arrays = {"classes": first.classes, "probability": first.probability}
+    if "guided_backprop" in methods or "deconvnet" in methods:
+        # per image (arrays of image shards are concatenated), so the section can say when none was found
+        rule = "guided" if "guided_backprop" in methods else "deconv"
+        arrays["overridden_relus"] = np.full(len(pixels), attributor.overridden_relus(rule), np.int32)
     for m, r in results.items():
         arrays[m], arrays[f"raw_{m}"] = r.maps, r.raw
         if r.score_difference is not None and r.completeness_error is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from oracles import CLASSES, RED_BOX, SIDE, oracle_model, scene
@@ -23,6 +24,7 @@ output: out
 formats: [html]
 models:
   oracle: {{path: oracle.keras, preprocess: unit, class_names: {json.dumps(CLASSES)}}}
+  smooth: {{path: smooth.keras, preprocess: unit}}
 datasets:
   photos: {{path: photos}}
 sections:
@@ -39,6 +41,11 @@ sections:
     dataset: photos
     target: {{layer: features, filter: 0}}
     methods: [vanilla, guided_backprop]
+  - type: saliency
+    model: smooth
+    dataset: photos
+    limit: 1
+    methods: [guided_backprop]
 """
 
 
@@ -48,6 +55,9 @@ def write_project(root: Path, spec: str = SPEC) -> Path:
     Image.fromarray(scene(red=True).astype(np.uint8)).save(photos / "red.png")
     Image.fromarray(scene(red=True, green=True).astype(np.uint8)).save(photos / "both.png")
     oracle_model().save(root / "oracle.keras")
+    inp = keras.Input((SIDE, SIDE, 3))  # tanh only: nothing for guided backprop to override
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3, activation="tanh")(inp))
+    keras.Model(inp, keras.layers.Dense(2)(x)).save(root / "smooth.keras")
     (root / "spec.yaml").write_text(spec, encoding="utf-8")
     return root / "spec.yaml"
 
@@ -55,10 +65,10 @@ def write_project(root: Path, spec: str = SPEC) -> Path:
 def test_every_method_saves_signed_input_maps_and_ig_adds_up(tmp_path: Path) -> None:
     spec = write_project(tmp_path)
     first = run(spec, quiet=True)
-    assert first.computed == 2
+    assert first.computed == 3
     out = tmp_path / "out"
     manifest = json.loads((out / "manifest.json").read_text())
-    by_class, by_unit = manifest["sections"]
+    by_class, by_unit, _ = manifest["sections"]
     maps = [a for a in by_class["artifacts"] if a["kind"] == "map"]
     images = ("red.png", "both.png")
     assert {(a["method"], a["image"]) for a in maps} == {(m, i) for m in METHODS for i in images}
@@ -104,6 +114,8 @@ def test_every_method_saves_signed_input_maps_and_ig_adds_up(tmp_path: Path) -> 
     for label in ("integrated gradients", "VarGrad", "guided backprop", "deconvnet", "blur baseline",
                   "filter 0 of layer &#39;features&#39;"):
         assert label in html
+    # the tanh model's guided maps are plain gradients, and the report says so (once: not for the oracle)
+    assert html.count("no ReLU that guided backprop or deconvnet can override") == 1
     assert run(spec, quiet=True).computed == 0
 
 
@@ -112,7 +124,9 @@ def test_every_method_saves_signed_input_maps_and_ig_adds_up(tmp_path: Path) -> 
     [("{layer: nope, filter: 0}", "has no layer 'nope'"), ("{layer: features, filter: 5}", "has 2 filters")],
 )
 def test_unit_target_errors_name_the_field(tmp_path: Path, target: str, message: str) -> None:
-    spec = write_project(tmp_path, SPEC.replace("{layer: features, filter: 0}", target))
+    text = SPEC.replace("{layer: features, filter: 0}", target)
+    line = text.splitlines().index(f"    target: {target}") + 1
+    spec = write_project(tmp_path, text)
     with pytest.raises(SpecError) as err:
         run(spec, quiet=True)
-    assert message in str(err.value) and "spec.yaml:21:" in str(err.value)  # the unit's line
+    assert message in str(err.value) and f"spec.yaml:{line}:" in str(err.value)  # the unit's line
