@@ -1,16 +1,22 @@
-"""Cold vs warm rerun of a spec: what the result store saves when nothing changed.
+"""Cold vs warm rerun of a spec: what the result store saves, and what an unchanged night costs.
 
 The spec is copied into a temporary folder with `output:` and `cache:` pointing there (relative model,
 weights, class-name and dataset paths are made absolute, so the copy reads the same inputs). It is then
-run twice, each time in a fresh Python process as a user would (`reportgen run` twice):
+run in a fresh Python process per run, as a user would (`reportgen run`):
 
-- cold: empty cache, everything is computed;
-- warm: unchanged spec and cache, nothing should be computed (`computed` must be 0).
+- cold: empty cache, everything is computed (skipped with `--cache DIR`, which starts from a copy of
+  an existing cache of the same spec instead);
+- warm, full path: unchanged inputs, but the memo of the last run is deleted first, so the run loads
+  the models (imports TensorFlow) and plans before finding that nothing is to be computed: what every
+  unchanged rerun cost before `reportgen.unchanged`;
+- unchanged: the same rerun with the memo: decided before importing TensorFlow, only rendering.
 
-Printed: process wall time (Python + TensorFlow start-up included) and `runner.run`'s own time for each,
-warm/cold ratio, computed / reused counts, and where the warm run spends its time (manifest timings).
+Printed: process wall and CPU time (user + system, from `getrusage`: less sensitive to other load on
+the machine than wall time), `runner.run`'s own time, computed/reused counts, whether TensorFlow was
+imported, and where each warm run spends its time (manifest timings).
 
     python benchmarks/rerun.py                     # specs/demo.yaml
+    python benchmarks/rerun.py --cache output/.reportgen-cache   # the demo without its cold run
     python benchmarks/rerun.py --small             # a tiny generated spec (smoke test, ~1 min)
     python benchmarks/rerun.py --spec my.yaml
 """
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,47 +93,68 @@ def child(spec: str) -> None:
     seconds = time.perf_counter() - t0
     manifest = json.loads((summary.output / "manifest.json").read_text())
     print(json.dumps({"run_seconds": seconds, "computed": summary.computed, "reused": summary.reused,
-                      "pages": summary.pages, "timings": manifest.get("timings", {})}))
+                      "pages": summary.pages, "timings": manifest.get("timings", {}),
+                      "tensorflow": "tensorflow" in sys.modules}))
 
 
-def run_once(spec: Path) -> dict[str, Any]:
+def run_once(spec: Path, drop_memo: bool = False) -> dict[str, Any]:
+    """One `reportgen run` in a fresh process; `drop_memo`: delete the memo of the last run first (the
+    full path, as before `reportgen.unchanged`)."""
+    if drop_memo:
+        shutil.rmtree(spec.parent / "cache" / "results" / "reports", ignore_errors=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)],
                           capture_output=True, text=True, cwd=REPO, env=user_env())
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"reportgen run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall"] = wall
+    out["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return out
 
 
-def run(spec: Path | None) -> Row:
+def run(spec: Path | None, cache: Path | None = None) -> list[Row]:
+    """Cold (unless `cache` seeds the store), warm full path and unchanged runs of `spec`: their rows."""
     name = spec.name if spec else "small generated spec"
     with tempfile.TemporaryDirectory(prefix="reportgen-bench-rerun-") as tmp:
         copy = temp_copy(spec, Path(tmp))
-        cold = run_once(copy)
-        warm = run_once(copy)
+        if cache is not None:
+            shutil.copytree(cache, Path(tmp) / "cache")
+            shutil.rmtree(Path(tmp) / "cache" / "results" / "reports", ignore_errors=True)
+        runs = {} if cache is not None else {"cold": run_once(copy)}
+        runs["warm, full path"] = run_once(copy, drop_memo=True)
+        runs["unchanged"] = run_once(copy)
     print(f"\n## rerun: {name}")
-    for label, r in (("cold", cold), ("warm", warm)):
-        print(f"{label:<10}: {r['wall']:.2f} s process, {r['run_seconds']:.2f} s in runner.run; computed "
-              f"{r['computed']}, reused {r['reused']}, {r['pages']} PDF pages")
-    print(f"ratio     : warm/cold {warm['wall'] / cold['wall']:.3f} (process), "
-          f"{warm['run_seconds'] / cold['run_seconds']:.3f} (runner.run); cold is "
-          f"{cold['wall'] / warm['wall']:.1f}x the warm rerun")
-    top = sorted(warm["timings"].items(), key=lambda kv: -kv[1])[:6]
-    # section timings contain their engines' ("engine: forward", ...); the ascent engine runs on its own
-    outer = [v for k, v in warm["timings"].items() if not k.startswith("engine:") or k == "engine: ascent"]
-    rest = warm["run_seconds"] - sum(outer)
-    print("warm run's largest timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in top)
-          + f"; outside the timed parts (imports, model loading, planning, publishing): ~{rest:.2f} s")
-    if warm["computed"]:
-        print(f"WARNING: the unchanged rerun computed {warm['computed']} results; the cache missed")
-    return Row(
-        case=f"rerun: {name}, cold (empty cache) vs warm (unchanged), process wall time",
-        unit="s", naive=cold["wall"], reportgen=warm["wall"], speedup=cold["wall"] / warm["wall"],
-        notes=[f"warm computed {warm['computed']}, reused {warm['reused']}"],
-    )
+    for label, r in runs.items():
+        print(f"{label:<16}: {r['wall']:.2f} s process ({r['cpu']:.2f} s CPU), {r['run_seconds']:.2f} s in "
+              f"runner.run; computed {r['computed']}, reused {r['reused']}, {r['pages']} PDF pages; "
+              f"TensorFlow {'imported' if r['tensorflow'] else 'not imported'}")
+    for label in ("warm, full path", "unchanged"):
+        top = sorted(runs[label]["timings"].items(), key=lambda kv: -kv[1])[:5]
+        print(f"{label} run's largest timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in top))
+    full, fast = runs["warm, full path"], runs["unchanged"]
+    for label, r in runs.items():
+        if label != "cold" and r["computed"]:
+            print(f"WARNING: the {label} rerun computed {r['computed']} results; the cache missed")
+    rows = []
+    if "cold" in runs:
+        cold = runs["cold"]
+        rows.append(Row(
+            case=f"rerun: {name}, cold (empty cache) vs unchanged, process wall time", unit="s",
+            naive=cold["wall"], reportgen=fast["wall"], speedup=cold["wall"] / fast["wall"],
+            notes=[f"unchanged computed {fast['computed']}, reused {fast['reused']}"],
+        ))
+    rows.append(Row(
+        case=f"rerun: {name}, unchanged: full path (TensorFlow, plan) vs decided before TensorFlow, "
+             "process wall time", unit="s",
+        naive=full["wall"], reportgen=fast["wall"], speedup=full["wall"] / fast["wall"],
+        notes=[f"CPU {full['cpu']:.2f} s vs {fast['cpu']:.2f} s; PDF "
+               f"{fast['timings'].get('render: pdf', 0.0):.2f} s of the unchanged run"],
+    ))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,14 +164,16 @@ def main(argv: list[str] | None = None) -> None:
                        help=f"spec to run (default {DEMO.relative_to(REPO)})")
     group.add_argument("--small", action="store_true", help="a tiny generated spec instead (smoke test)")
     group.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="start from a copy of this cache folder of the same spec (no cold run)")
     args = parser.parse_args(argv)
     if args.child:
         child(args.child)
         return
     print(machine("kernels as `reportgen run` picks them (fresh processes)"))
-    row = run(None if args.small else (args.spec or DEMO))
+    rows = run(None if args.small else (args.spec or DEMO), args.cache)
     print()
-    print(markdown_table([row]))
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = filters.run(list(filters.CASES), cfg["filters"], 180, 30, cfg["batch"], args.precision, peaks)
     rows.append(ranking.run("vgg16-hed", "block3_conv1", cfg["images"], 224, 8, cfg["classic_filters"],
                             cfg["classic_images"], peaks))
-    rows.append(rerun.run(cfg["spec"]))
+    rows += rerun.run(cfg["spec"])
     rows += attribution.run("fashion-cnn", "conv3", cfg["attribution_images"], 32, 32, peaks)
     passes = throughput.run(cfg["images"], 224, 8, cfg["rounds"], cfg["rss"], "block1_conv1")
     exemplar_rows = exemplars.measure(cfg["exemplar_images"], 8, 10, cfg["rounds"])
