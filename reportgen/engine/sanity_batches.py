@@ -125,10 +125,7 @@ def _sync_relu_twins(randomised: Any, batch: int, layer: str) -> None:
     from reportgen.engine.attribution import attributor_for
     from reportgen.engine.gradients import engine_for
 
-    attributor = attributor_for(engine_for(randomised, batch))
-    weights = randomised.model.get_layer(layer).get_weights()
-    for twin, _ in attributor._clones.values():  # noqa: SLF001 - the engine keeps no other handle on them
-        twin.get_layer(layer).set_weights(weights)
+    attributor_for(engine_for(randomised, batch)).sync_weights([layer])
 
 
 def gradcam_faithfulness(
