@@ -27,6 +27,7 @@ from reportgen.analyses.base import RunContext, SectionOutput, slugify
 from reportgen.datasets import DatasetRegistry, dataset_notes
 from reportgen.device import device_description, select_cpu_kernels
 from reportgen.engine.scheduler import AscentScheduler
+from reportgen.errors import SpecError
 from reportgen.execute import execute_dataset, execute_images
 from reportgen.history import RunRecord, history_path, item_rows, record_run
 from reportgen.history.changes import manifest_items, prepare_baseline, run_changes
@@ -128,8 +129,11 @@ def run(
 def _record_failure(spec: Spec, spec_path: Path, started: str, exc: BaseException) -> None:
     """Record a run that got its lock but published nothing as status "failed" with no items, so the
     history shows the failed nights while `baseline: previous` (the last run with status "ok") still means
-    the last successful one. A history that cannot be written then is only logged: the run's own error
-    is the one line the user must see."""
+    the last successful one. A spec refused by its checks (exit 2, before any compute) never ran and
+    leaves nothing behind, not even a history. A history that cannot be written then is only logged: the
+    run's own error is the one line the user must see."""
+    if isinstance(exc, SpecError):
+        return
     try:
         record = RunRecord(started, now(), str(spec_path.resolve()), spec_sha256(spec_path),
                            str(Path(spec.output).resolve()), status="failed")  # fmt: skip

@@ -4,6 +4,7 @@ failed runs are recorded as "failed" and are neither a baseline nor a point of a
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from reportgen.errors import ReportgenError
+from reportgen.errors import SpecError
 from reportgen.history.trends import earlier_runs
 from reportgen.runner import run
 
@@ -63,15 +64,26 @@ def sql_items(history: Path, section_type: str) -> list[list[dict[str, Any]]]:
     return out
 
 
-def test_three_runs_chart_the_history_and_a_failed_run_is_no_point(tmp_path: Path) -> None:
+def disk_full(*args: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device", "report.html")
+
+
+def test_three_runs_chart_the_history_and_a_failed_run_is_no_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec = write_spec(tmp_path)
     history = tmp_path / "out" / ".reportgen-cache" / "history.sqlite"
     for night, scale in enumerate((1.0, 1.0, 0.2)):  # the last night is a new checkpoint, softer head
-        if night == 2:  # before it, a night whose checkpoint was broken failed
-            (tmp_path / "m.keras").write_bytes(b"")
-            with pytest.raises(ReportgenError):
-                run(spec, quiet=True)
         classifier(scale).save(tmp_path / "m.keras")
+        if night == 2:  # before it, a night whose disk filled up while the report was written failed
+            with monkeypatch.context() as m:
+                m.setattr("reportgen.runner.render_html", disk_full)
+                with pytest.raises(OSError):
+                    run(spec, quiet=True)
+            (tmp_path / "m.keras").write_bytes(b"")  # and a broken checkpoint: refused (exit 2), no run
+            with pytest.raises(SpecError):
+                run(spec, quiet=True)
+            classifier(scale).save(tmp_path / "m.keras")
         run(spec, quiet=True)
     statuses = [s for (s,) in sqlite3.connect(history).execute("SELECT status FROM runs ORDER BY finished")]
     assert statuses == ["ok", "ok", "failed", "ok"]
