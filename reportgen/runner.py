@@ -109,12 +109,14 @@ def run(
         staging = new_staging(output)
         started = now()
         try:
-            inputs = fingerprint(spec, spec_path, options)  # before TensorFlow is imported
+            datasets = DatasetRegistry(spec)  # scanned once: for the fingerprint and, if needed, the run
+            inputs = fingerprint(spec, spec_path, options, datasets)  # before TensorFlow is imported
             memo = reusable(spec, spec_path, inputs, output) if inputs else None
             if memo is not None:
                 record = _run_unchanged(spec, spec_path, staging, progress, summary, memo)
             else:
-                record = _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary, inputs)
+                record = _run_locked(spec, spec_path, staging, progress, engine, batch_size, summary, inputs,
+                                     datasets)  # fmt: skip
             publish(staging, output, where=locate(spec, ("output",)))
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -149,12 +151,13 @@ def _prepare(
     progress: Progress,
     batch_size: int | None,
     root: Path | None = None,
+    datasets: DatasetRegistry | None = None,
 ) -> tuple[Any, list[tuple[Any, Any, str, str, dict[str, int]]]]:
     """The run context, and every section's (section, analysis, title, id, result counts) after `prepare`
     registered its batched work."""
     store = Store(root or store_root(spec))
     models = ModelRegistry(spec)
-    datasets = DatasetRegistry(spec)
+    datasets = datasets or DatasetRegistry(spec)
     check_files(spec, models, datasets)  # every file the spec names, before any compute: exit 2 at its line
     ctx = RunContext(
         spec=spec,
@@ -219,12 +222,13 @@ def _run_locked(
     batch_size: int | None,
     summary: RunSummary,
     inputs: str | None = None,
+    datasets: DatasetRegistry | None = None,
 ) -> RunRecord:
     """Build the report in `staging`; returns what the run history will keep once it is published.
     `inputs`: the fingerprint of the run's inputs (`reportgen.unchanged`), kept with a memo of the built
     sections for the next unchanged run; None keeps none."""
     started = now()
-    ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size)
+    ctx, titled = _prepare(spec, spec_path, staging, progress, batch_size, datasets=datasets)
     work = plan_work(ctx, engine.memory_share, batch_size, engine.planned_workers)
     plan = work.ascent
     check_samples_fit(spec, ctx.models, plan.budget)

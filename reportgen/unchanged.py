@@ -83,18 +83,19 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def fingerprint(spec: Any, spec_path: Path, options: dict[str, Any]) -> str | None:
+def fingerprint(spec: Any, spec_path: Path, options: dict[str, Any], datasets: Any = None) -> str | None:
     """The digest of every input of the run's results (see the module docstring), without importing
     TensorFlow; None when a model's digest can only be known by loading it, or when an input cannot be
-    read: the full run then reports that problem at its spec line."""
+    read: the full run then reports that problem at its spec line. `datasets`: the run's
+    `DatasetRegistry`, so that the folders are scanned once."""
     try:
-        return _fingerprint(spec, spec_path, options)
+        return _fingerprint(spec, spec_path, options, datasets)
     except Exception as exc:  # noqa: BLE001 - the full run's checks say what is wrong, located
         log.debug("inputs not fingerprinted (%s: %s): full run", type(exc).__name__, exc)
         return None
 
 
-def _fingerprint(spec: Any, spec_path: Path, options: dict[str, Any]) -> str | None:
+def _fingerprint(spec: Any, spec_path: Path, options: dict[str, Any], datasets: Any) -> str | None:
     from reportgen import __version__
     from reportgen.datasets import DatasetRegistry
     from reportgen.models import source_digest
@@ -109,15 +110,15 @@ def _fingerprint(spec: Any, spec_path: Path, options: dict[str, Any]) -> str | N
         if isinstance(names, str):
             names = hashlib.sha256(Path(names).read_bytes()).hexdigest()
         models[key] = [digest, names]
-    registry = DatasetRegistry(spec)
-    datasets = {key: registry.get(key).digest for key in spec.datasets}
+    registry = datasets or DatasetRegistry(spec)
+    digests = {key: registry.get(key).digest for key in spec.datasets}
     parts = {
         "reportgen": [__version__, code_digest()],
         "versions": versions(),
         "spec": [str(spec_path.resolve()), hashlib.sha256(spec_path.read_bytes()).hexdigest()],
         "options": options,
         "models": models,
-        "datasets": datasets,
+        "datasets": digests,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
