@@ -219,7 +219,8 @@ class AscentPass:
         """Estimated FLOPs of the pass: forward + backward to the input per step, per sample to compute."""
         return self.cost.flops * 2 * self.recipe.steps * self.pending
 
-    def describe(self) -> str:
+    def describe(self, workers: int = 1) -> str:
+        """One line of the dry run; with `workers` > 1, how many pieces the workers get."""
         if not self.pending:
             return f"ascent {self.model} ({recipe_label(self.recipe)}): all {self.total} results stored"
         n = len(self.layers)
@@ -228,11 +229,13 @@ class AscentPass:
             if self.classes
             else f"{self.pending} filters over {n} layer{'s' if n != 1 else ''} ({', '.join(self.layers)})"
         )
+        n_pieces = len(ascent_pieces(self, workers)) if workers > 1 else 0
+        pieces = f" in {n_pieces} pieces on {workers} workers" if n_pieces else ""
         return (
             f"ascent {self.model} ({recipe_label(self.recipe)}): {what} "
             f"at {self.size[0]}x{self.size[1]} px, "
             f"{self.recipe.steps} steps, batch {min(self.batch_size, self.pending)} ({self.chunks} chunk"
-            f"{'s' if self.chunks != 1 else ''}), est. {human_flops(self.flops)}, "
+            f"{'s' if self.chunks != 1 else ''}{pieces}), est. {human_flops(self.flops)}, "
             f"~{human_bytes(self.cost.activation_bytes * MEMORY_FACTOR)} a sample; "
             f"{self.stored} of {self.total} stored"
         )
@@ -279,7 +282,7 @@ class Plan:
             f"stored, {self.pending} to compute, est. {human_flops(self.flops)}"
         )
         lines = [head]
-        lines += [f"pass {i + 1}: {p.describe()}" for i, p in enumerate(self.passes)]
+        lines += [f"pass {i + 1}: {p.describe(self.workers)}" for i, p in enumerate(self.passes)]
         lines += [
             f"section {sid}: {stored} of {n} ascent results stored"
             for sid, (n, stored) in self.sections.items()
@@ -746,9 +749,11 @@ class WorkPlan:
             f"{todo} of {len(rows)} pass{'es' if len(rows) != 1 else ''} ({kinds}) to run on "
             f"{self.ascent.budget.describe()}, precision {self.ascent.precision}: {what}"
         ]
+        texts = [p.describe(self.ascent.workers) for p in self.ascent.passes]
+        texts += [p.describe() for p in passes[len(self.ascent.passes) :]]
         lines += [
-            f"pass {i + 1}: {p.describe()}; serves {', '.join(r['sections'])}"
-            for i, (p, r) in enumerate(zip(passes, rows, strict=True))
+            f"pass {i + 1}: {text}; serves {', '.join(r['sections'])}"
+            for i, (text, r) in enumerate(zip(texts, rows, strict=True))
         ]
         lines += [
             f"section {sid}: {stored} of {n} ascent results stored"

@@ -204,3 +204,4 @@ def test_dry_run_on_dask_counts_the_workers_shards(
     assert shards(*on_dask) == {"ascent": 2, "dataset": 2}
     code, out, err = cli_main("run", path, "--dry-run", *on_dask)
     assert code == 0 and "8 all images" in out and "in 2 shards" in out, out + err
+    assert "(1 chunk in 2 pieces on 2 workers)" not in out and "pieces on 2 workers" in out, out

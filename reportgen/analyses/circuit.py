@@ -40,6 +40,11 @@ class CircuitSection(SectionBase):
     params: dict[str, float | int | bool] = Field(
         default_factory=dict, description="Recipe overrides.", json_schema_extra=params_json_schema
     )
+    objective: Literal["channel", "neuron"] = Field(
+        "channel",
+        description="What each image maximises: a channel's mean over its map (channel), or its unit at "
+        "the centre of the map (neuron), for the filter and its input channels alike.",
+    )
 
 HEATMAP_SIDE = 96  # kxk weights are upscaled (nearest) to about this many pixels a side
 DIVERGING = "RdBu_r"  # red = positive weight, blue = negative, white = 0
@@ -201,11 +206,18 @@ class CircuitAnalysis(Analysis):
     def _requests(
         self, section: CircuitSection, ctx: RunContext, plan: dict[str, Any]
     ) -> tuple[AscentRequest, list[AscentRequest]]:
-        own = filter_requests(section, ctx, section.layer, [section.filter], section.recipe, section.params)
+        # a circuit is about one filter and its input channels: the objectives of a whole layer (layer,
+        # direction) and diversity have no place here; a neuron is each map's centre unit
+        unit = {"objective": section.objective}
+        own = filter_requests(
+            section, ctx, section.layer, [section.filter], section.recipe, section.params, unit
+        )
         inputs = []
         if plan["prev"] is not None:
             channels = [int(plan["arrays"]["channels"][i]) for i in plan["top"]]
-            inputs = filter_requests(section, ctx, plan["prev"], channels, section.recipe, section.params)
+            inputs = filter_requests(
+                section, ctx, plan["prev"], channels, section.recipe, section.params, unit
+            )
         return own[0], inputs
 
     # -- phases -------------------------------------------------------------------------------
@@ -253,7 +265,7 @@ class CircuitAnalysis(Analysis):
                     model,
                     layer,
                     f,
-                    {"activation": meta["activation"], "dead": meta["dead"]},
+                    {"activation": meta["activation"], "dead": meta["dead"], "objective": section.objective},
                 )
             )
             for req in input_reqs:
@@ -267,8 +279,18 @@ class CircuitAnalysis(Analysis):
                         model,
                         prev,
                         req.filter,
-                        {"activation": meta["activation"], "dead": meta["dead"], "feeds": f"{layer}/{f}"},
+                        {
+                            "activation": meta["activation"],
+                            "dead": meta["dead"],
+                            "feeds": f"{layer}/{f}",
+                            "objective": section.objective,
+                        },
                     )
+                )
+            if section.objective == "neuron":
+                notes.append(
+                    "Each image maximises one unit at the centre of its channel's map (objective: neuron), "
+                    "not the channel's mean over the map."
                 )
             if prev is None:
                 notes.append(
@@ -327,6 +349,7 @@ class CircuitAnalysis(Analysis):
                 "prev": prev,
                 "own": own_vis,
                 "visualize": section.visualize,
+                "objective": section.objective,
                 "recipe": section.recipe,
                 "recipe_description": RECIPES[section.recipe].description,
                 "params": recipe.as_dict(),

@@ -157,12 +157,21 @@ class ClassModelAnalysis(Analysis):
             )
         csv_rel = out.csv("class_models.csv", rows, CSV_COLUMNS)
         artifacts.append(Artifact("table", csv_rel, section.model, None, None, {"rows": len(rows)}))
+        kept = (
+            "the Fourier parameterisation's sigmoid keeps pixels in the valid range"
+            if recipe.fourier
+            else "pixels are clipped to the valid range every step"
+        )
         notes = [
-            f"Optimised in {size[0]}x{size[1]} canonical input space for {recipe.steps} steps; pixels are "
-            "clipped to the valid range every step and each image is shown exactly as the model scored it "
-            "(uint8, no contrast stretch or crop), so its confidence is the model's softmax on the picture "
-            "shown.",
+            f"Optimised in {size[0]}x{size[1]} canonical input space for {recipe.steps} steps; {kept}, and "
+            "each image is shown exactly as the model scored it (uint8, no contrast stretch or crop), so its "
+            "confidence is the model's softmax on the picture shown.",
         ]
+        if recipe.pad and recipe.crops == 0 and lm.fixed_input:
+            notes.append(
+                f"The model takes only {size[0]}x{size[1]} inputs: each step it saw the recipe's canvas, "
+                f"padded by {recipe.pad} px, scaled back to that size."
+            )
         if len(rows) > TABLE_ROWS:
             notes.append(f"The table shows {TABLE_ROWS} of {len(rows)} classes; all are in class_models.csv.")
         return SectionResult(

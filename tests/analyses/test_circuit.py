@@ -118,6 +118,7 @@ sections:
     layer: LAYER
     filter: 1
     top: 3
+    objective: neuron
     params: {steps: 3}
 """
 
@@ -167,6 +168,9 @@ def test_runner_builds_the_three_sections_and_a_rerun_computes_nothing(project):
     assert {"chart", "heatmap", "filter", "table"} <= kinds
     inputs = [a for a in sections["circuit"]["artifacts"] if a["kind"] == "filter" and a["layer"] == "c1"]
     assert len(inputs) == 3  # the top input channels, visualised in c1 (through the pooling layer)
+    visualised = [a for a in sections["circuit"]["artifacts"] if a["kind"] == "filter"]
+    assert len(visualised) == 4 and {a["objective"] for a in visualised} == {"neuron"}
+    assert "centre of its channel&#39;s map (objective: neuron)" in html
     class_models = [a for a in sections["class_model"]["artifacts"] if a["kind"] == "class_model"]
     assert [a["name"] for a in class_models] == ["cat", "bird"]
     assert all(0 <= a["confidence"] <= 1 for a in class_models)
