@@ -1,5 +1,6 @@
 """Dataset passes leave the machine: with `--backend dask`, class ranking + predictions over a class-folder
-dataset run as shards on the workers of a local 2-process Dask cluster and merge to the local run's values."""
+dataset run as shards on the workers of a local 2-process Dask cluster and merge to the local run's values;
+the workers build the decoded-image cache, one part per shard."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def write_spec(root: Path, name: str) -> Path:
     path.write_text(yaml.safe_dump({
         "title": "dataset passes", "output": f"{name}/report", "cache": f"{name}-cache", "formats": ["html"],
         "models": {"tiny": {"path": "tiny.keras", "class_names": list(CLASSES)}},
-        "datasets": {"folders": {"path": "data"}},
+        "datasets": {"folders": {"path": "data", "decoded_cache": True}},
         "sections": [
             {"type": "class_ranking", "title": "ranking", "model": "tiny", "dataset": "folders",
              "layer": "conv", "filters": "0:6", "top": 3, "top_images": 4},
@@ -84,6 +85,9 @@ def test_dask_workers_run_the_dataset_pass_and_match_a_local_run(
         with Client(cluster) as client:  # both workers scanned the dataset and computed a shard
             scanned = client.run(lambda: len(__import__("reportgen.execute").execute._WORKER_DATASETS))
         assert sorted(scanned.values()) == [1, 1]
+        # each worker built the decoded-image cache's part of its file range (the local run: the whole)
+        assert len(list((project / "dask-cache" / "decoded").glob("*.*-*.u8"))) == 2
+        assert len(list((project / "local-cache" / "decoded").glob("*.u8"))) == 1
         again = run(spec, quiet=True, backend="dask", scheduler=cluster.scheduler_address)
         assert (again.computed, again.reused) == (0, 2)  # the merged pieces are in the shared store
     local_csvs, local_images = tables(local.output)
