@@ -279,7 +279,9 @@ def execute_dataset(
             from reportgen.plan import shard_ranges
 
             with _joblib_backend(backend) as workers:
-                for p in todo:  # at least one shard per worker
+                # the planner's cut (`plan_dataset`, with `Backend.planned_workers`): the same function of the
+                # same worker count (`parallel.cluster_workers`), again in case the cluster changed meanwhile
+                for p in todo:
                     p.shards = shard_ranges(len(p.items), workers)
                 devices, pids = _run_parallel(todo, store, spec_path, backend, ctx.progress, batch_size)
             ctx.work.devices |= devices
