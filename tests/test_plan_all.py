@@ -208,7 +208,7 @@ def test_the_executor_computes_image_work_and_build_only_reads_it(
 
 
 CLASS_SECTIONS = [
-    SECTIONS[0],
+    {**SECTIONS[0], "recipe": "fourier"},  # lucid's padded canvas on a model that takes only 16x16 px
     {"type": "class_model", "title": "classes", "model": "tiny", "classes": ["reds", 2], "recipe": "fourier",
      "params": {"steps": 4}},
 ]

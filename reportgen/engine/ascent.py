@@ -471,6 +471,10 @@ class AscentProgram:
             seen = project(img, t["transforms"][:, step], self.canvas, "CONSTANT" if r.pad else "REFLECT")
         else:
             seen = img
+        if self.model.fixed_input and tuple(seen.shape[1:3]) != tuple(self.size):
+            # a model that takes only its input size (a Flatten/Dense head) sees the canvas that lucid's
+            # `pad` enlarges scaled back to that size (a zoom-out by size / canvas)
+            seen = tf.image.resize(seen, self.size, method="bilinear")
         if r.noise:
             shape = [k, *seen.shape[1:]]
 

@@ -9,9 +9,10 @@ lucid's `fourier` (1/f-scaled Fourier coefficients, colour decorrelation, Adam; 
 `maco` (phase only, fixed natural magnitude, random crops and noise, Nadam; Fel et al. 2023) — with the
 same seeded starts and augmentation draws, so a class's image does not depend on its batch. Pixel
 recipes clip x to [-1, 1] after every step so that the result is a real image (the Fourier ones are in
-range by their sigmoid). The float32 model then scores the image once more, quantised to uint8 exactly as
-it is saved, so the confidence in the report is the one the model gives the picture the reader sees,
-whatever precision optimised it.
+range by their sigmoid; a classifier that takes only its input size sees lucid's padded canvas scaled
+back to it, `AscentProgram._views`). The float32 model then scores the image once more, quantised to
+uint8 exactly as it is saved, so the confidence in the report is the one the model gives the picture the
+reader sees, whatever precision optimised it.
 
 Class indices are a tensor: a new class never retraces (`trace_count`); each sample's start and random
 augmentations depend only on (model key, class, seed), so results are cached per class and planned,
@@ -83,14 +84,6 @@ class ClassModelProgram(AscentProgram):
     def _objective(self, outs: list[tf.Tensor], t: dict[str, tf.Tensor]) -> tf.Tensor:
         """Each sample's class logit (its `filter` is the class index), in float32."""
         return tf.gather(tf.cast(outs[0], tf.float32), t["filter"], batch_dims=1)
-
-    def _views(self, img: tf.Tensor, step: tf.Tensor, t: dict[str, tf.Tensor]) -> tf.Tensor:
-        """The recipe's views; a classifier that takes only its input size (a Flatten/Dense head) sees
-        the canvas that lucid's `pad` enlarges scaled back to that size (a zoom-out by size / canvas)."""
-        seen = super()._views(img, step, t)
-        if self.model.fixed_input and tuple(seen.shape[1:3]) != tuple(self.size):
-            seen = tf.image.resize(seen, self.size, method="bilinear")
-        return seen
 
     def _logits(self, pixels: tf.Tensor) -> tf.Tensor:
         return tf.cast(self.scorer(self.model.preprocess(pixels), training=False), tf.float32)
