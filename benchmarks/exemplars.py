@@ -127,9 +127,10 @@ def markdown(rows: list[dict[str, Any]], images: int, k: int) -> str:
     return "\n".join(lines)
 
 
-def section(rows: list[dict[str, Any]], images: int, k: int, command: str = "") -> str:
+def section(rows: list[dict[str, Any]], images: int, k: int, command: str = "", minutes: float = 0.0) -> str:
     """The results-file section (run_all.py writes it too, without a command)."""
-    head = [f"- machine: {machine()}"] + ([f"- command: `{command.strip()}`"] if command else [])
+    head = [f"- machine: {machine()}"]
+    head += [f"- command: `{command.strip()}` ({minutes:.1f} min)"] if command else []
     return "\n".join([SECTION, "", *head, "", markdown(rows, images, k), ""])
 
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/exemplars.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print()
     minutes = (time.perf_counter() - t0) / 60
-    print(section(rows, args.images, args.k, f"{command.strip()} ({minutes:.1f} min)"))
+    print(section(rows, args.images, args.k, command, minutes))
 
 
 if __name__ == "__main__":
