@@ -460,7 +460,7 @@ class FiltersAnalysis(Analysis):
             rob = f"{g['robustness']:.2f}" if g.get("robustness") is not None else "n/a"
             name = f"{g['recipe']}: " if side_by_side else ""
             ratio = (
-                f", {g['exemplar_ratio']:.2f}x the best natural image"
+                f", {g['exemplar_ratio']:.2f}x the best natural image (units with exemplars)"
                 if g.get("exemplar_ratio") is not None
                 else ""
             )
