@@ -90,7 +90,7 @@ class AscentWork:
     recipe: dict[str, Any]
     precision: str
     layers: tuple[str, ...]  # the whole pass's layers: the same program as a local run
-    items: tuple[tuple[Any, str], ...]  # (reportgen.engine.scheduler.AscentRequest, content key)
+    items: tuple[tuple[Any, str], ...]  # (reportgen.work.AscentRequest, content key)
     batch_size: int | None  # None: the worker sizes chunks for its own device
     memory_share: float = 1.0
     threads: int | None = None  # TensorFlow intra-op threads for a local worker process
@@ -134,9 +134,10 @@ def run_ascent_work(work: AscentWork) -> dict[str, Any]:
     spec = start_worker(work.spec_path, work.threads)
     from reportgen.device import device_description
     from reportgen.engine.recipes import Recipe
-    from reportgen.engine.scheduler import CLASS_TAG, pass_program, request_key, run_chunks
+    from reportgen.engine.scheduler import pass_program, request_key, run_chunks
     from reportgen.plan import batch_size_for, device_budget, sample_cost
     from reportgen.store import Store, store_root
+    from reportgen.work import CLASS_TAG
 
     t0 = time.perf_counter()
     host = socket.gethostname()

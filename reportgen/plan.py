@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reportgen.engine.recipes import Recipe, ascent_size
-from reportgen.engine.scheduler import CLASS_TAG
+from reportgen.work import CLASS_TAG
 
 MEMORY_FACTOR = 3.0
 # A pass computes every sample up to its deepest layer. Layers whose forward cost exceeds DEPTH_RATIO x the

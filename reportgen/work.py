@@ -7,8 +7,8 @@ drops what the store holds and sizes batches, the executor (`reportgen.execute`)
 they hash (the planner merges them), print (`--dry-run`) and travel to cluster workers unchanged.
 
 Kinds (the `kind` of a planned pass):
-- `ascent`: activation maximization, still registered through `reportgen.engine.scheduler` (its own
-  request type and planner, which `plan_work` lists first).
+- `ascent`: activation maximization (`AscentRequest`: filters, class models with layer `CLASS_TAG`, circuit
+  visualisations), grouped into passes by `reportgen.engine.scheduler`, which `plan_work` lists first.
 - `dataset`: a streamed forward pass over a dataset's images (`DatasetRequest`): per-image channel means
   of layers, class outputs. One pass per (model, dataset, image selection) serves every section.
 - `activations` / `gradient`: batched work over a few chosen images (`ImageRequest`): activation maps;
@@ -22,9 +22,39 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reportgen.store import content_key
+
+if TYPE_CHECKING:
+    from reportgen.engine.recipes import Recipe
+
+# The `layer` of a class-model request (its `filter` is the class index): distinct from every layer name,
+# part of each class sample's seed, and the mark of a class-model pass (`reportgen.engine.class_model`).
+CLASS_TAG = "__class_model__"
+
+
+@dataclass(frozen=True)
+class AscentRequest:
+    model: str
+    layer: str
+    filter: int
+    recipe: Recipe
+    seed: int
+    objective: str = "channel"  # see reportgen.engine.ascent.AscentJob
+    position: tuple[int, int] | None = None
+    direction: tuple[float, ...] | None = None
+    variant: int = 0
+    diversity: int = 1
+
+    def job(self) -> Any:
+        from reportgen.engine.ascent import AscentJob
+
+        return AscentJob(
+            self.layer, self.filter, self.seed, self.objective, self.position, self.direction,
+            self.variant, self.diversity,
+        )  # fmt: skip
+
 
 # Bump when the dataset pass's numbers change, so that stored results are recomputed.
 DATASET_VERSION = "1"

@@ -14,10 +14,10 @@ import yaml
 from projects import tinted_class_folders, tiny_classifier
 
 from reportgen.engine.recipes import resolve_recipe
-from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError
 from reportgen.parallel import AscentWork, Backend, run_ascent_work
 from reportgen.runner import run
+from reportgen.work import AscentRequest
 
 SECTIONS = [
     {"type": "filters", "title": "classic", "model": "tiny", "layers": ["conv_a", "conv_b"], "filters": "0:6",

@@ -21,12 +21,12 @@ from pydantic import Field
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.analyses.shared import dead_explanation, dead_label, filter_requests
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
-from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError
 from reportgen.imaging import chart_text, colormap
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import SectionBase
 from reportgen.store import content_key
+from reportgen.work import AscentRequest
 
 
 class CircuitSection(SectionBase):

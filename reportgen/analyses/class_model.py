@@ -18,10 +18,10 @@ from pydantic import Field
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
-from reportgen.engine.scheduler import CLASS_TAG, AscentRequest
 from reportgen.errors import ReportgenError
 from reportgen.imaging import upscale_for_print
 from reportgen.spec.fields import Index, SectionBase
+from reportgen.work import CLASS_TAG, AscentRequest
 
 
 class ClassModelSection(SectionBase):

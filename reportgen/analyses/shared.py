@@ -15,13 +15,12 @@ from reportgen.analyses.base import Artifact, RunContext, SectionOutput
 from reportgen.datasets import Dataset, ImageItem, load_image
 from reportgen.engine.gradient_batches import as_uint8, load_inputs  # noqa: F401 - the sections' image helpers
 from reportgen.engine.recipes import RECIPES, Recipe, resolve_recipe
-from reportgen.engine.scheduler import AscentRequest
 from reportgen.errors import ReportgenError, echo
 from reportgen.imaging import overlay, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import expand_filters
 from reportgen.store import content_key
-from reportgen.work import DatasetRequest, peaks_key
+from reportgen.work import AscentRequest, DatasetRequest, peaks_key
 
 THUMB_SIDE = 192  # thumbnails are fitted into this square; smaller images are upscaled to stay sharp
 NAMES_IN_NOTE = 8  # file names a note lists before "and N more"

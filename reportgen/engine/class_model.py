@@ -31,8 +31,8 @@ import tensorflow as tf
 from reportgen.engine.ascent import AscentJob, AscentProgram, AscentResult, draw
 from reportgen.engine.quality import hf_energy
 from reportgen.engine.recipes import Recipe
-from reportgen.engine.scheduler import CLASS_TAG
 from reportgen.models import LoadedModel
+from reportgen.work import CLASS_TAG
 
 
 @dataclass

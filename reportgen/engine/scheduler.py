@@ -16,46 +16,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from reportgen.engine.recipes import Recipe, ascent_size
 from reportgen.store import Store, content_key
+from reportgen.work import CLASS_TAG, AscentRequest
 
 # Bump when the ascent's numbers change, so that stored results are recomputed. ascent-2: host-side
 # augmentation transforms and exact-sqrt gradient normalisation (batch-invariant), channel picked first.
 # ascent-3: objectives, diversity, Fourier parameterisations; quality figures stored with each result.
 # ascent-4: starts seeded by the spec's model key instead of the weights digest (`ascent.sample_seed`).
 ASCENT_CODE_VERSION = "ascent-4"
-# The `layer` of a class-model request (its `filter` is the class index): distinct from every layer name,
-# part of each class sample's seed, and the mark of a class-model pass (`reportgen.engine.class_model`).
-CLASS_TAG = "__class_model__"
-
-
-@dataclass(frozen=True)
-class AscentRequest:
-    model: str
-    layer: str
-    filter: int
-    recipe: Recipe
-    seed: int
-    objective: str = "channel"  # see reportgen.engine.ascent.AscentJob
-    position: tuple[int, int] | None = None
-    direction: tuple[float, ...] | None = None
-    variant: int = 0
-    diversity: int = 1
-
-    def job(self) -> Any:
-        from reportgen.engine.ascent import AscentJob
-
-        return AscentJob(
-            self.layer, self.filter, self.seed, self.objective, self.position, self.direction,
-            self.variant, self.diversity,
-        )  # fmt: skip
-
-
 def ascent_key(
     lm: Any, layer: str, filt: int, recipe: Recipe, seed: int, precision: str, unit: tuple[Any, ...] = ()
 ) -> str:

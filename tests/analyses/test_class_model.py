@@ -12,9 +12,9 @@ keras = pytest.importorskip("keras")
 from reportgen.engine.ascent import AscentJob  # noqa: E402
 from reportgen.engine.class_model import ClassModelProgram, ClassModelResult  # noqa: E402
 from reportgen.engine.recipes import resolve_recipe  # noqa: E402
-from reportgen.engine.scheduler import CLASS_TAG  # noqa: E402
 from reportgen.models import LoadedModel  # noqa: E402
 from reportgen.spec.fields import Preprocess  # noqa: E402
+from reportgen.work import CLASS_TAG  # noqa: E402
 
 SIDE = 16
 GAIN = 4.0  # logits in [0, 4]: softmax is not saturated, so confidences are informative

@@ -16,7 +16,7 @@ import yaml
 
 from reportgen.engine.ascent import AscentJob, AscentProgram, program_for
 from reportgen.engine.recipes import resolve_recipe
-from reportgen.engine.scheduler import AscentRequest, AscentScheduler
+from reportgen.engine.scheduler import AscentScheduler
 from reportgen.models import ModelRegistry
 from reportgen.plan import (
     MAX_BATCH,
@@ -32,6 +32,7 @@ from reportgen.publish import run_lock
 from reportgen.runner import run
 from reportgen.spec.load import load_spec
 from reportgen.store import Store
+from reportgen.work import AscentRequest
 
 PARAMS = {"steps": 6, "size": 32, "crop": 2}
 
