@@ -8,7 +8,7 @@ demo: setup
 	.venv/bin/reportgen run specs/demo.yaml
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n auto --maxprocesses 4
 
 lint: setup
 	.venv/bin/ruff check reportgen tests benchmarks scripts

@@ -1,6 +1,6 @@
 """All benchmarks in one run: matmul peak, filters, ranking, rerun, attribution (Score-CAM, integrated
-gradients), dataset-pass throughput and a dataset pass on a local Dask cluster vs in process; Markdown
-results tables.
+gradients), sanity (deletion/insertion curves, randomisation cascade), dataset-pass throughput, a dataset
+pass on a local Dask cluster vs in process, and the exemplar pass; Markdown results tables.
 
 Every ratio compares reportgen with the naive approach measured in this same run, and every FLOP rate
 is divided by the matmul peak measured in this same run, so the table holds on the machine it ran on.
@@ -23,7 +23,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import attribution, dask_overhead, exemplars, filters, ranking, rerun, throughput  # noqa: E402
+from benchmarks import (  # noqa: E402
+    attribution,
+    dask_overhead,
+    exemplars,
+    faithfulness,
+    filters,
+    ranking,
+    rerun,
+    throughput,
+)
 from benchmarks import peak as peak_mod  # noqa: E402
 from benchmarks.common import ONEDNN_MODES, RAW, Row, machine, markdown_table, select_kernels  # noqa: E402
 
@@ -85,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                             cfg["classic_images"], peaks))
     rows += rerun.run(cfg["spec"])
     rows += attribution.run("fashion-cnn", "conv3", cfg["attribution_images"], 32, 32, peaks)
+    rows += faithfulness.run("fashion-cnn", "conv3", cfg["attribution_images"], 16, 32, cfg["rounds"])
     rows.append(dask_overhead.run(cfg["images"], 224, 8, cfg["rounds"]))
     passes = throughput.run(cfg["images"], 224, 8, cfg["rounds"], cfg["rss"], "block1_conv1")
     exemplar_rows = exemplars.measure(cfg["exemplar_images"], 8, 10, cfg["rounds"])

@@ -16,7 +16,7 @@ two processes opening an old file upgrade it once):
          spec_path TEXT,              -- absolute path of the spec
          spec_sha TEXT,               -- sha256 of the spec file's bytes
          output TEXT,                 -- the output folder the report was published to
-         status TEXT,                 -- "ok" (only published runs are recorded)
+         status TEXT,                 -- "ok" (published) or "failed" (took the lock, then failed; no items)
          items INTEGER)               -- the number of item rows of the run (a check on completeness)
     models(run_id TEXT, key TEXT, digest TEXT, PRIMARY KEY (run_id, key))  -- key: the spec's model key
     items(run_id TEXT, section_index INTEGER, section_id TEXT, section_type TEXT,
