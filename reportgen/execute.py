@@ -312,7 +312,7 @@ def activation_maps(
     return with_backoff(lambda b: program.run(items, b, on_batch), batch, f"activations {request.model}")
 
 
-def gradient_batch(
+def pixel_engine(
     lm: Any,
     ds: Any,
     items: list[Any],
@@ -321,64 +321,45 @@ def gradient_batch(
     on_batch: Callable[[int], None],
     start: int = 0,
 ) -> dict[str, np.ndarray]:
-    """The arrays of one Grad-CAM, saliency or occlusion request (`reportgen.engine.gradient_batches`): the
-    decoded images, which of them decoded, and the maps. `items` may be a shard of the request's images
-    (its first at `start`): SmoothGrad seeds each image's noise by its index in the request, occlusion
-    keeps the pairs of the shard's images, so the merged shards hold what one run over all would."""
-    from reportgen.engine import gradient_batches as gb
+    """The arrays of one gradient request (Grad-CAM, saliency, occlusion, sanity, ...): the decoded images,
+    which of them decoded, and what the request's engine function computes from their pixels.
+
+    `request.engine` names that function as "module.function" inside `reportgen.engine` (e.g.
+    "gradient_batches.gradcam"), so a new analysis brings its engine without a list to edit here. Every such
+    function is `(model, pixels (N, H, W, C), ids, params, batch) -> arrays`: `ids` is each decoded image's
+    index in the request's chosen images, which seeds per-image noise and picks an image's occlusion masks,
+    so a shard of the images (`items`, the first at `start`) computes what one run over all would."""
+    from reportgen.engine.gradient_batches import as_uint8, load_inputs
 
     params = dict(request.params)
-    pixels, kept = gb.load_inputs(lm, ds, items, params["where"])
-    if request.engine == "gradcam":
-        arrays = with_backoff(lambda b: gb.gradcam(lm, pixels, params, b), batch, f"gradcam {request.model}")
-    elif request.engine == "saliency":
-        arrays = with_backoff(
-            lambda b: gb.saliency(lm, pixels, kept + start, params, b), batch, f"saliency {request.model}"
-        )
-    else:
-        end = start + len(items)
-        params["pairs"] = [(i - start, j, box) for i, j, box in params["pairs"] if start <= i < end]
-        arrays = with_backoff(
-            lambda b: gb.occlusion(lm, pixels, kept, params, b), batch, f"occlusion {request.model}"
-        )
+    pixels, kept = load_inputs(lm, ds, items, params["where"])
+    compute = engine_function(request.engine)
+    what = f"{engine_label(request)} {request.model}"
+    arrays = with_backoff(lambda b: compute(lm, pixels, kept + start, params, b), batch, what)
     on_batch(len(items))
-    return {"images": gb.as_uint8(pixels), "kept": kept, **arrays}
+    return {"images": as_uint8(pixels), "kept": kept, **arrays}
 
 
-def sanity_batch(
-    lm: Any,
-    ds: Any,
-    items: list[Any],
-    request: Any,
-    batch: int,
-    on_batch: Callable[[int], None],
-    start: int = 0,
-) -> dict[str, np.ndarray]:
-    """The arrays of one `sanity` request or of a `gradcam` request with faithfulness curves
-    (`reportgen.engine.sanity_batches`); `start` numbers a shard's images as in the whole request (their
-    seeded tie-breaks)."""
-    from reportgen.engine import gradient_batches as gb
-    from reportgen.engine import sanity_batches as sb
+def engine_function(name: str) -> Callable[..., dict[str, np.ndarray]]:
+    """The function "module.function" of `reportgen.engine` a gradient request names."""
+    import importlib
 
-    params = dict(request.params)
-    pixels, kept = gb.load_inputs(lm, ds, items, params["where"])
-    run = sb.sanity if request.engine == "sanity" else sb.gradcam_faithfulness
-    what = f"{request.engine} {request.model}"
-    arrays = with_backoff(lambda b: run(lm, pixels, kept + start, params, b), batch, what)
-    on_batch(len(items))
-    return {"images": gb.as_uint8(pixels), "kept": kept, **arrays}
+    module, _, function = name.rpartition(".")
+    return getattr(importlib.import_module(f"reportgen.engine.{module}"), function)
 
 
-# engine name -> the call that computes one ImageRequest, or a shard of its images: (model, dataset,
-# images, request, batch, on_batch, start) -> the arrays its section reads
-IMAGE_ENGINES: dict[str, Callable[..., dict[str, np.ndarray]]] = {
-    "activation_maps": activation_maps,
-    "gradcam": gradient_batch,
-    "saliency": gradient_batch,
-    "occlusion": gradient_batch,
-    "sanity": sanity_batch,
-    "gradcam_faithfulness": sanity_batch,
-}
+def engine_label(request: Any) -> str:
+    """What progress lines and errors call a request's work: its engine function's name ("gradcam")."""
+    return request.engine.rpartition(".")[2]
+
+
+def image_engine(request: Any) -> Callable[..., dict[str, np.ndarray]]:
+    """The call that computes one image request, or a shard of its images: (model, dataset, images, request,
+    batch, on_batch, start) -> the arrays its section reads. Activation maps stream their images through
+    one program; every other kind works on decoded pixels."""
+    return activation_maps if request.kind == "activations" else pixel_engine
+
+
 # How shards' arrays merge: indices of decoded images in the request ("kept", "index") are shifted by the
 # shard's start, indices into the decoded images ("pair_image") by the decoded images of earlier shards,
 # arrays that do not depend on the images are taken once; every other array is per image (or per pair) and
@@ -462,7 +443,7 @@ def run_image_shard(shard: ImageShard) -> dict[str, Any]:
     if not store.has(shard.key, "npz"):  # a retried shard may be stored already
         items = ds.select(list(req.names))[shard.start : shard.end]
         batch = shard.batch_size or _worker_batch(lm, req, shard.memory_share, spec.precision)
-        engine = IMAGE_ENGINES[req.engine]
+        engine = image_engine(req)
         try:
             arrays = engine(lm, ds, items, req, batch, lambda n: None, shard.start)
         except NothingDecodedError:
@@ -518,8 +499,8 @@ def execute_images(
             lm, ds = ctx.models.get(req.model), ctx.datasets.get(req.dataset)
             items = ds.select(list(req.names))
             timer = ctx.timed(TIMERS.get(p.kind, f"engine: {p.kind}"))
-            with timer, ctx.progress.task(f"{req.engine} {sid}", len(items)) as advance:
-                arrays = IMAGE_ENGINES[req.engine](lm, ds, items, req, p.batch_size, advance)
+            with timer, ctx.progress.task(f"{engine_label(req)} {sid}", len(items)) as advance:
+                arrays = image_engine(req)(lm, ds, items, req, p.batch_size, advance)
             store.put_arrays(req.key, arrays)
         ctx.work.fresh.add(req.key)
 
@@ -547,7 +528,8 @@ def _images_parallel(
             with ctx.progress.board() as board:
                 shards, advances = [], []
                 for index, (p, sid, req) in enumerate(todo):
-                    advances.append(board.add(f"{req.engine} {sid} on {backend.describe()}", req.images))
+                    label = f"{engine_label(req)} {sid} on {backend.describe()}"
+                    advances.append(board.add(label, req.images))
                     lm, ds = ctx.models.get(req.model), ctx.datasets.get(req.dataset)
                     ranges = shard_ranges(req.images, workers)
                     keys = [image_shard_key(lm, ds, req, s, e) for s, e in ranges]
@@ -573,7 +555,7 @@ def _images_parallel(
             for (start, end), key in p.shard_keys[req.key]:
                 arrays = store.get_arrays(key)
                 if arrays is None:
-                    raise ReportgenError(f"{req.engine} {req.model}: shard {start}:{end} is missing")
+                    raise ReportgenError(f"{engine_label(req)} {req.model}: shard {start}:{end} is missing")
                 parts.append((start, arrays))
             if not any(set(arrays) - {"pid"} for _, arrays in parts):
                 where = dict(req.params).get("where", f"section {sid}")

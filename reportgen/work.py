@@ -107,8 +107,9 @@ class ImageRequest:
     `layers`: the deepest layers the work computes (the planner's cost estimate); `backward`: whether
     those samples take gradients (Grad-CAM, saliency), which roughly doubles their FLOPs;
     `forward_samples`: forward-only samples on top (the sliding patch of an occlusion section, which
-    only reads probabilities beside its Grad-CAMs). `engine`: the executor's engine that computes the
-    request before any section builds (`reportgen.execute.IMAGE_ENGINES`), with the chosen images
+    only reads probabilities beside its Grad-CAMs). `engine`: the function that computes the
+    request before any section builds, as "module.function" inside `reportgen.engine` (a gradient
+    request's function takes decoded pixels: `reportgen.execute.pixel_engine`), with the chosen images
     (`names`) and the engine's parameters (`params`, (name, value) pairs of plain data); the request
     travels as is to the cluster workers that compute shards of its images."""
 

@@ -76,8 +76,8 @@ def test_dask_workers_run_image_work_in_shards_and_match_a_local_run(
     def host_must_not_compute(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the host ran image work: it did not leave the machine")
 
-    for name in execute.IMAGE_ENGINES:  # this process only; the workers import their own
-        monkeypatch.setitem(execute.IMAGE_ENGINES, name, host_must_not_compute)
+    # this process only; the workers import their own
+    monkeypatch.setattr(execute, "image_engine", lambda request: host_must_not_compute)
     shard_pids: list[int] = []  # the process that computed each shard, as stored with its arrays
     merge = execute.merge_image_shards
 

@@ -182,7 +182,9 @@ def test_the_executor_computes_image_work_and_build_only_reads_it(
         ("activations", ["s1-acts"], 2), ("gradient", ["s2-occ", "s3-sal"], 2)
     ]
     requests = [req for p in passes for _, req in p.requests]
-    assert [r.engine for r in requests] == ["activation_maps", "occlusion", "saliency"]
+    assert [r.engine for r in requests] == [
+        "activation_maps", "gradient_batches.occlusion", "gradient_batches.saliency"
+    ]
     assert not any(ctx.store.has(r.key, "npz") for r in requests)
     execute_images(passes, ctx)
     assert all(ctx.store.has(r.key, "npz") for r in requests)

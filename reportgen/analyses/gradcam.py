@@ -142,9 +142,9 @@ class GradcamAnalysis(Analysis):
             "max_n": section.max_n,
             "where": ctx.where(index, "dataset"),
         }
-        engine = "gradcam"
-        if section.faithfulness:  # computed by reportgen.engine.sanity_batches.gradcam_faithfulness
-            engine = "gradcam_faithfulness"
+        engine = "gradient_batches.gradcam"
+        if section.faithfulness:
+            engine = "sanity_batches.gradcam_faithfulness"
             params.update(self._curve_params(ctx))
             masked += n * len(methods) * 2 * (FAITHFULNESS_STEPS + 1)
         ctx.work.add(

@@ -205,7 +205,7 @@ class OcclusionAnalysis(Analysis):
         ctx.work.add(
             ImageRequest(
                 "gradient", section.model, section.dataset, key, n, n + len(pairs), last,
-                backward=True, forward_samples=forward, engine="occlusion",
+                backward=True, forward_samples=forward, engine="gradient_batches.occlusion",
                 names=tuple(it.name for it in items), params=tuple(params.items()),
             )  # fmt: skip
         )

@@ -222,7 +222,7 @@ class SaliencyAnalysis(Analysis):
             ImageRequest(
                 "gradient", section.model, section.dataset, key, n, n * per_image,
                 (lm.model.layers[-1].name,),
-                backward=True, engine="saliency", names=tuple(it.name for it in items),
+                backward=True, engine="gradient_batches.saliency", names=tuple(it.name for it in items),
                 params=tuple(request.items()),
             )  # fmt: skip
         )

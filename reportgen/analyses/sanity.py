@@ -257,7 +257,7 @@ class SanityAnalysis(Analysis):
             ImageRequest(
                 "gradient", section.model, section.dataset, key, n, gradient_passes,
                 (lm.model.layers[-1].name,), backward=True, forward_samples=masked + curves,
-                engine="sanity", names=tuple(it.name for it in items),
+                engine="sanity_batches.sanity", names=tuple(it.name for it in items),
                 params=tuple({**params, "where": ctx.where(index, "dataset")}.items()),
             )  # fmt: skip
         )

@@ -36,12 +36,15 @@ def load_inputs(lm: Any, ds: Dataset, items: list[ImageItem], where: str) -> tup
     return pixels, kept
 
 
-def gradcam(lm: Any, pixels: np.ndarray, params: dict[str, Any], batch: int) -> dict[str, np.ndarray]:
+def gradcam(
+    lm: Any, pixels: np.ndarray, ids: np.ndarray, params: dict[str, Any], batch: int
+) -> dict[str, np.ndarray]:
     """Class activation maps of `params["layer"]` by each of `params["methods"]` (canonical order), for
     `params["target"]` (-1: each image's top class); Faster-ScoreCAM keeps `params["max_n"]` channels.
 
     Grad-CAM's arrays keep the names they had before `methods` existed ("heatmaps", "maps"), the others
-    are suffixed by the method, so results stored by earlier versions stay readable."""
+    are suffixed by the method, so results stored by earlier versions stay readable. `ids` (the images'
+    indices in the request) are part of every gradient engine's signature; the maps do not depend on them."""
     from reportgen.engine.gradients import engine_for
 
     methods = list(params["methods"])
@@ -106,17 +109,18 @@ def saliency(
 
 
 def occlusion(
-    lm: Any, pixels: np.ndarray, kept: np.ndarray, params: dict[str, Any], batch: int
+    lm: Any, pixels: np.ndarray, ids: np.ndarray, params: dict[str, Any], batch: int
 ) -> dict[str, np.ndarray]:
     """Grad-CAMs of the images and of their occluded copies, and the sliding-patch drops.
 
     params: layer, target, pairs ((image index into the chosen images, mask index, box in model-input
     pixels) for every mask and image it applies to), fills (each mask's fill), sliding ((patch, stride,
-    fill) or None). Pairs of images that did not decode are dropped; `pair_image` indexes the decoded."""
+    fill) or None); `ids`: each decoded image's index into the chosen images. Pairs of images that are not
+    among them (undecodable, or in another shard) are dropped; `pair_image` indexes the decoded."""
     from reportgen.engine.gradients import engine_for, fill_source, occlude
 
     layer, target, fills = params["layer"], params["target"], params["fills"]
-    pos = {int(i): k for k, i in enumerate(kept)}
+    pos = {int(i): k for k, i in enumerate(ids)}
     live = [(pos[i], j, box) for i, j, box in params["pairs"] if i in pos]
     eng = engine_for(lm, batch)
     base = eng.gradcam(pixels, layer, target)

@@ -1,5 +1,5 @@
 """The work of the `sanity` section and of `gradcam`'s `faithfulness: true`, run by the executor
-(`reportgen.execute.sanity_batch`) from the sections' requests before any section builds.
+(`reportgen.execute.pixel_engine`) from the sections' requests before any section builds.
 
 `sanity`: each method's maps on the trained model, their deletion/insertion curves
 (`reportgen.engine.faithfulness`), and the maps of the same images and classes on the model randomised
@@ -133,7 +133,7 @@ def gradcam_faithfulness(
 ) -> dict[str, np.ndarray]:
     """The `gradcam` section's arrays (`gradient_batches.gradcam`) plus deletion/insertion curves of each
     method's maps for the class it explains. params: gradcam's, plus steps, baseline, seed."""
-    arrays = gradcam(lm, pixels, params, batch)
+    arrays = gradcam(lm, pixels, ids, params, batch)
     maps = {m: arrays["heatmaps" if m == "gradcam" else f"heatmaps_{m}"] for m in params["methods"]}
     pixels = np.asarray(pixels, np.float32)
     return {**arrays, **_curves(lm, batch, pixels, ids, maps, arrays["classes"], params)}
