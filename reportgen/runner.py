@@ -354,7 +354,8 @@ def _finish(
     context = report_context(spec, meta, sections, models, sizes, changes)
     if spec.baseline is not None:  # a spec compared run to run: its figures over the runs too
         context["trends"] = trend_charts(
-            history_path(spec), meta["spec_path"], history, named, staging, meta["finished"]
+            history_path(spec), meta["spec_path"], history, named, staging, meta["finished"],
+            lambda stype, runs: analysis_for(stype).trend_figures(runs),
         )
     with _timed(timings, "render: html"):
         render_html(context, staging / "report.html")

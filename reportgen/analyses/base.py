@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from reportgen.errors import ReportgenError
+from reportgen.history.series import Run, Series
 from reportgen.imaging import colormap, png_bytes
 from reportgen.store import Store, atomic_write
 from reportgen.work import WorkBoard
@@ -170,6 +171,12 @@ class Analysis:
         nothing); default: none. A type that has per-item figures worth comparing between runs overrides it,
         which keeps everything about a type in its own module."""
         return []
+
+    def trend_figures(self, runs: list[Run]) -> dict[str, Series]:
+        """Headline figures of this type over recorded runs, oldest first (each run: its `history_items`
+        as {item key: metrics}), charted by the report's Trends section: figure title -> series. Default:
+        none."""
+        return {}
 
     def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
         """How one history item changed between a baseline and this run (`reportgen.history.changes`).

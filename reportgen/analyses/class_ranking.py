@@ -34,6 +34,7 @@ from reportgen.analyses.shared import NAMES_IN_NOTE, class_means, missing_note, 
 from reportgen.datasets import Dataset
 from reportgen.errors import ReportgenError
 from reportgen.history.figures import rank_tau, set_overlap
+from reportgen.history.series import Run, Series, mean, with_previous
 from reportgen.imaging import chart_text
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
@@ -266,6 +267,20 @@ class ClassRankingAnalysis(Analysis):
             for (m, layer, f), unit in units.items()
             if f is not None
         ]
+
+    def trend_figures(self, runs: list[Run]) -> dict[str, Series]:
+        """Top-k overlap with the previous run: mean over filters of |top images ∩ previous ones| / k."""
+
+        def overlap(before: Run, now: Run) -> float | None:
+            shares = []
+            for key in (k for k in now if k in before):
+                old = {t[1] for t in before[key].get("top_images", [])}
+                new = {t[1] for t in now[key].get("top_images", [])}
+                if old or new:
+                    shares.append(len(old & new) / max(len(old), len(new)))
+            return mean(shares)
+
+        return {"top-k overlap with the previous run": {"mean overlap": with_previous(runs, overlap)}}
 
     def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
         """Changed: the class order's Kendall tau (over the classes ranked in either run, a class missing

@@ -38,6 +38,7 @@ from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, r
 from reportgen.errors import ReportgenError, SpecError
 from reportgen.history.figures import relative_change
 from reportgen.history.perceptual import entry_pictures
+from reportgen.history.series import Run, Series, means
 from reportgen.imaging import compact_number, grid
 from reportgen.report.layout import lead_height, plain_params, plan_grid_heights
 from reportgen.report.markdown import render_markdown
@@ -415,6 +416,13 @@ class FiltersAnalysis(Analysis):
                 )
             )
         return items
+
+    def trend_figures(self, runs: list[Run]) -> dict[str, Series]:
+        """Mean activation per layer (one line each) and the number of dead filters, per run."""
+        layers = sorted({str(m.get("layer")) for run in runs for m in run.values()})
+        activation = {layer: means(runs, "activation", layer) for layer in layers}
+        dead = {"dead filters": [float(sum(bool(m.get("dead")) for m in run.values())) for run in runs]}
+        return {"mean activation per layer": activation, "number of dead filters": dead}
 
     def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
         """Changed: pictures that look different (SSIM below `ssim`, or the fixed network's feature distance

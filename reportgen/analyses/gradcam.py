@@ -38,6 +38,7 @@ from reportgen.analyses.shared import (
 )
 from reportgen.datasets import ImageItem
 from reportgen.history.figures import centre_shift, map_correlation, stored_map
+from reportgen.history.series import Run, Series, means
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
 from reportgen.work import ImageRequest
@@ -270,6 +271,10 @@ class GradcamAnalysis(Analysis):
             for a in result.artifacts
             if a.kind == "heatmap"
         ]
+
+    def trend_figures(self, runs: list[Run]) -> dict[str, Series]:
+        """Mean concentration: the share of the heat in the hottest 10 % of pixels."""
+        return {"mean concentration": {"top-10 % heat share": means(runs, "concentration")}}
 
     def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
         """Changed: another explained class, maps whose Pearson correlation is below `correlation`, or a

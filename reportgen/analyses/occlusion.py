@@ -36,6 +36,7 @@ from reportgen.analyses.shared import (
 )
 from reportgen.datasets import ImageItem
 from reportgen.errors import ReportgenError
+from reportgen.history.series import Run, Series, means
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
@@ -366,6 +367,10 @@ class OcclusionAnalysis(Analysis):
             for image in result.context["images"]
             for m in image["masks"]
         ]
+
+    def trend_figures(self, runs: list[Run]) -> dict[str, Series]:
+        """Mean probability drop under the masks."""
+        return {"mean probability drop": {"drop": means(runs, "drop")}}
 
     def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
         """Changed: the probability drop moved by more than `drop`, or the occluded image's top-1 changed."""

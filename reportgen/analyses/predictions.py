@@ -26,6 +26,7 @@ from reportgen.analyses.base import (
 from reportgen.analyses.shared import missing_note, thumbnail
 from reportgen.datasets import Dataset, ImageItem
 from reportgen.errors import ReportgenError
+from reportgen.history.series import Run, Series, means, with_previous
 from reportgen.labels import IMAGENET_NUM_CLASSES, decode_top_k
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, SectionBase
@@ -163,6 +164,19 @@ class PredictionsAnalysis(Analysis):
             for a in result.artifacts
             if a.kind == "image"
         ]
+
+    def trend_figures(self, runs: list[Run]) -> dict[str, Series]:
+        """Mean top-1 confidence, and the share of images both runs predicted whose top-1 class stayed."""
+
+        def agreement(before: Run, now: Run) -> float | None:
+            both = [k for k in now if k in before]
+            same = sum(before[k].get("top1") == now[k].get("top1") for k in both)
+            return same / len(both) if both else None
+
+        return {
+            "mean confidence": {"mean top-1 confidence": means(runs, "confidence")},
+            "top-1 agreement with the previous run": {"share of images": with_previous(runs, agreement)},
+        }
 
     def change_metrics(self, old: dict[str, Any], new: dict[str, Any], limits: dict[str, float]) -> Change:
         """Changed: a flip of the top-1 class (`flips` 1, whose mean over a section is the share of flipped
