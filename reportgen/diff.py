@@ -23,7 +23,7 @@ from reportgen.history.changes import compare, folder_alignments, from_manifest,
 from reportgen.publish import clean_stale, new_staging, publish, run_lock, safe_to_replace
 from reportgen.report.context import now
 from reportgen.report.render import environment, render_pdf, template_dir
-from reportgen.spec.changes import ChangeThresholds
+from reportgen.spec.schema import ChangeThresholds
 
 
 @dataclass

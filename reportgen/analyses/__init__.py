@@ -16,6 +16,10 @@ import pkgutil
 from functools import cache
 from typing import Any
 
+from pydantic import Field, create_model
+
+from reportgen.spec.changes import ThresholdsBase
+
 
 @cache
 def analyses() -> dict[str, Any]:
@@ -37,3 +41,16 @@ def analysis_for(section_type: str) -> Any:
 def section_models() -> list[type]:
     """The pydantic models of every section type, for the spec's `sections` union."""
     return [analysis.section for analysis in analyses().values()]
+
+
+@cache
+def change_thresholds() -> type:
+    """The spec's `changes:` model: one field per section type that declares `thresholds` (its own pydantic
+    model of when an item counts as changed), defaulting to that model's defaults."""
+    fields: dict[str, Any] = {
+        name: (a.thresholds, Field(default_factory=a.thresholds))
+        for name, a in analyses().items()
+        if a.thresholds is not None
+    }
+    doc = "Per section type: when an item counts as changed."
+    return create_model("ChangeThresholds", __base__=ThresholdsBase, __doc__=doc, **fields)

@@ -152,6 +152,8 @@ class Analysis:
     section: ClassVar[type[Any]]
     type: ClassVar[str]  # derived from `section`
     version: ClassVar[str] = "1"  # bump when results change, so cached results are recomputed
+    # its pydantic model of the spec's `changes: {<type>: ...}` thresholds (`change_metrics` gets them)
+    thresholds: ClassVar[type[Any] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

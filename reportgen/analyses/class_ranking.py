@@ -37,7 +37,7 @@ from reportgen.history.figures import rank_tau, set_overlap
 from reportgen.history.series import Run, Series, mean, with_previous
 from reportgen.imaging import chart_text
 from reportgen.models import LoadedModel
-from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
+from reportgen.spec.fields import FilterSelection, SectionBase, Strict, check_filter_selection, expand_filters
 from reportgen.work import DatasetRequest
 
 
@@ -85,8 +85,17 @@ def _ratio(value: float, reference: float) -> float | None:
     return value / reference if reference > 0 else None
 
 
+
+class ClassRankingChanges(Strict):
+    """When an item counts as changed (the spec\'s `changes: {class_ranking: ...}`)."""
+
+    tau: float = Field(0.8, ge=-1, le=1, description="Changed below this Kendall tau of the class order.")
+    overlap: float = Field(0.6, ge=0, le=1, description="Changed below this share of common top images.")
+
+
 class ClassRankingAnalysis(Analysis):
     section = ClassRankingSection
+    thresholds = ClassRankingChanges
     version = "1"
 
     def default_title(self, section: ClassRankingSection) -> str:

@@ -62,7 +62,7 @@ from reportgen.imaging import compact_number, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.report.layout import atlas_layout, lead_height
 from reportgen.report.markdown import render_markdown
-from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
+from reportgen.spec.fields import FilterSelection, SectionBase, Strict, check_filter_selection, expand_filters
 from reportgen.work import DatasetRequest, peaks_key
 
 CROP_SIDE = 96  # exemplar crops are upscaled (nearest) to at least this side for print
@@ -125,8 +125,16 @@ def crop_exemplar(
     return image[y0:y1, x0:x1], [x0, y0, x1, y1]
 
 
+
+class ExemplarChanges(Strict):
+    """When an item counts as changed (the spec\'s `changes: {exemplars: ...}`)."""
+
+    overlap: float = Field(0.5, ge=0, le=1, description="Changed below this share of common exemplar images.")
+
+
 class ExemplarsAnalysis(Analysis):
     section = ExemplarsSection
+    thresholds = ExemplarChanges
     version = "1"
 
     def default_title(self, section: ExemplarsSection) -> str:

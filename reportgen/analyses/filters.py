@@ -42,7 +42,7 @@ from reportgen.history.series import Run, Series, means
 from reportgen.imaging import compact_number, grid
 from reportgen.report.layout import lead_height, plain_params, plan_grid_heights
 from reportgen.report.markdown import render_markdown
-from reportgen.spec.fields import FilterSelection, SectionBase, check_filter_selection, expand_filters
+from reportgen.spec.fields import FilterSelection, SectionBase, Strict, check_filter_selection, expand_filters
 
 
 class FiltersSection(SectionBase):
@@ -178,8 +178,22 @@ def _median(values: list[float | None]) -> float | None:
 
 
 # -- page layout ---------------------------------------------------------------------------------------
+
+class FilterChanges(Strict):
+    """When an item counts as changed (the spec\'s `changes: {filters: ...}`)."""
+
+    ssim: float = Field(0.9, ge=0, le=1, description="Changed below this SSIM of old and new picture.")
+    feature: float = Field(
+        0.1, ge=0, le=1, description="Changed above this feature-space distance (0..1) of the pictures."
+    )
+    activation: float = Field(
+        0.05, ge=0, le=10, description="Changed above this relative activation change |new-old|/max."
+    )
+
+
 class FiltersAnalysis(Analysis):
     section = FiltersSection
+    thresholds = FilterChanges
 
     def default_title(self, section: FiltersSection) -> str:
         return f"Filters of {', '.join(section.layers)} ({' vs '.join(section.recipes)})"

@@ -40,7 +40,7 @@ from reportgen.datasets import ImageItem
 from reportgen.history.figures import centre_shift, map_correlation, stored_map
 from reportgen.history.series import Run, Series, means
 from reportgen.models import LoadedModel
-from reportgen.spec.fields import ImagesMixin, Index, SectionBase
+from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
 
 FAITHFULNESS_STEPS = 16  # deletion/insertion levels of `faithfulness: true`
@@ -86,8 +86,19 @@ class GradcamSection(SectionBase, ImagesMixin):
 TABLE_ROWS = 25  # rows shown in the PDF; the CSV artifact has them all
 
 
+
+class GradcamChanges(Strict):
+    """When an item counts as changed (the spec\'s `changes: {gradcam: ...}`)."""
+
+    correlation: float = Field(0.8, ge=-1, le=1, description="Changed below this correlation of the maps.")
+    shift: float = Field(
+        0.1, ge=0, le=1, description="Changed above this shift of the map's centre, in image diagonals."
+    )
+
+
 class GradcamAnalysis(Analysis):
     section = GradcamSection
+    thresholds = GradcamChanges
     version = "2"  # 2: the maps at the layer's own resolution are stored too
 
     def default_title(self, section: GradcamSection) -> str:

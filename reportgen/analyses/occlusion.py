@@ -149,8 +149,16 @@ def _to_image_px(box: np.ndarray, original: tuple[int, int], size: tuple[int, in
     return [round(x0 * w0 / w), round(y0 * h0 / h), round(x1 * w0 / w), round(y1 * h0 / h)]
 
 
+
+class OcclusionChanges(Strict):
+    """When an item counts as changed (the spec\'s `changes: {occlusion: ...}`)."""
+
+    drop: float = Field(0.05, ge=0, le=1, description="Changed above this change of the probability drop.")
+
+
 class OcclusionAnalysis(Analysis):
     section = OcclusionSection
+    thresholds = OcclusionChanges
     version = "2"  # 2: the Grad-CAMs at the layer's own resolution are stored too
 
     def default_title(self, section: OcclusionSection) -> str:

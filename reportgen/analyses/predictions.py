@@ -29,7 +29,7 @@ from reportgen.errors import ReportgenError
 from reportgen.history.series import Run, Series, means, with_previous
 from reportgen.labels import IMAGENET_NUM_CLASSES, decode_top_k
 from reportgen.models import LoadedModel
-from reportgen.spec.fields import ImagesMixin, SectionBase
+from reportgen.spec.fields import ImagesMixin, SectionBase, Strict
 from reportgen.work import DatasetRequest
 
 
@@ -59,8 +59,22 @@ def class_names(lm: LoadedModel, ctx: RunContext, n_classes: int) -> tuple[list[
     return names, "no class names given: outputs are shown by index"
 
 
+
+class PredictionChanges(Strict):
+    """When an item counts as changed (the spec\'s `changes: {predictions: ...}`)."""
+
+    confidence: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Changed above this confidence change of the same top-1 class (a flip "
+        "of the top-1 class is always a change).",
+    )
+
+
 class PredictionsAnalysis(Analysis):
     section = PredictionsSection
+    thresholds = PredictionChanges
     version = "1"
 
     def default_title(self, section: PredictionsSection) -> str:

@@ -32,7 +32,7 @@ from reportgen.analyses import analysis_for
 from reportgen.errors import SpecError
 from reportgen.history.align import UNIT_TYPES, load_means, match_units, means_file, unit_layers
 from reportgen.history.store import ItemRow, history_path, previous_run, run_items
-from reportgen.spec.changes import BaselineSpec, ChangeThresholds
+from reportgen.spec.changes import BaselineSpec, ThresholdsBase
 
 ASSETS = Path("assets") / "s0-what-changed"
 SHOWN = 6  # most-changed items per section shown old | new
@@ -209,7 +209,7 @@ def run_changes(
         return None
     base = Baseline.of(spec.baseline)
     now = from_rows(rows, titled, staging)
-    thresholds: ChangeThresholds = spec.changes
+    thresholds: ThresholdsBase = spec.changes
     means = _this_run_means(spec, ctx, base.align, staging) if base.align else {}
     if base.model is not None:
         paired = [(now[j], now[i]) for i, j in model_pairs(spec, base.model).items()]
@@ -292,7 +292,7 @@ def compare(
     baseline: str | None,
     kind: str,
     paired: list[tuple[Section | None, Section]],
-    thresholds: ChangeThresholds,
+    thresholds: ThresholdsBase,
     alignments: dict[tuple[str, str], dict[str, Any]],
     out_root: Path,
 ) -> dict[str, Any]:

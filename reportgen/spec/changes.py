@@ -47,55 +47,10 @@ Baseline = Annotated[
 mapping's errors only (not also "not a string")."""
 
 
-class FilterChanges(Strict):
-    ssim: float = Field(0.9, ge=0, le=1, description="Changed below this SSIM of old and new picture.")
-    feature: float = Field(
-        0.1, ge=0, le=1, description="Changed above this feature-space distance (0..1) of the pictures."
-    )
-    activation: float = Field(
-        0.05, ge=0, le=10, description="Changed above this relative activation change |new-old|/max."
-    )
-
-
-class ClassRankingChanges(Strict):
-    tau: float = Field(0.8, ge=-1, le=1, description="Changed below this Kendall tau of the class order.")
-    overlap: float = Field(0.6, ge=0, le=1, description="Changed below this share of common top images.")
-
-
-class PredictionChanges(Strict):
-    confidence: float = Field(
-        0.1,
-        ge=0,
-        le=1,
-        description="Changed above this confidence change of the same top-1 class (a flip "
-        "of the top-1 class is always a change).",
-    )
-
-
-class GradcamChanges(Strict):
-    correlation: float = Field(0.8, ge=-1, le=1, description="Changed below this correlation of the maps.")
-    shift: float = Field(
-        0.1, ge=0, le=1, description="Changed above this shift of the map's centre, in image diagonals."
-    )
-
-
-class OcclusionChanges(Strict):
-    drop: float = Field(0.05, ge=0, le=1, description="Changed above this change of the probability drop.")
-
-
-class ExemplarChanges(Strict):
-    overlap: float = Field(0.5, ge=0, le=1, description="Changed below this share of common exemplar images.")
-
-
-class ChangeThresholds(Strict):
-    """Per section type: when an item counts as changed (`reportgen.history.changes`)."""
-
-    filters: FilterChanges = Field(default_factory=FilterChanges)
-    class_ranking: ClassRankingChanges = Field(default_factory=ClassRankingChanges)
-    predictions: PredictionChanges = Field(default_factory=PredictionChanges)
-    gradcam: GradcamChanges = Field(default_factory=GradcamChanges)
-    occlusion: OcclusionChanges = Field(default_factory=OcclusionChanges)
-    exemplars: ExemplarChanges = Field(default_factory=ExemplarChanges)
+class ThresholdsBase(Strict):
+    """Per section type: when an item counts as changed (`reportgen.history.changes`). The fields are the
+    types' own threshold models (`Analysis.thresholds`); `reportgen.analyses.change_thresholds` derives the
+    spec's `changes:` model from them, so a type declares its thresholds in its own module."""
 
     def limits(self, section_type: str) -> dict[str, float]:
         """The thresholds of one section type ({} for a type without any)."""

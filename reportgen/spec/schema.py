@@ -11,13 +11,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr
 
-from reportgen.analyses import section_models
-from reportgen.spec.changes import Baseline, ChangeThresholds
+from reportgen.analyses import change_thresholds, section_models
+from reportgen.spec.changes import Baseline
 from reportgen.spec.fields import MAX_SEED, DatasetSpec, ModelSpec, Strict
 
 _MODELS = section_models()
 Section = Annotated[typing.Union[tuple(_MODELS)], Field(discriminator="type")]  # noqa: UP007
 """One section of any type, told apart by its `type:`."""
+
+ChangeThresholds = change_thresholds()
+"""The `changes:` thresholds, one field per section type that declares them."""
 
 SECTION_TYPES = [typing.get_args(m.model_fields["type"].annotation)[0] for m in _MODELS]
 
@@ -42,7 +45,7 @@ class Spec(Strict):
         "this spec in the run history <cache>/history.sqlite), an earlier output folder, or {run: previous | "
         "PATH, model: KEY, align: DATASET_KEY}.",
     )
-    changes: ChangeThresholds = Field(
+    changes: ChangeThresholds = Field(  # type: ignore[valid-type]
         default_factory=ChangeThresholds,
         description="Per section type: the thresholds beyond which an item counts as changed.",
     )

@@ -15,7 +15,7 @@ from reportgen.history.align import match_units
 from reportgen.history.changes import Entry, Section, compare
 from reportgen.history.figures import rank_tau, set_overlap
 from reportgen.history.perceptual import feature_distance, load, ssim
-from reportgen.spec.changes import ChangeThresholds
+from reportgen.spec.schema import ChangeThresholds
 
 
 def test_units_are_matched_through_a_permutation_and_the_extra_ones_stay_unmatched() -> None:
