@@ -154,6 +154,8 @@ class Analysis:
     version: ClassVar[str] = "1"  # bump when results change, so cached results are recomputed
     # its pydantic model of the spec's `changes: {<type>: ...}` thresholds (`change_metrics` gets them)
     thresholds: ClassVar[type[Any] | None] = None
+    # whether its history items are units (filters) of a layer: `baseline: {align: ...}` matches them
+    unit_items: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -96,6 +96,7 @@ class ClassRankingChanges(Strict):
 class ClassRankingAnalysis(Analysis):
     section = ClassRankingSection
     thresholds = ClassRankingChanges
+    unit_items = True
     version = "1"
 
     def default_title(self, section: ClassRankingSection) -> str:

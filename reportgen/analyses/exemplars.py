@@ -135,6 +135,7 @@ class ExemplarChanges(Strict):
 class ExemplarsAnalysis(Analysis):
     section = ExemplarsSection
     thresholds = ExemplarChanges
+    unit_items = True
     version = "1"
 
     def default_title(self, section: ExemplarsSection) -> str:

@@ -194,6 +194,7 @@ class FilterChanges(Strict):
 class FiltersAnalysis(Analysis):
     section = FiltersSection
     thresholds = FilterChanges
+    unit_items = True
 
     def default_title(self, section: FiltersSection) -> str:
         return f"Filters of {', '.join(section.layers)} ({' vs '.join(section.recipes)})"

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from reportgen.analyses import analysis_for
 from reportgen.analyses.base import slugify
 
 MEANS_DIR = Path("assets") / "s0-what-changed" / "means"
-UNIT_TYPES = ("filters", "class_ranking", "exemplars")  # section types whose items are units of a layer
 
 
 def means_file(model: str, layer: str) -> Path:
@@ -39,7 +39,7 @@ def unit_layers(spec: Any, models: set[str] | None = None) -> dict[str, list[str
     only the models in `models` when given."""
     found: dict[str, list[str]] = {}
     for s in spec.sections:
-        if s.type not in UNIT_TYPES or (models is not None and s.model not in models):
+        if not analysis_for(s.type).unit_items or (models is not None and s.model not in models):
             continue
         for layer in getattr(s, "layers", None) or [s.layer]:
             found.setdefault(s.model, [])
@@ -77,3 +77,4 @@ def load_means(root: Path | None, model: str, layer: str) -> np.ndarray | None:
     if root is None or not (root / means_file(model, layer)).is_file():
         return None
     return np.load(root / means_file(model, layer), allow_pickle=False)
+

@@ -30,7 +30,7 @@ import numpy as np
 
 from reportgen.analyses import analysis_for
 from reportgen.errors import SpecError
-from reportgen.history.align import UNIT_TYPES, load_means, match_units, means_file, unit_layers
+from reportgen.history.align import load_means, match_units, means_file, unit_layers
 from reportgen.history.store import ItemRow, history_path, previous_run, run_items
 from reportgen.spec.changes import BaselineSpec, ThresholdsBase
 
@@ -271,7 +271,7 @@ def align_folders(
 def folder_alignments(old_root: Path, new_root: Path, sections: list[Section]) -> dict[tuple[str, str], Any]:
     """`reportgen diff`: the alignments two output folders' stored means give, for the units their
     sections show (the same as the run that made NEW computed against OLD)."""
-    units = {(e.metrics["model"], e.metrics["layer"]) for s in sections if s.type in UNIT_TYPES
+    units = {(e.metrics["model"], e.metrics["layer"]) for s in sections if analysis_for(s.type).unit_items
              for e in s.items if e.metrics.get("layer")}  # fmt: skip
     means = {u: m for u in sorted(units) if (m := load_means(new_root, *u)) is not None}
     return align_folders(old_root, means)
