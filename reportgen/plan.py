@@ -392,17 +392,6 @@ def split_by_depth(
     return [tuple(sorted(g, key=layers.index)) for g in groups]
 
 
-def _ascent_layers(section: Any, model: Any) -> list[str]:
-    """Layers whose subgraph one ascent sample of `section` computes: the filter sections' layers, the
-    circuit's layer (its input channels lie before it) and the exemplars' layer, the whole model for
-    class models."""
-    if section.type == "filters":
-        return list(section.layers)
-    if section.type in ("circuit", "exemplars"):
-        return [section.layer]
-    return [model.model.layers[-1].name]
-
-
 def check_samples_fit(spec: Any, models: Any, budget: DeviceBudget) -> None:
     """Raise SpecError when one ascent sample of a section needs more memory than the device has.
 
@@ -410,6 +399,7 @@ def check_samples_fit(spec: Any, models: Any, budget: DeviceBudget) -> None:
     planned and then die with an out-of-memory error after the run started (`size: 100000`: 7152 GiB a
     sample vs an 11.2 GiB budget). The estimate is the planner's (`sample_cost` x MEMORY_FACTOR), checked
     for each section's own layers before any compute; the error names the field that set the size."""
+    from reportgen.analyses import analysis_for
     from reportgen.engine.recipes import resolve_recipe
     from reportgen.errors import SpecError
     from reportgen.spec.load import dotted, locate
@@ -422,7 +412,8 @@ def check_samples_fit(spec: Any, models: Any, budget: DeviceBudget) -> None:
         for name in dict.fromkeys([section.recipe, *getattr(section, "compare", [])]):
             recipe = resolve_recipe(name, section.params)
             size = ascent_size(lm, recipe)
-            need = sample_cost(lm, _ascent_layers(section, lm), size, spec.precision).activation_bytes
+            layers = analysis_for(section.type).ascent_layers(section, lm)
+            need = sample_cost(lm, layers, size, spec.precision).activation_bytes
             need = int(need * MEMORY_FACTOR)
             if need <= budget.free_bytes:
                 continue

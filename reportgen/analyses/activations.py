@@ -115,6 +115,7 @@ def _check_colormap(name: str, where: str) -> None:
 
 class ActivationsAnalysis(Analysis):
     section = ActivationsSection
+    filter_selection = ("channels", "layers")
     version = "2"  # 2: the shown maps at the layer's own resolution are stored too
 
     def default_title(self, section: ActivationsSection) -> str:

@@ -156,6 +156,9 @@ class Analysis:
     thresholds: ClassVar[type[Any] | None] = None
     # whether its history items are units (filters) of a layer: `baseline: {align: ...}` matches them
     unit_items: ClassVar[bool] = False
+    # (selection field, layer field) when its filters/channels are picked per layer: checked against the
+    # layers' channels at the start of `run` (`reportgen.spec.files`); None: no such selection
+    filter_selection: ClassVar[tuple[str, str] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -163,6 +166,12 @@ class Analysis:
 
     def default_title(self, section: Any) -> str:
         return self.type.replace("_", " ").capitalize()
+
+    def ascent_layers(self, section: Any, model: Any) -> list[str]:
+        """Layers whose subgraph one ascent sample of `section` computes, for the planner's check that a
+        sample fits the device (`reportgen.plan.check_samples_fit`); default: the whole model (a class
+        model's score is the last layer's)."""
+        return [model.model.layers[-1].name]
 
     def prepare(self, section: Any, ctx: RunContext, index: int) -> None:
         """Register batched engine work with ctx; default: nothing to batch across sections."""

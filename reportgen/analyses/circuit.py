@@ -170,6 +170,10 @@ class CircuitAnalysis(Analysis):
     section = CircuitSection
     version = "1"
 
+    def ascent_layers(self, section: Any, model: Any) -> list[str]:
+        """The circuit's layer: its input channels lie before it."""
+        return [section.layer]
+
     def default_title(self, section: CircuitSection) -> str:
         return f"Circuit of {section.layer} filter {section.filter}"
 

@@ -95,6 +95,7 @@ class ClassRankingChanges(Strict):
 
 class ClassRankingAnalysis(Analysis):
     section = ClassRankingSection
+    filter_selection = ("filters", "layer")
     thresholds = ClassRankingChanges
     unit_items = True
     version = "1"

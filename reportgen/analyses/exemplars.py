@@ -138,6 +138,10 @@ class ExemplarsAnalysis(Analysis):
     unit_items = True
     version = "1"
 
+    def ascent_layers(self, section: Any, model: Any) -> list[str]:
+        """The layer of the units whose visualisations sit beside their exemplars."""
+        return [section.layer]
+
     def default_title(self, section: ExemplarsSection) -> str:
         return f"Exemplars of {section.layer}"
 

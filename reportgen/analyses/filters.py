@@ -193,8 +193,12 @@ class FilterChanges(Strict):
 
 class FiltersAnalysis(Analysis):
     section = FiltersSection
+    filter_selection = ("filters", "layers")
     thresholds = FilterChanges
     unit_items = True
+
+    def ascent_layers(self, section: FiltersSection, model: Any) -> list[str]:
+        return list(section.layers)
 
     def default_title(self, section: FiltersSection) -> str:
         return f"Filters of {', '.join(section.layers)} ({' vs '.join(section.recipes)})"

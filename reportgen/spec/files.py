@@ -19,20 +19,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from reportgen.analyses import analysis_for
 from reportgen.errors import ReportgenError, SpecError
 from reportgen.spec.fields import _RANGE
 from reportgen.spec.load import locate
 from reportgen.spec.schema import Spec
 
 log = logging.getLogger("reportgen")
-
-# Section types whose filter / channel selection is resolved against a layer: (selection, layer field).
-SELECTIONS = {
-    "filters": ("filters", "layers"),
-    "class_ranking": ("filters", "layer"),
-    "activations": ("channels", "layers"),
-}
-
 
 def _dotted(path: tuple[Any, ...]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
@@ -71,7 +64,7 @@ def _check_selections(spec: Spec, loaded: dict[str, Any]) -> list[tuple[tuple[An
     """Explicit filter ranges and indices against the layers' channel counts (models are loaded now)."""
     found = []
     for i, section in enumerate(spec.sections):
-        fields = SELECTIONS.get(section.type)
+        fields = analysis_for(section.type).filter_selection
         model = loaded.get(getattr(section, "model", None))
         if fields is None or model is None or fields[0] not in section.model_fields_set:
             continue
