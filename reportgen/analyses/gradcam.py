@@ -25,12 +25,16 @@ from reportgen.analyses.base import (
     colour_bar,
 )
 from reportgen.analyses.shared import (
+    FAITHFULNESS_STEPS,
     FINDING_IMAGES,
     check_conv_layer,
+    curve_params,
     explained,
+    faithfulness_findings,
     for_print,
     heat_stats,
     image_sizes,
+    map_areas,
     resolve_target,
     result_key,
     select_images,
@@ -42,9 +46,6 @@ from reportgen.history.series import Run, Series, means
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
-
-FAITHFULNESS_STEPS = 16  # deletion/insertion levels of `faithfulness: true`
-FAITHFULNESS_BASELINE = "blur"  # what deleted pixels become (RISE's blurred copy)
 
 CamMethod = Literal["gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam"]
 METHODS: tuple[str, ...] = get_args(CamMethod)  # the canonical order (cache keys, engine)
@@ -127,14 +128,9 @@ class GradcamAnalysis(Analysis):
             if "faster-scorecam" in methods:
                 params["max_n"] = section.max_n
         if section.faithfulness:
-            params["faithfulness"] = self._curve_params(ctx)
+            params["faithfulness"] = curve_params(ctx)
         key = result_key(self.type, self.version, lm, ds, items, params)
         return lm, target, ds, items, notes, key
-
-    @staticmethod
-    def _curve_params(ctx: RunContext) -> dict[str, Any]:
-        """The deletion/insertion parameters of `faithfulness: true` (seed: the curves' tie-breaks)."""
-        return {"steps": FAITHFULNESS_STEPS, "baseline": FAITHFULNESS_BASELINE, "seed": ctx.spec.seed}
 
     def prepare(self, section: GradcamSection, ctx: RunContext, index: int) -> None:
         """Declare the batch of maps: one forward + backward pass per image, and Score-CAM's forward-only
@@ -157,7 +153,7 @@ class GradcamAnalysis(Analysis):
         engine = "gradient_batches.gradcam"
         if section.faithfulness:
             engine = "sanity_batches.gradcam_faithfulness"
-            params.update(self._curve_params(ctx))
+            params.update(curve_params(ctx))
             masked += n * len(methods) * 2 * (FAITHFULNESS_STEPS + 1)
         ctx.work.add(
             ImageRequest(
@@ -210,9 +206,7 @@ class GradcamAnalysis(Analysis):
                     "top10_share": None if stats["empty"] else round(stats["top10"], 3),
                 }
                 if section.faithfulness:
-                    s = m.replace("++", "pp")
-                    auc = {"deletion_auc": round(float(res[f"deletion_auc_{s}"][k]), 4),
-                           "insertion_auc": round(float(res[f"insertion_auc_{s}"][k]), 4)}  # fmt: skip
+                    auc = map_areas(res, m, k)
                     row.update(auc)
                     figure["maps"][-1].update(auc)
                     faithful.append({"method": m, "image": item.name, **auc})
@@ -259,7 +253,7 @@ class GradcamAnalysis(Analysis):
                 "faithfulness": {"steps": FAITHFULNESS_STEPS} if section.faithfulness else None,
             },
             artifacts=artifacts,
-            findings=self.findings(rows, sizes, res, methods) + faithfulness_findings(faithful),
+            findings=self.findings(rows, sizes, res, methods) + faithfulness_findings(faithful, LABELS),
             notes=notes,
         )
 
@@ -363,27 +357,6 @@ class GradcamAnalysis(Analysis):
 
 
 
-
-def faithfulness_findings(faithful: list[dict[str, Any]]) -> list[str]:
-    """Each method's mean deletion and insertion areas, and (with several methods) which is most faithful."""
-    if not faithful:
-        return []
-    methods = list(dict.fromkeys(f["method"] for f in faithful))
-    mean = {
-        m: (np.mean([f["deletion_auc"] for f in faithful if f["method"] == m]),
-            np.mean([f["insertion_auc"] for f in faithful if f["method"] == m]))
-        for m in methods
-    }  # fmt: skip
-    out = [
-        f"{LABELS[m]}: deletion area {d:.3f} (lower: the map finds the evidence), insertion area {i:.3f} "
-        "(higher is better) on average."
-        for m, (d, i) in mean.items()
-    ]
-    if len(methods) > 1:
-        best_d = min(methods, key=lambda m: mean[m][0])
-        best_i = max(methods, key=lambda m: mean[m][1])
-        out.append(f"Most faithful by deletion: {LABELS[best_d]}; by insertion: {LABELS[best_i]}.")
-    return out
 
 
 ANALYSIS = GradcamAnalysis()

@@ -31,11 +31,15 @@ from reportgen.analyses.base import (
     colour_bar,
 )
 from reportgen.analyses.shared import (
+    FAITHFULNESS_STEPS,
     FINDING_IMAGES,
+    curve_params,
     explained,
+    faithfulness_findings,
     for_print,
     heat_stats,
     image_sizes,
+    map_areas,
     resolve_target,
     result_key,
     select_images,
@@ -111,6 +115,12 @@ class SaliencySection(SectionBase, ImagesMixin):
         None,
         description="Class (index or name) to explain, none for each image's top prediction, or a unit: "
         "{layer, filter} or {layer}.",
+    )
+    faithfulness: bool = Field(
+        False,
+        description="Also measure each map's deletion and insertion curves (Petsiuk et al. 2018): the class "
+        f"probability as the pixels are blurred away, or put back, in the map's order, {FAITHFULNESS_STEPS} "
+        "steps; 2 x (steps + 1) forward passes per image and method. Needs a class target, not a unit.",
     )
 
 
@@ -195,6 +205,13 @@ class SaliencyAnalysis(Analysis):
             params.update(ig_baseline=section.ig_baseline, ig_steps=section.ig_steps)
             if section.ig_baseline == "noise":
                 params.update(seed=ctx.spec.seed)
+        if section.faithfulness:
+            if isinstance(target, dict):
+                raise SpecError([
+                    f"{ctx.where(index, 'faithfulness')}: faithfulness: deletion and insertion curves follow "
+                    "a class's probability, and a unit target has none; explain a class, or drop faithfulness"
+                ])  # fmt: skip
+            params["faithfulness"] = curve_params(ctx)
         key = result_key(self.type, self.version, lm, ds, items, params)
         return lm, ds, items, notes, methods, params, key
 
@@ -213,17 +230,21 @@ class SaliencyAnalysis(Analysis):
             per_image += section.ig_steps + 1
         target = params["target"]
         request = {
-            **params,
+            **{k: v for k, v in params.items() if k != "faithfulness"},
             "target": tuple(target.items()) if isinstance(target, dict) else target,
             "methods": tuple(methods),
             "where": ctx.where(index, "dataset"),
         }
+        engine, curves = "gradient_batches.saliency", 0
+        if section.faithfulness:
+            engine = "sanity_batches.saliency_faithfulness"
+            request.update(curve_params(ctx))
+            curves = n * len(methods) * 2 * (FAITHFULNESS_STEPS + 1)
         ctx.work.add(
             ImageRequest(
                 "gradient", section.model, section.dataset, key, n, n * per_image,
-                (lm.model.layers[-1].name,),
-                backward=True, engine="gradient_batches.saliency", names=tuple(it.name for it in items),
-                params=tuple(request.items()),
+                (lm.model.layers[-1].name,), backward=True, forward_samples=curves,
+                engine=engine, names=tuple(it.name for it in items), params=tuple(request.items()),
             )  # fmt: skip
         )
 
@@ -241,6 +262,7 @@ class SaliencyAnalysis(Analysis):
         sizes = image_sizes(items)
         unit = isinstance(params["target"], dict)
         figures, artifacts = [], []
+        faithful: list[dict[str, Any]] = []  # deletion/insertion areas per (image, method), if asked for
         stats: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         for k, i in enumerate(res["kept"].tolist()):
             item = items[i]
@@ -269,6 +291,11 @@ class SaliencyAnalysis(Analysis):
                     "centre_x": s["com_x"],
                     "centre_y": s["com_y"],
                 }
+                if section.faithfulness:
+                    auc = map_areas(res, m, k)
+                    row.update(auc)
+                    entry["maps"][-1].update(auc)
+                    faithful.append({"method": m, "image": item.name, **auc})
                 artifacts.append(Artifact("heatmap", rel, section.model, None, None, row))
                 raw = res[f"raw_{m}"][k]
                 extra: dict[str, Any] = {}
@@ -300,6 +327,9 @@ class SaliencyAnalysis(Analysis):
             figures.append(entry)
         bar, bar_artifact = colour_bar(out, "colorbar.png", CMAP, section.model)
         artifacts.append(bar_artifact)
+        if faithful:
+            csv_rel = out.csv("faithfulness.csv", faithful)
+            artifacts += [Artifact("faithfulness", csv_rel, section.model, None, None, f) for f in faithful]
         return SectionResult(
             context={
                 "model": section.model,
@@ -314,9 +344,10 @@ class SaliencyAnalysis(Analysis):
                 "ig_baseline": section.ig_baseline,
                 "ig_steps": section.ig_steps,
                 "colorbar": bar,
+                "faithfulness": {"steps": FAITHFULNESS_STEPS} if section.faithfulness else None,
             },
             artifacts=artifacts,
-            findings=self.findings(methods, stats, res),
+            findings=self.findings(methods, stats, res) + faithfulness_findings(faithful, LABELS),
             notes=notes,
         )
 

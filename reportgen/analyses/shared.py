@@ -350,3 +350,43 @@ def unit_list(units: list[str], shown: int = NAMES_IN_NOTE) -> str:
     """"1, 4, 9 and 3 more": units named in a finding, the list capped for wide layers."""
     head = ", ".join(units[:shown])
     return head + (f" and {len(units) - shown} more" if len(units) > shown else "")
+
+
+# `faithfulness: true` of the map sections (gradcam, saliency): deletion/insertion curves (Petsiuk et al.
+# 2018) of each map, computed with the maps (`reportgen.engine.sanity_batches`).
+FAITHFULNESS_STEPS = 16  # deletion/insertion levels
+FAITHFULNESS_BASELINE = "blur"  # what deleted pixels become (RISE's blurred copy)
+
+
+def curve_params(ctx: RunContext) -> dict[str, Any]:
+    """The deletion/insertion parameters of `faithfulness: true` (seed: the curves' tie-breaks)."""
+    return {"steps": FAITHFULNESS_STEPS, "baseline": FAITHFULNESS_BASELINE, "seed": ctx.spec.seed}
+
+
+def map_areas(res: dict[str, np.ndarray], method: str, k: int) -> dict[str, float]:
+    """Image k's deletion and insertion areas of one method's maps, as the engine stored them."""
+    s = method.replace("++", "pp")
+    return {"deletion_auc": round(float(res[f"deletion_auc_{s}"][k]), 4),
+            "insertion_auc": round(float(res[f"insertion_auc_{s}"][k]), 4)}  # fmt: skip
+
+
+def faithfulness_findings(faithful: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """Each method's mean deletion and insertion areas, and (with several methods) which is most faithful."""
+    if not faithful:
+        return []
+    methods = list(dict.fromkeys(f["method"] for f in faithful))
+    mean = {
+        m: (np.mean([f["deletion_auc"] for f in faithful if f["method"] == m]),
+            np.mean([f["insertion_auc"] for f in faithful if f["method"] == m]))
+        for m in methods
+    }  # fmt: skip
+    out = [
+        f"{labels[m]}: deletion area {d:.3f} (lower: the map finds the evidence), insertion area {i:.3f} "
+        "(higher is better) on average."
+        for m, (d, i) in mean.items()
+    ]
+    if len(methods) > 1:
+        best_d = min(methods, key=lambda m: mean[m][0])
+        best_i = max(methods, key=lambda m: mean[m][1])
+        out.append(f"Most faithful by deletion: {labels[best_d]}; by insertion: {labels[best_i]}.")
+    return out

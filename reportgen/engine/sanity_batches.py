@@ -1,10 +1,11 @@
-"""The work of the `sanity` section and of `gradcam`'s `faithfulness: true`, run by the executor
-(`reportgen.execute.pixel_engine`) from the sections' requests before any section builds.
+"""The work of the `sanity` section and of `faithfulness: true` in `gradcam` and `saliency`, run by the
+executor (`reportgen.execute.pixel_engine`) from the sections' requests before any section builds.
 
 `sanity`: each method's maps on the trained model, their deletion/insertion curves
 (`reportgen.engine.faithfulness`), and the maps of the same images and classes on the model randomised
 from the top down (`reportgen.engine.randomize`) with their similarity to the trained model's maps.
-`gradcam_faithfulness`: the Grad-CAM batch (`gradient_batches.gradcam`) plus the curves of its maps.
+`gradcam_faithfulness` / `saliency_faithfulness`: the section's batch (`gradient_batches.gradcam` /
+`.saliency`) plus the curves of its maps.
 
 Array names use the method's slug ("gradcam++" -> "gradcampp"). Every array is per image, so the shards of
 a request merge by concatenation (`reportgen.execute.merge_image_shards`).
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from reportgen.engine.gradient_batches import gradcam
+from reportgen.engine.gradient_batches import gradcam, saliency
 
 CAMS = ("gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam")
 
@@ -135,5 +136,16 @@ def gradcam_faithfulness(
     method's maps for the class it explains. params: gradcam's, plus steps, baseline, seed."""
     arrays = gradcam(lm, pixels, ids, params, batch)
     maps = {m: arrays["heatmaps" if m == "gradcam" else f"heatmaps_{m}"] for m in params["methods"]}
+    pixels = np.asarray(pixels, np.float32)
+    return {**arrays, **_curves(lm, batch, pixels, ids, maps, arrays["classes"], params)}
+
+
+def saliency_faithfulness(
+    lm: Any, pixels: np.ndarray, ids: np.ndarray, params: dict[str, Any], batch: int
+) -> dict[str, np.ndarray]:
+    """The `saliency` section's arrays (`gradient_batches.saliency`) plus deletion/insertion curves of each
+    method's display map for the class it explains. params: saliency's, plus steps, baseline, seed."""
+    arrays = saliency(lm, pixels, ids, params, batch)
+    maps = {m: arrays[m] for m in params["methods"]}
     pixels = np.asarray(pixels, np.float32)
     return {**arrays, **_curves(lm, batch, pixels, ids, maps, arrays["classes"], params)}

@@ -130,3 +130,63 @@ def test_unit_target_errors_name_the_field(tmp_path: Path, target: str, message:
     with pytest.raises(SpecError) as err:
         run(spec, quiet=True)
     assert message in str(err.value) and f"spec.yaml:{line}:" in str(err.value)  # the unit's line
+
+
+FAITHFUL_SPEC = f"""
+title: Faithful saliency
+output: out
+formats: [html]
+models:
+  oracle: {{path: oracle.keras, preprocess: unit, class_names: {json.dumps(CLASSES)}}}
+  smooth: {{path: smooth.keras, preprocess: unit}}
+datasets:
+  photos: {{path: photos}}
+sections:
+  - type: saliency
+    model: oracle
+    dataset: photos
+    images: [red.png]
+    target: red
+    methods: [vanilla, gradient_x_input]
+    faithfulness: true
+"""
+
+
+def test_faithfulness_areas_are_the_curves_of_the_shown_maps(tmp_path: Path) -> None:
+    """`faithfulness: true` puts each map's deletion/insertion areas in the manifest: equal to the curves
+    recomputed here from the saved signed maps reduced as the section shows them, and on the oracle (class
+    "red" = the red square) deleting in the map's order kills the score long before inserting restores it."""
+    from oracles import loaded
+
+    from reportgen.engine.faithfulness import curve_program
+    from reportgen.models import PRESETS
+
+    spec = write_project(tmp_path, FAITHFUL_SPEC)
+    assert run(spec, quiet=True).computed == 1
+    out = tmp_path / "out"
+    (section,) = json.loads((out / "manifest.json").read_text())["sections"]
+    rows = {a["method"]: a for a in section["artifacts"] if a["kind"] == "faithfulness"}
+    assert set(rows) == {"vanilla", "gradient_x_input"}
+    assert all(a["image"] == "red.png" for a in rows.values())
+    maps = {a["method"]: np.load(out / a["path"]) for a in section["artifacts"] if a["kind"] == "map"}
+    shown = {"vanilla": np.abs(maps["vanilla"]).max(-1),
+             "gradient_x_input": np.abs(maps["gradient_x_input"].sum(-1))}  # fmt: skip
+    pixels = np.asarray(Image.open(tmp_path / "photos" / "red.png"), np.float32)[None]
+    lm = loaded(keras.models.load_model(tmp_path / "oracle.keras"), PRESETS["unit"], CLASSES)
+    program = curve_program(lm, 4)
+    red = np.asarray([CLASSES.index("red")], np.int32)
+    for method, values in shown.items():
+        curves = program.curves(pixels, values[None], red, 16, "blur", 0, [0])
+        assert rows[method]["deletion_auc"] == pytest.approx(float(curves.deletion_auc[0]), abs=2e-4)
+        assert rows[method]["insertion_auc"] == pytest.approx(float(curves.insertion_auc[0]), abs=2e-4)
+        assert rows[method]["deletion_auc"] < rows[method]["insertion_auc"]
+    assert any("deletion area" in f for f in section["findings"])
+
+
+def test_faithfulness_needs_a_class_target(tmp_path: Path) -> None:
+    text = FAITHFUL_SPEC.replace("target: red", "target: {layer: features, filter: 0}")
+    line = text.splitlines().index("    faithfulness: true") + 1
+    spec = write_project(tmp_path, text)
+    with pytest.raises(SpecError) as err:
+        run(spec, quiet=True)
+    assert "a unit target has none" in str(err.value) and f"spec.yaml:{line}:" in str(err.value)
