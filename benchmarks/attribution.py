@@ -46,7 +46,7 @@ from benchmarks.common import (  # noqa: E402
     build_model,
     forward_flops,
     machine,
-    markdown_table,
+    print_rows,
     select_kernels,
 )
 
@@ -223,11 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     peaks, described = peak_mod.measure(args.peak_size, dtypes=("float32",))
     print(described)
     rows = run(args.model, args.layer, args.images, args.steps, args.batch, peaks, args.repeats)
-    print()
-    print(markdown_table(rows))
-    for r in rows:
-        for note in r.notes:
-            print(f"- {r.case}: {note}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,15 @@ def fmt_ratio(value: float) -> str:
     return f"{value:.3g}x" if value >= 10 else f"{value:.2f}x"
 
 
+def print_rows(rows: list[Row]) -> None:
+    """A script's result: the Markdown table, then each row's notes."""
+    print()
+    print(markdown_table(rows))
+    for r in rows:
+        for note in r.notes:
+            print(f"- {r.case}: {note}")
+
+
 def markdown_table(rows: list[Row]) -> str:
     lines = [
         "| case | naive | reportgen | ratio (x faster) | naive, % of peak | reportgen, % of peak |",

@@ -33,7 +33,15 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.attribution import best_of, load_images  # noqa: E402
-from benchmarks.common import ONEDNN_MODES, RAW, Row, build_model, machine, markdown_table, select_kernels  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    ONEDNN_MODES,
+    RAW,
+    Row,
+    build_model,
+    machine,
+    print_rows,
+    select_kernels,
+)
 
 
 def naive_curves(lm: Any, pixels: Any, maps: Any, classes: Any, steps: int) -> Any:
@@ -139,11 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     select_kernels(args.onednn)
     print(machine())
     rows = run(args.model, args.layer, args.images, args.steps, args.batch, args.repeats)
-    print()
-    print(markdown_table(rows))
-    for r in rows:
-        for note in r.notes:
-            print(f"- {r.case}: {note}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":
