@@ -11,9 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from reportgen import __version__
+from reportgen.plan import human_bytes, human_flops
 from reportgen.report.markdown import render_markdown
 from reportgen.spec.load import spec_sha256
 
+
+def plan_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One pass of the plan as the metadata page's table shows it: the sections it serves by number (their
+    ids are "s<number>-<title>", the anchors of the sections), FLOPs and memory in human units. A table
+    instead of the dry run's sentences keeps the plan of a big spec on one page."""
+    return {
+        **row,
+        "serves": [(sid, sid.split("-", 1)[0].removeprefix("s")) for sid in row["sections"]],
+        "flops_text": human_flops(row["flops"]),
+        "bytes_text": human_bytes(row["bytes_per_sample"]) if row["bytes_per_sample"] else "",
+    }
 
 def now() -> str:
     """UTC time to the second, ISO 8601: when a run started or finished."""
@@ -52,6 +64,7 @@ def run_meta(
         "computed": summary.computed,
         "reused": summary.reused,
         "plan": summary.plan,
+        "passes": [plan_row(row) for row in summary.passes],
         "steps": steps,
         "timings": {
             **{s["title"]: s["seconds"] for s in sections},

@@ -83,6 +83,13 @@ def test_run_writes_html_pdf_and_manifest(report: tuple[Path, RunSummary]) -> No
         assert (out / name).is_file(), name
     assert summary.computed == sum(map(len, FILTERS.values())) and summary.reused == 0
     assert not list(out.parent.glob(".tiny.staging-*")) and not list(out.parent.glob(".tiny.old-*"))
+    # the metadata page's plan: one row per pass, linking the sections it served by number
+    html = (out / "report.html").read_text(encoding="utf-8")
+    start = html.index('<table class="plan">')
+    plan = html[start : html.index("</table>", start)]
+    assert plan.count("<tr>") == 1 + len(summary.passes) and summary.passes
+    served = {sid for p in summary.passes for sid in p["sections"]}
+    assert served and all(f'<a href="#{sid}">{sid[1:].split("-")[0]}</a>' in plan for sid in served)
 
 
 def test_pdf_pages_outline_and_page_numbers(report: tuple[Path, RunSummary]) -> None:
@@ -311,6 +318,7 @@ def report_page(introduction: str, plan_lines: int, folder: Path) -> list[Any]:
         "device": "CPU", "started": "then", "finished": "now", "computed": 1, "reused": 2,
         "steps": [{"name": f"step {i}", "seconds": 1.0, "computed": 1, "reused": 0} for i in range(5)],
         "plan": [f"pass {i}: ascent of 64 filters, all results stored" for i in range(plan_lines)],
+        "passes": [],  # the plan as sentences, as an unchanged rerun shows it
     }
     models = [{"key": "m", "description": "a model", "input_size": (32, 32), "sizes": [(32, 32)],
                "channels": 3, "digest": "0" * 64}]
@@ -443,7 +451,7 @@ def test_filters_lead_height_estimate_matches_weasyprint(
         title="T", author=None, introduction="", sections=[section], models=[],
         meta={"versions": {"reportgen": "0"}, "spec_sha256": "0" * 64, "finished_human": "", "spec_name": "",
               "seed": 0, "spec_path": "", "precision": "", "device": "", "started": "", "finished": "",
-              "computed": 0, "reused": 0, "steps": [], "plan": []},
+              "computed": 0, "reused": 0, "steps": [], "plan": [], "passes": []},
     )
     pages = laid_out(body[body.index("<body>") + 6 : body.index("</body>")], tmp_path)
     page = next(p for p in pages if any(getattr(b, "element_tag", None) == "h1"

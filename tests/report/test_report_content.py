@@ -183,7 +183,7 @@ def test_no_near_empty_page_and_the_plan_stays_on_the_metadata_page(tmp_path: Pa
         "spec_sha256": "0" * 64, "finished_human": "", "spec_name": "demo.yaml", "seed": 0,
         "spec_path": "/home/user/project/specs/demo.yaml", "precision": "float32",
         "device": "CPU: Intel(R) Xeon(R) Platinum 8480+, 2 cores", "started": "", "finished": "",
-        "computed": 84, "reused": 0, "plan": PLAN,
+        "computed": 84, "reused": 0, "plan": PLAN, "passes": [],
         "steps": [{"name": f"step {i}", "seconds": 1.0, "computed": 1, "reused": 0} for i in range(8)],
     }
     models = [{"key": k, "description": "a model", "input_size": (224, 224), "sizes": [(112, 112)],
