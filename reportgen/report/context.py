@@ -23,7 +23,7 @@ def plan_row(row: dict[str, Any]) -> dict[str, Any]:
     return {
         **row,
         "serves": [(sid, sid.split("-", 1)[0].removeprefix("s")) for sid in row["sections"]],
-        "flops_text": human_flops(row["flops"]),
+        "flops_text": human_flops(row["flops"]) if row["flops"] else "",
         "bytes_text": human_bytes(row["bytes_per_sample"]) if row["bytes_per_sample"] else "",
     }
 

@@ -90,6 +90,8 @@ def test_run_writes_html_pdf_and_manifest(report: tuple[Path, RunSummary]) -> No
     assert plan.count("<tr>") == 1 + len(summary.passes) and summary.passes
     served = {sid for p in summary.passes for sid in p["sections"]}
     assert served and all(f'<a href="#{sid}">{sid[1:].split("-")[0]}</a>' in plan for sid in served)
+    for p in summary.passes:  # the items and stored counts of each pass, as numbers
+        assert f'<td class="num">{p["items"]}</td><td class="num">{p["cached"]}</td>' in plan
 
 
 def test_pdf_pages_outline_and_page_numbers(report: tuple[Path, RunSummary]) -> None:
