@@ -24,6 +24,7 @@ as the ascent program does for its chunks.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import time
@@ -341,9 +342,8 @@ def pixel_engine(
 
 
 def engine_function(name: str) -> Callable[..., dict[str, np.ndarray]]:
-    """The function "module.function" of `reportgen.engine` a gradient request names."""
-    import importlib
-
+    """The function "module.function" of `reportgen.engine` a gradient request names (imported only when a
+    request runs: engine modules import TensorFlow)."""
     module, _, function = name.rpartition(".")
     return getattr(importlib.import_module(f"reportgen.engine.{module}"), function)
 
