@@ -22,7 +22,7 @@ from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutpu
 from reportgen.analyses.shared import dead_explanation, dead_label, filter_requests
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
 from reportgen.errors import ReportgenError
-from reportgen.imaging import chart_text, colormap
+from reportgen.imaging import chart_png, chart_text, colormap
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import SectionBase
 from reportgen.store import content_key
@@ -149,11 +149,7 @@ def _bar_chart(
     ax.set_title(chart_text(title), fontsize=9)
     ax.tick_params(labelsize=7)
     ax.set_xlim(-0.8, len(norms) - 0.2)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150, metadata={"Software": None})
-    return buf.getvalue()
+    return chart_png(fig, ax)
 
 
 def _heatmap(weights: np.ndarray, limit: float) -> np.ndarray:

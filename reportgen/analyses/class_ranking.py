@@ -11,7 +11,6 @@ an image's value is its own mean activation.
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +34,7 @@ from reportgen.datasets import Dataset
 from reportgen.errors import ReportgenError
 from reportgen.history.figures import rank_tau, set_overlap
 from reportgen.history.series import Run, Series, mean, with_previous
-from reportgen.imaging import chart_text
+from reportgen.imaging import chart_png, chart_text
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import FilterSelection, SectionBase, Strict, check_filter_selection, expand_filters
 from reportgen.work import DatasetRequest
@@ -73,12 +72,7 @@ def bar_chart(names: list[str], values: list[float], title: str, xlabel: str) ->
     for y, v in zip(ys, values, strict=True):
         ax.annotate(f"{v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
     ax.margins(x=0.12)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150, metadata={"Software": None})
-    return buf.getvalue()
+    return chart_png(fig, ax)
 
 
 def _ratio(value: float, reference: float) -> float | None:

@@ -41,21 +41,15 @@ from reportgen.analyses.shared import (
     skipped_note,
 )
 from reportgen.datasets import ImageItem
+from reportgen.engine.methods import CAM_METHODS, LABELS
 from reportgen.history.figures import centre_shift, map_correlation, stored_map
 from reportgen.history.series import Run, Series, means
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
 
-CamMethod = Literal["gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam"]
+CamMethod = Literal[CAM_METHODS]  # type: ignore[valid-type]
 METHODS: tuple[str, ...] = get_args(CamMethod)  # the canonical order (cache keys, engine)
-LABELS = {
-    "gradcam": "Grad-CAM",
-    "gradcam++": "Grad-CAM++",
-    "layercam": "LayerCAM",
-    "scorecam": "Score-CAM",
-    "faster-scorecam": "Faster-ScoreCAM",
-}
 # Stored array names; Grad-CAM keeps the names it had before `methods`, so earlier results stay reusable.
 STORED = {m: ("heatmaps", "maps") if m == "gradcam" else (f"heatmaps_{m}", f"maps_{m}") for m in METHODS}
 

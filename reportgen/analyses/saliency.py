@@ -46,22 +46,14 @@ from reportgen.analyses.shared import (
     skipped_note,
 )
 from reportgen.datasets import ImageItem
+from reportgen.engine.methods import ATTRIBUTION_METHODS, LABELS, NOISY
 from reportgen.errors import SpecError
 from reportgen.imaging import colormap, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
 
-Method = Literal[
-    "vanilla",
-    "smoothgrad",
-    "integrated_gradients",
-    "vargrad",
-    "gradient_x_input",
-    "guided_backprop",
-    "deconvnet",
-]
-NOISY = ("smoothgrad", "vargrad")
+Method = Literal[ATTRIBUTION_METHODS]  # type: ignore[valid-type]
 
 
 class UnitTarget(Strict):
@@ -126,15 +118,6 @@ class SaliencySection(SectionBase, ImagesMixin):
 
 CMAP = "inferno"
 CLIP_PERCENTILE = 99.0  # a handful of extreme gradients would otherwise turn the rest of the map black
-LABELS = {
-    "vanilla": "vanilla gradient",
-    "smoothgrad": "SmoothGrad",
-    "integrated_gradients": "integrated gradients",
-    "vargrad": "VarGrad",
-    "gradient_x_input": "gradient × input",
-    "guided_backprop": "guided backprop",
-    "deconvnet": "deconvnet",
-}
 # What each map shows, for the caption (the engine's module docstring has the details and papers).
 DESCRIPTIONS = {
     "vanilla": "the largest |gradient| over the colour channels (Simonyan et al. 2014)",

@@ -12,7 +12,6 @@ fast (high area). The section ranks the methods by both areas, per image and on 
 
 from __future__ import annotations
 
-import io
 from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
@@ -29,35 +28,16 @@ from reportgen.analyses.shared import (
     skipped_note,
 )
 from reportgen.datasets import ImageItem
+from reportgen.engine.methods import ATTRIBUTION_METHODS, CAM_METHODS, GRADIENT_CAMS, LABELS, NOISY
 from reportgen.engine.randomize import cascade_layers
 from reportgen.errors import SpecError
-from reportgen.imaging import chart_text, colormap, to_pil, upscale_for_print
+from reportgen.imaging import chart_png, chart_text, colormap, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import ImagesMixin, Index, SectionBase
 from reportgen.work import ImageRequest
 
-SanityMethod = Literal[
-    "gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam",  # class activation maps
-    "vanilla", "smoothgrad", "integrated_gradients", "vargrad", "gradient_x_input", "guided_backprop",
-    "deconvnet",  # input-space methods (reportgen.engine.attribution)
-]  # fmt: skip
+SanityMethod = Literal[CAM_METHODS + ATTRIBUTION_METHODS]  # type: ignore[valid-type]
 METHODS: tuple[str, ...] = get_args(SanityMethod)
-CAMS = METHODS[:5]
-NOISY = ("smoothgrad", "vargrad")
-LABELS = {
-    "gradcam": "Grad-CAM",
-    "gradcam++": "Grad-CAM++",
-    "layercam": "LayerCAM",
-    "scorecam": "Score-CAM",
-    "faster-scorecam": "Faster-ScoreCAM",
-    "vanilla": "vanilla gradient",
-    "smoothgrad": "SmoothGrad",
-    "integrated_gradients": "integrated gradients",
-    "vargrad": "VarGrad",
-    "gradient_x_input": "gradient × input",
-    "guided_backprop": "guided backprop",
-    "deconvnet": "deconvnet",
-}
 
 
 class SanitySection(SectionBase, ImagesMixin):
@@ -162,12 +142,7 @@ def similarity_chart(
     ax.set_title(chart_text(label), fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
     ax.legend(fontsize=7, loc="upper right", frameon=False)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150, metadata={"Software": None})
-    return buf.getvalue()
+    return chart_png(fig, ax)
 
 
 def final_similarity(spearman: np.ndarray) -> float:
@@ -204,10 +179,11 @@ class SanityAnalysis(Analysis):
         """Model, target, images, notes, cascade layers, the engine's parameters and the content key."""
         lm = ctx.models.get(section.model)
         methods = self._methods(section)
-        if any(m in CAMS for m in methods):
+        if any(m in CAM_METHODS for m in methods):
             if section.layer is None:
+                cams = ", ".join(m for m in methods if m in CAM_METHODS)
                 raise SpecError([
-                    f"{ctx.where(index, 'methods')}: methods: {', '.join(m for m in methods if m in CAMS)} "
+                    f"{ctx.where(index, 'methods')}: methods: {cams} "
                     "need a convolutional layer; add `layer:` (`reportgen layers` lists them)"
                 ])  # fmt: skip
             check_conv_layer(lm, section.layer, ctx.where(index, "layer"))
@@ -241,7 +217,7 @@ class SanityAnalysis(Analysis):
         n, methods = len(items), params["methods"]
         models = 1 + len(layers)
         per_model = (
-            int(any(m in CAMS[:3] for m in methods))  # Grad-CAM, Grad-CAM++, LayerCAM: one pass
+            int(any(m in GRADIENT_CAMS for m in methods))  # Grad-CAM, Grad-CAM++, LayerCAM: one pass
             + 1  # the clean input gradient (also resolves the classes)
             + (section.samples if set(NOISY) & set(methods) else 0)
             + (section.ig_steps if "integrated_gradients" in methods else 0)
@@ -278,7 +254,7 @@ class SanityAnalysis(Analysis):
             sp, ss = res[f"spearman_{s}"], res[f"ssim_{s}"]
             png = similarity_chart(LABELS[m], layers, sp, ss, section.fail_above)
             chart = out.bytes(f"similarity_{s}.png", png)
-            layer = section.layer if m in CAMS else None
+            layer = section.layer if m in CAM_METHODS else None
             artifacts.append(Artifact("chart", chart, section.model, layer, None, {"method": m}))
             for k, name in enumerate(names):
                 for step, frm in enumerate(layers, start=1):
@@ -321,7 +297,8 @@ class SanityAnalysis(Analysis):
         csv_rel = out.csv("faithfulness.csv", table)
         for r in table:
             artifacts.append(Artifact(
-                "faithfulness", csv_rel, section.model, section.layer if r["method"] in CAMS else None, None,
+                "faithfulness", csv_rel, section.model,
+                section.layer if r["method"] in CAM_METHODS else None, None,
                 {"method": r["method"], "image": r["image"], "deletion_auc": r["deletion_auc"],
                  "insertion_auc": r["insertion_auc"]},
             ))  # fmt: skip

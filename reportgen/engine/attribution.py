@@ -60,19 +60,10 @@ import numpy as np
 import tensorflow as tf
 
 from reportgen.engine.gradients import GradientEngine, fill_source, saliency_map, smoothgrad_noise
+from reportgen.engine.methods import ATTRIBUTION_METHODS, NOISY
 from reportgen.errors import ReportgenError
 
-ATTRIBUTION_METHODS = (
-    "vanilla",
-    "smoothgrad",
-    "integrated_gradients",
-    "vargrad",
-    "gradient_x_input",
-    "guided_backprop",
-    "deconvnet",
-)
 RULES = {"guided_backprop": "guided", "deconvnet": "deconv"}  # other methods use the plain gradient
-NOISY = ("smoothgrad", "vargrad")
 Baseline = Literal["black", "blur", "noise"]
 Rule = Literal["plain", "guided", "deconv"]
 

@@ -28,12 +28,11 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
+from reportgen.engine.methods import CAM_METHODS, GRADIENT_CAMS
 from reportgen.models import LoadedModel
 
 Fill = Literal["gray", "black", "blur", "mean"]
 GRAY = 128.0  # mid-gray in 0..255 pixel space
-CAM_METHODS = ("gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam")
-GRADIENT_CAMS = CAM_METHODS[:3]  # computed together from one forward + backward pass
 EPSILON = 1e-7  # keras.backend.epsilon(): keeps Score-CAM's min-max normalisation finite on flat maps
 
 

@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 
 from reportgen.engine.gradient_batches import gradcam, saliency
-
-CAMS = ("gradcam", "gradcam++", "layercam", "scorecam", "faster-scorecam")
+from reportgen.engine.methods import CAM_METHODS
 
 
 def slug(method: str) -> str:
@@ -41,12 +40,12 @@ def attribution_maps(
 
     eng = engine_for(lm, batch)
     out: dict[str, np.ndarray] = {}
-    cams = [m for m in methods if m in CAMS]
+    cams = [m for m in methods if m in CAM_METHODS]
     if cams:
         r = eng.cams(pixels, params["layer"], targets, cams, params["max_n"])
         out.update(r.heatmaps)
         targets, probability = r.classes, r.probability
-    others = [m for m in methods if m not in CAMS]
+    others = [m for m in methods if m not in CAM_METHODS]
     if others:
         p = AttributionParams(
             samples=params["samples"], noise=params["noise"], seed=params["seed"],

@@ -18,7 +18,6 @@ The history is read here with its own read-only SQL on the documented schema (ta
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -80,7 +79,7 @@ def line_chart(labels: list[str], series: Series, title: str) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from reportgen.imaging import chart_text
+    from reportgen.imaging import chart_png, chart_text
 
     fig = Figure(figsize=(6.5, 2.4), dpi=150)
     FigureCanvasAgg(fig)
@@ -95,12 +94,7 @@ def line_chart(labels: list[str], series: Series, title: str) -> bytes:
     ax.set_title(chart_text(title), fontsize=9)
     if len(series) > 1:
         ax.legend(fontsize=6, frameon=False, loc="best")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150, metadata={"Software": None})
-    return buf.getvalue()
+    return chart_png(fig, ax)
 
 
 def _slug(text: str) -> str:
