@@ -132,16 +132,7 @@ def test_unit_target_errors_name_the_field(tmp_path: Path, target: str, message:
     assert message in str(err.value) and f"spec.yaml:{line}:" in str(err.value)  # the unit's line
 
 
-FAITHFUL_SPEC = f"""
-title: Faithful saliency
-output: out
-formats: [html]
-models:
-  oracle: {{path: oracle.keras, preprocess: unit, class_names: {json.dumps(CLASSES)}}}
-  smooth: {{path: smooth.keras, preprocess: unit}}
-datasets:
-  photos: {{path: photos}}
-sections:
+FAITHFUL_SPEC = SPEC[: SPEC.index("sections:")] + """sections:
   - type: saliency
     model: oracle
     dataset: photos
