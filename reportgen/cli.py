@@ -218,13 +218,26 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from reportgen.diff import diff
+    from reportgen.gate import EXIT_CHANGED, check_report_rules, evaluate
+    from reportgen.history.changes import read_manifest
 
-    summary = diff(Path(args.old), Path(args.new), Path(args.output), pdf=not args.no_pdf)
+    rules = []
+    if args.fail_on_change:  # checked against NEW's sections before anything is written
+        sections = read_manifest(Path(args.new).resolve(), "reportgen diff", "NEW").get("sections", [])
+        rules = check_report_rules(args.fail_on_change, sections)
+    summary = diff(
+        Path(args.old), Path(args.new), Path(args.output), pdf=not args.no_pdf, thresholds=args.threshold
+    )
     if not args.quiet:
         counts = ", ".join(f"{v} {k}" for k, v in summary.counts.items())
         plural = "s" if summary.pages != 1 else ""
         pages = f" and report.pdf ({summary.pages} page{plural})" if summary.pages else ""
         print(f"change report: {summary.output / 'report.html'}{pages}; {counts}")
+    fired = evaluate(rules, summary.changes)
+    if fired:
+        more = f" (and {len(fired) - 1} more rules)" if len(fired) > 1 else ""
+        print(f"reportgen: {fired[0]}{more}", file=sys.stderr)
+        return EXIT_CHANGED
     return 0
 
 
@@ -317,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("new", help="the later output folder")
     p.add_argument("-o", "--output", required=True, help="folder to publish the change report to")
     p.add_argument("--no-pdf", action="store_true", help="HTML only")
+    p.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="TYPE.FIELD=NUMBER",
+        help="override a change threshold (repeatable), e.g. filters.ssim=0.8; the defaults are NEW's "
+        "recorded `changes:` (or the documented defaults)",
+    )
+    p.add_argument(
+        "--fail-on-change",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="exit 4 after publishing when the change report crosses RULE (repeatable; the grammar of "
+        "`run --fail-on-change`, e.g. predictions.flips>0.05)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no summary line")
     p.set_defaults(func=cmd_diff)
 

@@ -3,22 +3,30 @@
 Nothing is recomputed and TensorFlow is never imported: both folders' manifest.json hold every section's
 items (the figures the run history keeps, with the paths of their pictures and maps), so the comparison
 is the one a run with `baseline: OLD` makes (`reportgen.history.changes.compare`: the same change
-metrics, NEW's thresholds when its manifest has a change report, else the defaults; units aligned where
-both folders stored the alignment means). DIR gets report.html (+ report.pdf), manifest.json with the same
-`changes` structure, and the most-changed pictures; it is published like a run's report: built in a
-staging folder and swapped in, and only over a folder reportgen made (`reportgen.publish`).
+metrics, NEW's thresholds when its manifest has a change report, else the defaults, each overridable with
+`--threshold TYPE.FIELD=NUMBER`; units aligned where both folders stored the alignment means). With
+`--fail-on-change RULE` (the grammar of `reportgen.gate`) it exits 4 after publishing when a rule fires,
+so a CI job can gate two existing outputs the way `run` gates a night. DIR gets report.html (+ report.pdf),
+manifest.json with the same `changes` structure, and the most-changed pictures; it is published like a
+run's report: built in a staging folder and swapped in, and only over a folder reportgen made
+(`reportgen.publish`).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from reportgen import __version__
-from reportgen.errors import SpecError
+from reportgen.errors import SpecError, echo
 from reportgen.history.changes import compare, folder_alignments, from_manifest, read_manifest
 from reportgen.publish import clean_stale, new_staging, publish, run_lock, safe_to_replace
 from reportgen.report.context import now
@@ -31,18 +39,64 @@ class DiffSummary:
     output: Path
     pages: int
     counts: dict[str, int]  # changed / unchanged / new / removed over all sections
+    changes: dict[str, Any]  # the manifest's "changes" (what `--fail-on-change` rules read)
 
 
-def diff(old: Path, new: Path, output: Path, *, pdf: bool = True) -> DiffSummary:
-    """Compare the reports in `old` and `new` and publish the change report to `output`."""
+THRESHOLD_FORM = "TYPE.FIELD=NUMBER, e.g. filters.ssim=0.8 or predictions.confidence=0.1"
+_THRESHOLD = re.compile(r"^\s*(?P<kind>\w+)\s*\.\s*(?P<field>\w+)\s*=\s*(?P<value>\S+)\s*$")
+
+
+def thresholds_from(recorded: dict[str, Any] | None, overrides: list[str]) -> Any:
+    """The change thresholds of a diff: those NEW's run recorded (else the defaults), then every
+    `--threshold TYPE.FIELD=NUMBER` on top. A wrong override is one line (exit 2) with a did-you-mean,
+    checked against the same models as the spec's `changes:` (ranges included)."""
+    data: dict[str, Any] = {k: dict(v) for k, v in (recorded or {}).items() if isinstance(v, dict)}
+    kinds = ChangeThresholds.model_fields
+    for text in overrides:
+        m = _THRESHOLD.match(text)
+        if m is None:
+            raise SpecError([f"--threshold {echo(text)}: write {THRESHOLD_FORM}"])
+        kind, name = m["kind"], m["field"]
+        if kind not in kinds:
+            raise SpecError([f"--threshold {echo(text)}: no section type {echo(kind)} has thresholds"
+                             f"{_did_you_mean(kind, list(kinds))}"])  # fmt: skip
+        fields = kinds[kind].annotation.model_fields
+        if name not in fields:
+            raise SpecError([f"--threshold {echo(text)}: {kind} has no threshold {echo(name)}"
+                             f"{_did_you_mean(name, list(fields))}"])  # fmt: skip
+        try:
+            value = float(m["value"])
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise SpecError([f"--threshold {echo(text)}: the value must be a finite number; "
+                             f"write {THRESHOLD_FORM}"])  # fmt: skip
+        data.setdefault(kind, {})[name] = value
+    try:
+        return ChangeThresholds.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SpecError([f"--threshold {where}: {first['msg']}"]) from None
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; one of: {', '.join(sorted(choices))}"
+
+
+def diff(
+    old: Path, new: Path, output: Path, *, pdf: bool = True, thresholds: list[str] | None = None
+) -> DiffSummary:
+    """Compare the reports in `old` and `new` and publish the change report to `output`; `thresholds`:
+    `--threshold` overrides (see `thresholds_from`), checked before anything is written."""
     old, new, output = old.resolve(), new.resolve(), output.resolve()
     old_manifest = read_manifest(old, "reportgen diff", "OLD")
     new_manifest = read_manifest(new, "reportgen diff", "NEW")
     if not safe_to_replace(output):
         raise SpecError([f"reportgen diff: -o {output} holds files reportgen did not write; choose an empty "
                          "or new folder (or one reportgen published)"])  # fmt: skip
-    recorded = (new_manifest.get("changes") or {}).get("thresholds")
-    thresholds = ChangeThresholds.model_validate(recorded) if recorded else ChangeThresholds()
+    limits = thresholds_from((new_manifest.get("changes") or {}).get("thresholds"), thresholds or [])
     with run_lock(output):
         clean_stale(output)
         staging = new_staging(output)
@@ -51,7 +105,7 @@ def diff(old: Path, new: Path, output: Path, *, pdf: bool = True) -> DiffSummary
             by_id = {s.sid: s for s in from_manifest(old, old_manifest)}
             paired = [(by_id.get(s.sid), s) for s in now_sections]
             alignments = folder_alignments(old, new, now_sections)
-            changes = compare(str(old), "folder", paired, thresholds, alignments, staging)
+            changes = compare(str(old), "folder", paired, limits, alignments, staging)
             context = _context(old, new, old_manifest, new_manifest, changes)
             html = environment().get_template("diff.html.j2").render(**context)
             (staging / "report.html").write_text(html, encoding="utf-8")
@@ -74,7 +128,7 @@ def diff(old: Path, new: Path, output: Path, *, pdf: bool = True) -> DiffSummary
         k: sum(s["counts"][k] for s in changes["sections"])
         for k in ("changed", "unchanged", "new", "removed")
     }
-    return DiffSummary(output, pages, totals)
+    return DiffSummary(output, pages, totals, changes)
 
 
 def _context(

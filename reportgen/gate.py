@@ -86,19 +86,36 @@ def check_rules(texts: Iterable[str], spec: Any) -> list[Rule]:
             f"--fail-on-change {echo(rules[0].text)}: the spec has no `baseline:`, so the run makes no "
             "change report to check; add `baseline: previous` to the spec"
         ])  # fmt: skip
+    named = [(s.type, s.title) for s in spec.sections]
+    _check_sections(rules, named, "the spec", lambda name: _is_default_title(name, spec))
+    return rules
+
+
+def check_report_rules(texts: Iterable[str], sections: list[dict[str, Any]]) -> list[Rule]:
+    """Parse every rule and check its section against a change report's sections (`reportgen diff`, whose
+    sections come from NEW's manifest, with their titles as published). SpecError (exit 2) with one line."""
+    rules = [parse_rule(t) for t in texts]
+    named = [(str(s.get("type", "")), s.get("title")) for s in sections]
+    _check_sections(rules, named, "the NEW report", lambda name: False)
+    return rules
+
+
+def _check_sections(
+    rules: list[Rule], named: list[tuple[str, str | None]], where: str, default_title: Callable[[str], bool]
+) -> None:
+    """Each rule's section must be one of `named`'s types or titles (or a default title)."""
     known: dict[str, str] = {}
-    for s in spec.sections:
-        known.setdefault(s.type.casefold(), s.type)
-        if s.title:
-            known.setdefault(s.title.casefold(), s.title)
+    for kind, title in named:
+        known.setdefault(kind.casefold(), kind)
+        if title:
+            known.setdefault(title.casefold(), title)
     for rule in rules:
-        if rule.section.casefold() not in known and not _is_default_title(rule.section, spec):
+        if rule.section.casefold() not in known and not default_title(rule.section):
             names = ", ".join(sorted(set(known.values())))
             raise SpecError([
-                f"--fail-on-change {echo(rule.text)}: the spec has no section {echo(rule.section)}; name a "
+                f"--fail-on-change {echo(rule.text)}: {where} has no section {echo(rule.section)}; name a "
                 f"section type or title: {names}"
             ])  # fmt: skip
-    return rules
 
 
 def _is_default_title(name: str, spec: Any) -> bool:

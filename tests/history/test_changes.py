@@ -104,6 +104,7 @@ def test_swapped_kernels_change_by_index_and_align_as_a_permutation(tmp_path: Pa
 
     # by index, against the history's previous run: the swapped units changed, unit 2 did not
     run(write_spec(tmp_path, "swapped.keras", "previous"), quiet=True)
+    shutil.copytree(report, tmp_path / "night2")
     filters, predictions = changes_of(report)["sections"]
     assert statuses(filters) == {0: "changed", 1: "changed", 2: "unchanged"}
     by_filter = {i["filter"]: i for i in filters["items"]}
@@ -143,6 +144,44 @@ def test_swapped_kernels_change_by_index_and_align_as_a_permutation(tmp_path: Pa
     assert diffed["sections"] == changes["sections"]
     assert (tmp_path / "diff" / "report.pdf").stat().st_size > 0
     assert 'id="what-changed"' in (tmp_path / "diff" / "report.html").read_text()
+
+    # diff of the first two nights (by index): thresholds from the command line decide, a rule gates
+    night2 = tmp_path / "night2"
+    assert statuses(changes_of(night2)["sections"][0]) == {0: "changed", 1: "changed", 2: "unchanged"}
+    loose = ["--threshold", "filters.activation=1", "--threshold", "filters.ssim=0", "--threshold",
+             "filters.feature=1"]  # fmt: skip
+    assert main(["diff", str(tmp_path / "night1"), str(night2), "-o", str(tmp_path / "d2"), "-q",
+                 "--no-pdf", *loose, "--fail-on-change", "F.changed>=1"]) == 0  # fmt: skip
+    assert changes_of(tmp_path / "d2")["sections"][0]["counts"]["changed"] == 0
+    assert changes_of(tmp_path / "d2")["thresholds"]["filters"] == {"ssim": 0, "feature": 1, "activation": 1}
+    assert main(["diff", str(tmp_path / "night1"), str(night2), "-o", str(tmp_path / "d2"), "-q",
+                 "--no-pdf", "--fail-on-change", "filters.changed>=2"]) == 4  # fmt: skip
+    assert changes_of(tmp_path / "d2")["sections"][0]["counts"]["changed"] == 2  # published, then exit 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threshold", "filter.ssim=0.5"], "no section type 'filter' has thresholds; did you mean"),
+        (["--threshold", "filters.sim=0.5"], "filters has no threshold 'sim'; did you mean 'ssim'?"),
+        (["--threshold", "filters.ssim=2"], "filters.ssim: Input should be less than or equal to 1"),
+        (["--threshold", "filters.ssim=nan"], "the value must be a finite number"),
+        (["--threshold", "filters"], "write TYPE.FIELD=NUMBER"),
+        (["--fail-on-change", "nosuch.changed>0"], "the NEW report has no section 'nosuch'"),
+    ],
+)
+def test_diff_command_line_mistakes_are_one_line_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    for name in ("old", "new"):  # two minimal published folders: a manifest with one filters section
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(
+            {"title": name, "sections": [{"id": "s0", "title": "F", "type": "filters", "items": []}]}
+        ))  # fmt: skip
+    code = main(["diff", str(tmp_path / "old"), str(tmp_path / "new"), "-o", str(tmp_path / "d"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "d").exists()
 
 
 def test_model_baseline_compares_twin_sections_of_two_checkpoints_in_one_run(tmp_path: Path) -> None:
