@@ -6,9 +6,17 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import (
+    BytecodeCache,
+    Environment,
+    FileSystemBytecodeCache,
+    FileSystemLoader,
+    StrictUndefined,
+    select_autoescape,
+)
 
 from reportgen.errors import ReportgenError
+from reportgen.report.pdf_images import passthrough_png
 
 
 def template_dir() -> Path:
@@ -23,9 +31,21 @@ def template_dir() -> Path:
     return folder
 
 
+def bytecode_cache() -> BytecodeCache | None:
+    """Compiled templates kept between runs: compiling the report's templates is ~0.15 s of an unchanged
+    night's 2 s. Jinja's own per-user folder under the temp directory (it refuses one that another user
+    owns or can write), keyed by each template's source checksum, written atomically; None where there is
+    no such folder (the templates are then compiled every run, as before)."""
+    try:
+        return FileSystemBytecodeCache()
+    except (OSError, RuntimeError):
+        return None
+
+
 def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(template_dir())),
+        bytecode_cache=bytecode_cache(),
         autoescape=select_autoescape(["html", "j2"], default_for_string=True),
         undefined=StrictUndefined,
         trim_blocks=True,
@@ -51,7 +71,8 @@ def render_pdf(html_path: Path, target: Path) -> int:
     fetcher = URLFetcher(allowed_protocols=("file", "data"), fail_on_errors=True)
     doc = HTML(filename=str(html_path), base_url=str(html_path.parent), url_fetcher=fetcher).render()
     relative_file_links(doc, html_path.parent)
-    doc.write_pdf(target)
+    with passthrough_png():
+        doc.write_pdf(target)
     return len(doc.pages)
 
 
