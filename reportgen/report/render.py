@@ -14,6 +14,7 @@ from jinja2 import (
     StrictUndefined,
     select_autoescape,
 )
+from jinja2.bccache import Bucket
 
 from reportgen.errors import ReportgenError
 from reportgen.report.pdf_images import passthrough_png
@@ -31,13 +32,30 @@ def template_dir() -> Path:
     return folder
 
 
+class _BestEffortBytecodeCache(FileSystemBytecodeCache):
+    """A cache folder that cannot be read or written (a full or read-only temp directory) only costs the
+    compile it would have saved, never the report."""
+
+    def load_bytecode(self, bucket: Bucket) -> None:
+        try:
+            super().load_bytecode(bucket)
+        except OSError:
+            bucket.reset()
+
+    def dump_bytecode(self, bucket: Bucket) -> None:
+        try:
+            super().dump_bytecode(bucket)
+        except OSError:
+            pass
+
+
 def bytecode_cache() -> BytecodeCache | None:
     """Compiled templates kept between runs: compiling the report's templates is ~0.15 s of an unchanged
     night's 2 s. Jinja's own per-user folder under the temp directory (it refuses one that another user
     owns or can write), keyed by each template's source checksum, written atomically; None where there is
     no such folder (the templates are then compiled every run, as before)."""
     try:
-        return FileSystemBytecodeCache()
+        return _BestEffortBytecodeCache()
     except (OSError, RuntimeError):
         return None
 
