@@ -50,7 +50,7 @@ from reportgen.engine.methods import ATTRIBUTION_METHODS, LABELS, NOISY
 from reportgen.errors import SpecError
 from reportgen.imaging import colormap, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
-from reportgen.spec.fields import ImagesMixin, Index, SectionBase, Strict
+from reportgen.spec.fields import GradientSamplingMixin, ImagesMixin, Index, SectionBase, Strict
 from reportgen.work import ImageRequest
 
 Method = Literal[ATTRIBUTION_METHODS]  # type: ignore[valid-type]
@@ -69,7 +69,7 @@ class UnitTarget(Strict):
     )
 
 
-class SaliencySection(SectionBase, ImagesMixin):
+class SaliencySection(SectionBase, ImagesMixin, GradientSamplingMixin):
     type: Literal["saliency"]
     needs_top: ClassVar[bool] = True
     model: str
@@ -77,31 +77,6 @@ class SaliencySection(SectionBase, ImagesMixin):
         default_factory=lambda: ["vanilla", "smoothgrad"],
         description="Attribution methods, side by side: vanilla, smoothgrad, integrated_gradients, vargrad, "
         "gradient_x_input, guided_backprop, deconvnet.",
-    )
-    samples: int = Field(
-        16,
-        ge=1,
-        le=256,
-        description="SmoothGrad / VarGrad noisy samples (each a copy of the image in memory).",
-    )
-    noise: float = Field(
-        0.15,
-        ge=0,
-        le=10,
-        allow_inf_nan=False,
-        description="SmoothGrad / VarGrad noise std as a share of the input range.",
-    )
-    ig_baseline: Literal["black", "blur", "noise"] = Field(
-        "black",
-        description="Integrated gradients' reference image: black, a strong blur of the image, or uniform "
-        "noise (seeded per model, image and seed).",
-    )
-    ig_steps: int = Field(
-        32,
-        ge=2,
-        le=512,
-        description="Integrated gradients' points along the path from the baseline (midpoint rule); more "
-        "steps, smaller completeness error, one gradient each.",
     )
     target: Index | str | UnitTarget | None = Field(
         None,

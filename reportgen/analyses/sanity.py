@@ -33,14 +33,14 @@ from reportgen.engine.randomize import cascade_layers
 from reportgen.errors import SpecError
 from reportgen.imaging import chart_png, chart_text, colormap, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
-from reportgen.spec.fields import ImagesMixin, Index, SectionBase
+from reportgen.spec.fields import GradientSamplingMixin, ImagesMixin, Index, SectionBase
 from reportgen.work import ImageRequest
 
 SanityMethod = Literal[CAM_METHODS + ATTRIBUTION_METHODS]  # type: ignore[valid-type]
 METHODS: tuple[str, ...] = get_args(SanityMethod)
 
 
-class SanitySection(SectionBase, ImagesMixin):
+class SanitySection(SectionBase, ImagesMixin, GradientSamplingMixin):
     type: Literal["sanity"]
     needs_top: ClassVar[bool] = True
     model: str
@@ -78,18 +78,6 @@ class SanitySection(SectionBase, ImagesMixin):
     )
     baseline: Literal["blur", "gray"] = Field(
         "blur", description="What deleted pixels become and insertion starts from: a blurred copy or gray."
-    )
-    samples: int = Field(
-        16, ge=1, le=256, description="SmoothGrad/VarGrad noisy samples per image and cascade step."
-    )
-    noise: float = Field(
-        0.15, ge=0, le=10, allow_inf_nan=False, description="SmoothGrad/VarGrad noise std, share of 0..255."
-    )
-    ig_baseline: Literal["black", "blur", "noise"] = Field(
-        "black", description="Integrated gradients: the path's starting image."
-    )
-    ig_steps: int = Field(
-        32, ge=1, le=1024, description="Integrated gradients: points on the path per image and cascade step."
     )
 
 

@@ -173,6 +173,38 @@ class SectionBase(Strict):
     observations: str | None = Field(None, description="Markdown by the spec's author (HTML is escaped).")
 
 
+class GradientSamplingMixin(Strict):
+    """How the noise- and path-based gradient methods sample (SmoothGrad, VarGrad, integrated gradients):
+    one definition, with one range each, for every section type that runs them (saliency, sanity)."""
+
+    samples: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="SmoothGrad / VarGrad noisy samples per image (each a copy of the image in memory; in "
+        "a sanity section, per cascade step).",
+    )
+    noise: float = Field(
+        0.15,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="SmoothGrad / VarGrad noise std as a share of the input range (0..255).",
+    )
+    ig_baseline: Literal["black", "blur", "noise"] = Field(
+        "black",
+        description="Integrated gradients' reference image: black, a strong blur of the image, or uniform "
+        "noise (seeded per model, image and seed).",
+    )
+    ig_steps: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Integrated gradients' points along the path from the baseline (midpoint rule); more "
+        "steps, smaller completeness error, one gradient each (in a sanity section, per cascade step).",
+    )
+
+
 class ImagesMixin(Strict):
     dataset: str = Field(description="Key of a dataset under `datasets`.")
     images: list[str] | None = Field(None, description="File names (or stems) to pick from the dataset.")
