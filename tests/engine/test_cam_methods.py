@@ -257,12 +257,11 @@ def test_every_method_peaks_on_the_decisive_square() -> None:
 
 
 def test_tf_keras_vis_gives_the_same_maps() -> None:
-    """An independent implementation (tf-keras-vis 0.8.7), when installed: its un-normalised CAMs at the
+    """An independent implementation (tf-keras-vis 0.8.7, a test dependency): its un-normalised CAMs at the
     layer's resolution on the logits (ReplaceToLinear; its Score-CAM applies the softmax to them),
     peak-normalised as reportgen does. Its Score-CAM upsamples the masks with scipy's corner-aligned zoom
     where reportgen (and the paper's PyTorch code) interpolate with half-pixel centres, so Score-CAM is
     compared at c1, a layer as large as the input (no upsampling)."""
-    pytest.importorskip("tf_keras_vis")
     from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
     from tf_keras_vis.layercam import Layercam
     from tf_keras_vis.scorecam import Scorecam
