@@ -4,7 +4,9 @@ Input channel c contributes to filter f through the kxk slice kernel[:, :, c, f]
 much the filter draws on that channel, the sign of its sum whether the channel excites (+) or inhibits
 (-) the filter on a uniform response. The strongest input channels are visualised where they are made,
 in the layer that produces this layer's input (found by following the graph back through pooling,
-activations, normalisation and the like), with the batched ascent engine, like `filters`.
+activations, normalisation and the like), with the batched ascent engine, like `filters`. With the
+`neuron` objective and a `position`, the filter's image maximises its unit there and each input channel's
+image the unit of the earlier layer under the centre of that unit's receptive field (`input_position`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from PIL import Image
 from pydantic import Field
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
-from reportgen.analyses.shared import dead_explanation, dead_label, filter_requests
+from reportgen.analyses.shared import check_position, dead_explanation, dead_label, filter_requests, map_shape
+from reportgen.engine.receptive_field import receptive_field
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
-from reportgen.errors import ReportgenError
+from reportgen.errors import ReportgenError, SpecError
 from reportgen.imaging import chart_png, chart_text, colormap
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import SectionBase
@@ -42,8 +45,15 @@ class CircuitSection(SectionBase):
     )
     objective: Literal["channel", "neuron"] = Field(
         "channel",
-        description="What each image maximises: a channel's mean over its map (channel), or its unit at "
-        "the centre of the map (neuron), for the filter and its input channels alike.",
+        description="What each image maximises: a channel's mean over its map (channel), or one unit "
+        "(neuron): at the centre of the map, for the filter and its input channels alike, or at `position`.",
+    )
+    position: list[int] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="neuron: [y, x] of the filter's unit in the layer's map (default its centre); the input "
+        "channels' units are those under the centre of its receptive field.",
     )
 
 HEATMAP_SIDE = 96  # kxk weights are upscaled (nearest) to about this many pixels a side
@@ -84,6 +94,28 @@ def channel_stats(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sqrt((slices.astype(np.float64) ** 2).sum(axis=(0, 1))), slices.astype(np.float64).sum(
         axis=(0, 1)
     )
+
+
+def input_position(
+    lm: LoadedModel, layer: str, prev: str, position: tuple[int, int], size: tuple[int, int]
+) -> tuple[int, int]:
+    """The unit of `prev`'s map whose receptive field is centred closest to that of `layer`'s unit at
+    `position` (ties towards larger indices), at ascent input `size`: the input channels' units that the
+    filter's unit reads through the centre of its kernel (for a conv right after `prev` its centre tap;
+    through pooling, the pooled window's). Unit i of an axis (jump j, offset o, size n) is centred on
+    i j + o + (n - 1) / 2, so the closest unit is floor((2 i j_a + 2 (o_a - o_b) + n_a - n_b + j_b) / 2 j_b),
+    in integers; clipped to the map."""
+    own, src = receptive_field(lm.model, layer, size), receptive_field(lm.model, prev, size)
+    out = []
+    for i, a, b, n in zip(position, (own.y, own.x), (src.y, src.x), map_shape(lm, prev, size), strict=True):
+        j = (2 * i * a.jump + 2 * (a.offset - b.offset) + a.size - b.size + b.jump) // (2 * b.jump)
+        out.append(min(max(j, 0), n - 1))
+    return out[0], out[1]
+
+
+def at(position: tuple[int, int] | None) -> dict[str, list[int]]:
+    """An artifact's `position` metric: the neuron's [y, x] where the spec gave one."""
+    return {} if position is None else {"position": list(position)}
 
 
 def sign_word(total: float) -> str:
@@ -193,6 +225,7 @@ class CircuitAnalysis(Analysis):
         norms, sums = channel_stats(arrays["slices"])
         top = [int(i) for i in np.argsort(-norms, kind="stable")[: section.top]]
         prev, passed = previous_layer(lm.model, section.layer)
+        own_pos, input_pos = self._positions(section, ctx, index, lm, prev)
         return {
             "lm": lm,
             "arrays": arrays,
@@ -201,20 +234,42 @@ class CircuitAnalysis(Analysis):
             "top": top,
             "prev": prev,
             "passed": passed,
+            "position": own_pos,
+            "input_position": input_pos,
         }
+
+    @staticmethod
+    def _positions(
+        section: CircuitSection, ctx: RunContext, index: int, lm: LoadedModel, prev: str | None
+    ) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """The neuron positions of the filter and of its input channels: None (each map's centre) without
+        `position`; a position outside the layer's map is a located error, as in `filters`."""
+        if section.objective != "neuron" or section.position is None or not section.visualize:
+            return None, None
+        where = ctx.where(index, "position")
+        size = ascent_size(lm, resolve_recipe(section.recipe, section.params))
+        own = check_position(lm, section.layer, section.position, [size], where)
+        if prev is None:
+            return own, None
+        try:
+            return own, input_position(lm, section.layer, prev, own, size)
+        except ReportgenError as exc:  # a layer between them that moves positions: say where it was asked
+            raise SpecError([f"{where}: position: {exc}"]) from None
 
     def _requests(
         self, section: CircuitSection, ctx: RunContext, plan: dict[str, Any]
     ) -> tuple[AscentRequest, list[AscentRequest]]:
         # a circuit is about one filter and its input channels: the objectives of a whole layer (layer,
-        # direction) and diversity have no place here; a neuron is each map's centre unit
-        unit = {"objective": section.objective}
+        # direction) and diversity have no place here; a neuron is at `position` (and the input channels'
+        # units under it) or each map's centre unit
+        unit = {"objective": section.objective, "position": plan["position"]}
         own = filter_requests(
             section, ctx, section.layer, [section.filter], section.recipe, section.params, unit
         )
         inputs = []
         if plan["prev"] is not None:
             channels = [int(plan["arrays"]["channels"][i]) for i in plan["top"]]
+            unit = {"objective": section.objective, "position": plan["input_position"]}
             inputs = filter_requests(
                 section, ctx, plan["prev"], channels, section.recipe, section.params, unit
             )
@@ -265,7 +320,12 @@ class CircuitAnalysis(Analysis):
                     model,
                     layer,
                     f,
-                    {"activation": meta["activation"], "dead": meta["dead"], "objective": section.objective},
+                    {
+                        "activation": meta["activation"],
+                        "dead": meta["dead"],
+                        "objective": section.objective,
+                        **at(plan["position"]),
+                    },
                 )
             )
             for req in input_reqs:
@@ -284,13 +344,26 @@ class CircuitAnalysis(Analysis):
                             "dead": meta["dead"],
                             "feeds": f"{layer}/{f}",
                             "objective": section.objective,
+                            **at(plan["input_position"]),
                         },
                     )
                 )
-            if section.objective == "neuron":
+            if section.objective == "neuron" and plan["position"] is None:
                 notes.append(
                     "Each image maximises one unit at the centre of its channel's map (objective: neuron), "
                     "not the channel's mean over the map."
+                )
+            elif section.objective == "neuron":
+                (y, x), inner = plan["position"], plan["input_position"]
+                below = (
+                    f"; each input channel's image maximises its unit at [{inner[0]}, {inner[1]}] of "
+                    f"{prev}'s map, the one under the centre of that unit's receptive field"
+                    if inner is not None
+                    else ""
+                )
+                notes.append(
+                    f"The filter's image maximises its unit at [{y}, {x}] of {layer}'s map (objective: "
+                    f"neuron, position){below}; not the channel's mean over the map."
                 )
             if prev is None:
                 notes.append(

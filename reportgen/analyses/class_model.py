@@ -5,7 +5,9 @@ class index); the planner batches the classes of every section with the same mod
 class-model pass (`--dry-run` lists it, `--batch-size` and the out-of-memory back-off apply, a parallel
 backend runs its pieces on the workers) and the executor stores each class's result on its own (it
 depends only on model, class, recipe and seed), so adding a class to a spec computes only that class.
-`build` only reads the stored results. Every recipe works: the pixel ones, `fourier` and `maco`.
+`build` only reads the stored results. Every recipe works: the pixel ones, `fourier` and `maco`; with
+`maco` each class also gets MaCo's transparency mask as its own artifact and the image faded by it, as
+`filters` shows MaCo tiles (`shared.mask_artifact`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PIL import Image
 from pydantic import Field
 
 from reportgen.analyses.base import Analysis, Artifact, RunContext, SectionOutput, SectionResult
+from reportgen.analyses.shared import fade, mask_artifact
 from reportgen.engine.recipes import RECIPES, ascent_size, params_json_schema, resolve_recipe
 from reportgen.errors import ReportgenError
 from reportgen.imaging import upscale_for_print
@@ -122,6 +125,14 @@ class ClassModelAnalysis(Analysis):
             name = lm.class_name(t)
             with Image.open(path) as image:  # the uint8 pixels the model scored, stored losslessly
                 rel = out.image(f"class_{t:04d}.png", np.asarray(upscale_for_print(image)))
+                pixels = np.asarray(image.convert("RGB"))
+            masked, mask = None, None
+            if meta.get("mask"):  # MaCo: the mask as its own artifact, the image faded by it beside the image
+                # a class model is shown uncropped, so its mask is not cropped either
+                unit, stem = {"class": t, "name": name}, f"class_{t:04d}"
+                alpha, mask = mask_artifact(ctx, out, req, section.recipe, 0, stem, (None, None), unit)
+                faded = upscale_for_print(Image.fromarray(fade(pixels, alpha)))
+                masked = out.image(f"class_{t:04d}_masked.png", np.asarray(faded))
             row = {
                 "class": t,
                 "name": name,
@@ -133,7 +144,7 @@ class ClassModelAnalysis(Analysis):
                 "top_prob": float(probs[top]),
                 "top3": "; ".join(f"{lm.class_name(int(k))} {probs[k]:.3f}" for k in order),
             }
-            rows.append({**row, "image": rel})
+            rows.append({**row, "image": rel, "masked": masked})
             artifacts.append(
                 Artifact(
                     "class_model",
@@ -155,6 +166,8 @@ class ClassModelAnalysis(Analysis):
                     },
                 )
             )
+            if mask is not None:
+                artifacts.append(mask)
         csv_rel = out.csv("class_models.csv", rows, CSV_COLUMNS)
         artifacts.append(Artifact("table", csv_rel, section.model, None, None, {"rows": len(rows)}))
         kept = (
@@ -185,6 +198,7 @@ class ClassModelAnalysis(Analysis):
                 "table": rows[:TABLE_ROWS],
                 "csv": csv_rel,
                 "size": size,
+                "masked": any(r["masked"] for r in rows),
             },
             artifacts=artifacts,
             findings=self._findings(rows),

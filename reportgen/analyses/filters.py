@@ -22,12 +22,14 @@ from reportgen.analyses.base import (
 from reportgen.analyses.shared import (
     FAR_BELOW,
     artifact_filter,
+    check_position,
     dead_explanation,
     dead_label,
     exemplar_partner,
     exemplar_ratio,
     filter_requests,
     known_recipes,
+    map_shape,
     reference_activations,
     reference_request,
     unit_list,
@@ -88,18 +90,6 @@ DEAD_MARK = "\u2020"  # dagger after a dead filter's label: a word would not fit
 MIN_FILTERS_FOR_RATIO = 3  # live filters needed before the best one is compared with their median
 
 
-def map_shape(lm: Any, layer: str, size: tuple[int, int]) -> tuple[int, int]:
-    """The (height, width) of a layer's maps when the model runs at `size` (the ascent may run at another
-    size than the model's own when its input is flexible)."""
-    shape = lm.layer(layer).output.shape
-    if shape[1] is None or shape[2] is None or tuple(size) != tuple(lm.input_size):
-        import keras
-
-        sub = keras.Model(lm.model.inputs, lm.layer(layer).output)
-        shape = sub.compute_output_shape((1, *size, lm.channels))
-    return int(shape[1]), int(shape[2])
-
-
 def border_notes(lm: Any, layers: list[str], border: int, size: tuple[int, int]) -> list[str]:
     """The ascent leaves `border` rows and columns out of the mean only where the map is larger than twice
     that; a smaller map is averaged whole. Said in the section, since the caption says "border excluded"."""
@@ -122,7 +112,9 @@ def unit_options(section: FiltersSection, ctx: RunContext, index: int, layer: st
     channel (given inline or as a .npy file next to the spec)."""
     out: dict[str, Any] = {"objective": section.objective, "diversity": section.diversity}
     if section.objective == "neuron" and section.position is not None:
-        out["position"] = tuple(int(v) for v in section.position)
+        lm = ctx.models.get(section.model)
+        sizes = [ascent_size(lm, resolve_recipe(n, section.params)) for n in section.recipes]
+        out["position"] = check_position(lm, layer, section.position, sizes, ctx.where(index, "position"))
     if section.objective != "direction":
         return out
     where = ctx.where(index, "direction")

@@ -15,7 +15,7 @@ from reportgen.analyses.base import Artifact, RunContext, SectionOutput
 from reportgen.datasets import Dataset, ImageItem, load_image
 from reportgen.engine.gradient_batches import as_uint8, load_inputs  # noqa: F401 - the sections' image helpers
 from reportgen.engine.recipes import RECIPES, Recipe, resolve_recipe
-from reportgen.errors import ReportgenError, echo
+from reportgen.errors import ReportgenError, SpecError, echo
 from reportgen.imaging import overlay, to_pil, upscale_for_print
 from reportgen.models import LoadedModel
 from reportgen.spec.fields import expand_filters
@@ -213,6 +213,45 @@ def known_recipes(value: list[str]) -> list[str]:
     return value
 
 
+def map_shape(lm: Any, layer: str, size: tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) of a layer's maps when the model runs at `size` (the ascent may run at another
+    size than the model's own when its input is flexible)."""
+    shape = lm.layer(layer).output.shape
+    if shape[1] is None or shape[2] is None or tuple(size) != tuple(lm.input_size):
+        import keras
+
+        sub = keras.Model(lm.model.inputs, lm.layer(layer).output)
+        shape = sub.compute_output_shape((1, *size, lm.channels))
+    return int(shape[1]), int(shape[2])
+
+
+def check_position(
+    lm: Any, layer: str, position: list[int], sizes: list[tuple[int, int]], where: str
+) -> tuple[int, int]:
+    """A neuron objective's [y, x], checked against the layer's map at every input size the ascent runs
+    at: the engine clips a position outside the map to its edge (and reads a negative one as the centre),
+    so a typo would silently visualise another unit. The position is in the map of the unpadded image.
+    A located spec problem (exit 2), like the section's other fields."""
+    y, x = (int(v) for v in position)
+    if len(lm.layer(layer).output.shape) != 4:
+        raise SpecError(
+            [
+                f"{where}: position: layer {layer!r} has no spatial map (output "
+                f"{tuple(lm.layer(layer).output.shape)}); a neuron position needs a convolutional layer"
+            ]
+        )
+    for size in dict.fromkeys(tuple(s) for s in sizes):
+        h, w = map_shape(lm, layer, size)
+        if not (0 <= y < h and 0 <= x < w):
+            raise SpecError(
+                [
+                    f"{where}: position: [{y}, {x}] is outside the {h}x{w} map of layer {layer!r} at "
+                    f"{size[0]}x{size[1]} px input; give y in 0..{h - 1} and x in 0..{w - 1}"
+                ]
+            )
+    return y, x
+
+
 def filter_requests(
     section: Any,
     ctx: RunContext,
@@ -278,12 +317,32 @@ def visual_tile(
     tile = np.asarray(Image.open(path).convert("RGB"))
     if not meta.get("mask"):
         return tile, None
+    place = (req.layer, artifact_filter(req))
+    alpha, artifact = mask_artifact(ctx, out, req, recipe_name, recipe.crop, stem, place, extra)
+    return fade(tile, alpha), artifact
+
+
+def mask_artifact(
+    ctx: RunContext,
+    out: SectionOutput,
+    req: AscentRequest,
+    recipe_name: str,
+    crop: int,
+    stem: str,
+    place: tuple[str | None, int | None],
+    extra: dict[str, Any] | None = None,
+) -> tuple[np.ndarray, Artifact]:
+    """A MaCo result's transparency mask as the section shows it (alpha in [0, 1], cropped by `crop` like
+    the displayed image) and as its own artifact: the stored mask as `.npy` (metrics' `array`) and the
+    alpha as PNG, `"kind": "mask"`, at `place` = (layer, filter) of the picture it belongs to, with the
+    recipe and `extra` (e.g. the variant, or a class model's class) as metrics. `filters`,
+    `exemplars` and `class_model` write the same files for the same result."""
     mask = ctx.store.get_npy(ctx.ascent.requests[req] + "-mask")
-    alpha = mask_alpha(mask, recipe.crop)
+    alpha = mask_alpha(mask, crop)
     array = out.array(f"{stem}_mask.npy", mask)
     png = out.image(f"{stem}_mask.png", (alpha * 255).astype(np.uint8))
     metrics = {"recipe": recipe_name, "array": array, **(extra or {})}
-    return fade(tile, alpha), Artifact("mask", png, req.model, req.layer, artifact_filter(req), metrics)
+    return alpha, Artifact("mask", png, req.model, place[0], place[1], metrics)
 
 
 def artifact_filter(req: AscentRequest) -> int | None:

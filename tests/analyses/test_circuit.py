@@ -199,3 +199,90 @@ def test_runner_names_the_field_of_a_bad_value(project, old, new, message):
     line = [i for i, ln in enumerate(text.splitlines(), 1) if ln.strip() == new][0]
     with pytest.raises(ReportgenError, match=rf"bad.yaml:{line}:\d+: .*{message}"):
         run(spec, quiet=True)
+
+
+POSITION_SPEC = """\
+title: Circuit at a position
+output: out-pos
+formats: [html]
+models:
+  tiny: {path: tiny.keras, preprocess: unit}
+sections:
+  - type: circuit
+    model: tiny
+    layer: c2
+    filter: 1
+    top: 2
+    objective: neuron
+    params: {steps: 3, pre_relu: true}
+  - type: circuit
+    model: tiny
+    layer: c2
+    filter: 1
+    top: 2
+    objective: neuron
+    position: POSITION
+    params: {steps: 3, pre_relu: true}
+"""
+
+
+def _spread(image: np.ndarray, box: tuple[slice, slice]) -> tuple[float, float]:
+    """Mean |pixel - the image's median| inside the box and outside it (the start is gray plus a little
+    noise: what the ascent changed stands out from the median)."""
+    dev = np.abs(image.astype(np.float64) - np.median(image, axis=(0, 1))).mean(axis=-1)
+    inside = np.zeros(dev.shape, bool)
+    inside[box] = True
+    return float(dev[inside].mean()), float(dev[~inside].mean())
+
+
+def test_neuron_position_moves_the_unit_and_its_input_channels(project):
+    """c2's unit at [0, 0] (the 32 px model: c1 3x3 -> 30, pool 2 -> 15, c2 3x3 -> 13) sees input pixels
+    [0, 8) on each axis; the ascent changes only those, so the picture differs from the centre unit's
+    (which sees [12, 20)) and its changes lie in that corner. The input channels are visualised at the c1
+    unit under the centre of that field: pixel 3.5, between c1 units 2 and 3 (centred on 3 and 4), the tie
+    going to 3."""
+    import json
+
+    from PIL import Image
+
+    from reportgen.runner import run
+
+    spec = project / "position.yaml"
+    spec.write_text(POSITION_SPEC.replace("POSITION", "[0, 0]"))
+    run(spec, quiet=True)
+    out = project / "out-pos"
+    centre, corner = (
+        {(a["layer"], a["filter"]): a for a in s["artifacts"] if a["kind"] == "filter"}
+        for s in json.loads((out / "manifest.json").read_text())["sections"]
+    )
+    assert corner[("c2", 1)]["position"] == [0, 0] and "position" not in centre[("c2", 1)]
+    inputs = [a for key, a in corner.items() if key[0] == "c1"]
+    assert len(inputs) == 2 and all(a["position"] == [3, 3] for a in inputs)
+
+    def pixels(a):
+        return np.asarray(Image.open(out / a["path"]).convert("RGB"))
+
+    assert not np.array_equal(pixels(centre[("c2", 1)]), pixels(corner[("c2", 1)]))
+    inside, outside = _spread(pixels(corner[("c2", 1)]), (slice(0, 8), slice(0, 8)))
+    assert inside > 5 * outside, (inside, outside)
+    inside, outside = _spread(pixels(centre[("c2", 1)]), (slice(12, 20), slice(12, 20)))
+    assert inside > 5 * outside, (inside, outside)
+    for a in inputs:  # c1 unit 3 sees pixels [3, 6)
+        inside, outside = _spread(pixels(a), (slice(3, 6), slice(3, 6)))
+        assert inside > 5 * outside, (inside, outside)
+    html = (out / "report.html").read_text()
+    assert "unit at [0, 0] of c2" in html and "unit at [3, 3] of c1" in html
+
+
+@pytest.mark.parametrize("position", ["[13, 0]", "[0, -1]"])
+def test_a_neuron_position_outside_the_map_is_a_located_error(project, cli_main, position):
+    """c2's map is 13x13: y 13 or a negative x is refused at the field, exit 2, one line."""
+    text = POSITION_SPEC.replace("POSITION", position).replace("output: out-pos", "output: out-pos-bad")
+    spec = project / "position-bad.yaml"
+    spec.write_text(text)
+    line = text.splitlines().index(f"    position: {position}") + 1
+    code, _, err = cli_main("run", spec)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"{spec}:{line}:5: position: {position} is outside"), err
+    assert "the 13x13 map of layer 'c2' at 32x32 px input; give y in 0..12 and x in 0..12" in err
+    assert not (project / "out-pos-bad").exists()

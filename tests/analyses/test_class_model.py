@@ -112,3 +112,61 @@ def test_fourier_and_maco_class_models_raise_the_logit_reproducibly(lm, recipe):
     assert (r.mask is not None) == (recipe == "maco")  # MaCo's transparency comes along
     (again,) = classes(ClassModelProgram(lm, resolve_recipe(recipe, params)), [red], seed=0)
     np.testing.assert_array_equal(again.image, r.image)
+
+
+MACO_SPEC = """\
+title: MaCo class models
+output: out
+formats: [html]
+models:
+  rgb: {path: rgb.keras, preprocess: unit, class_names: [red, green, blue]}
+sections:
+  - type: class_model
+    model: rgb
+    classes: [red, blue]
+    recipe: maco
+    params: {steps: 12, crops: 2}
+"""
+
+
+def test_maco_class_models_store_and_show_their_transparency_mask(lm, tmp_path):
+    """A run with `recipe: maco` writes one `"kind": "mask"` artifact per class, with the class image's
+    model and class fields: its .npy is the mask the engine returns for that class (same seed, a fresh
+    program), at the image's spatial size, and its PNG is that mask as alpha in [0, 1] (99th percentile
+    opaque, as `filters` shows MaCo tiles); the report shows the image faded by it beside the image."""
+    import json
+
+    from PIL import Image
+
+    from reportgen.analyses.shared import fade, mask_alpha
+    from reportgen.runner import run
+
+    lm.model.save(tmp_path / "rgb.keras")
+    (tmp_path / "spec.yaml").write_text(MACO_SPEC, encoding="utf-8")
+    run(tmp_path / "spec.yaml", quiet=True)
+    out = tmp_path / "out"
+    (section,) = json.loads((out / "manifest.json").read_text())["sections"]
+    images = {a["class"]: a for a in section["artifacts"] if a["kind"] == "class_model"}
+    masks = {a["class"]: a for a in section["artifacts"] if a["kind"] == "mask"}
+    assert set(images) == set(masks) == {0, 2}
+
+    program = ClassModelProgram(lm, resolve_recipe("maco", {"steps": 12, "crops": 2}))
+    html = (out / "report.html").read_text()
+    for r in classes(program, [0, 2], seed=0):
+        a, image = masks[r.target], images[r.target]
+        assert (a["model"], a["layer"], a["filter"]) == (image["model"], image["layer"], image["filter"])
+        assert (a["name"], a["recipe"]) == (image["name"], "maco") and a["array"].endswith(".npy")
+        stored = np.load(out / a["array"], allow_pickle=False)
+        assert stored.shape == r.image.shape[:2] == (SIDE, SIDE)
+        np.testing.assert_allclose(stored, r.mask, rtol=1e-5, atol=1e-7)
+        assert stored.min() >= 0 and stored.max() > 0
+        alpha = np.asarray(Image.open(out / a["path"]), np.float64) / 255.0
+        assert alpha.shape == (SIDE, SIDE) and 0 <= alpha.min() and alpha.max() == 1.0
+        np.testing.assert_allclose(alpha, mask_alpha(stored, 0), atol=1 / 255)
+        # the overlay beside the image: the scored pixels faded to white by that alpha, upscaled for print
+        overlay = out / image["path"].replace(".png", "_masked.png")
+        assert overlay.is_file() and overlay.relative_to(out).as_posix() in html
+        shown = np.asarray(Image.open(overlay).convert("RGB"))
+        factor = shown.shape[0] // SIDE
+        np.testing.assert_array_equal(shown[::factor, ::factor], fade(r.image, mask_alpha(stored, 0)))
+    assert "transparency mask" in html and html.count("cm-masked") == 2

@@ -54,3 +54,22 @@ def test_manifest_has_quality_figures_variants_and_mask(tmp_path: Path, tiny_ker
         assert Image.open(out / a["path"]).size == (32, 32)
     html = (out / "report.html").read_text()
     assert "robustness" in html and "transparency mask" in html
+
+
+def test_a_neuron_position_outside_the_map_is_a_located_error(tmp_path: Path, tiny_keras_model: Path,
+                                                             cli_main) -> None:
+    """conv_b's map is 28x28 at the model's 32 px (3x3 valid twice): x 28 is refused at the field, exit 2,
+    one line, before anything is computed (the engine would clip it to the edge unit silently)."""
+    text = SPEC.replace("MODEL", str(tiny_keras_model)).replace(
+        "    diversity: 2\n", "    diversity: 2\n    position: [5, 28]\n"
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text, encoding="utf-8")
+    line = text.splitlines().index("    position: [5, 28]") + 1
+    code, _, err = cli_main("run", spec)
+    assert code == 2, err
+    assert err == (
+        f"{spec}:{line}:5: position: [5, 28] is outside the 28x28 map of layer 'conv_b' at 32x32 px input; "
+        "give y in 0..27 and x in 0..27\n"
+    )
+    assert not (tmp_path / "out").exists()
