@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from reportgen.engine.forward import pre_relu_output
 from reportgen.engine.parameterization import Parameterization, optimizer_tables
 from reportgen.engine.quality import ROBUSTNESS_DRAWS, hf_energy, robustness_ratio, robustness_transforms
 from reportgen.engine.recipes import Recipe, ascent_size
@@ -243,14 +244,7 @@ def regularize(
 def _objective_output(layer, pre_relu: bool):
     """The layer's symbolic output, or with `pre_relu` its output before a fused ReLU: a clone of the
     layer with a linear activation and the same weights, applied to the layer's own input."""
-    act = getattr(layer, "activation", None)
-    if not pre_relu or getattr(act, "__name__", "") != "relu":
-        return layer.output
-    config = dict(layer.get_config(), activation="linear", name=f"{layer.name}_pre_relu")
-    clone = type(layer).from_config(config)
-    clone.build(layer.input.shape)
-    clone.set_weights(layer.get_weights())
-    return clone(layer.input)
+    return pre_relu_output(layer) if pre_relu else layer.output
 
 
 @dataclass
@@ -354,6 +348,16 @@ def objective_arrays(jobs: Sequence[AscentJob], channels: int) -> tuple[np.ndarr
     return kinds, pos, dirs
 
 
+def zoomed_cell(pos: Any, side: int, map_side: int, pad: int) -> Any:
+    """The map cell that a fixed-size model reads for cell `pos` of the unpadded image's map (one axis;
+    ints or int tensors), when it sees the image on a canvas `pad` px larger on each side scaled back to
+    its input `side`. The cell's centre, pos + 0.5 in map units (a map of `map_side` cells spans the input
+    side), moves by the pad in map units (pad * map_side / side) and then scales by side / canvas side;
+    the cell that contains the result is ((2 pos + 1) side + 2 pad map_side) // (2 (side + 2 pad)), in
+    integer arithmetic so that it does not depend on rounding."""
+    return ((2 * pos + 1) * side + 2 * pad * map_side) // (2 * (side + 2 * pad))
+
+
 class AscentProgram:
     """The compiled ascent loop for one model, layer set, size and recipe."""
 
@@ -378,8 +382,10 @@ class AscentProgram:
             recipe.parameterization, self.size, c, recipe.decorrelate, recipe.decay_power
         )
         self.canvas = (h + 2 * recipe.pad, w + 2 * recipe.pad)
-        # a neuron's position is given in the map of the unpadded image; on the padded canvas it moves by
-        # half the difference of the two maps' sizes
+        # a neuron's position is given in the map of the unpadded image; on the padded canvas of a free-size
+        # model it moves by half the difference of the two maps' sizes, and a fixed-size model, which sees
+        # the canvas scaled back to its input size (`_views`), reads the cell `zoomed_cell` gives
+        self._zoomed = bool(model.fixed_input and recipe.pad and not recipe.crops)
         shapes = extractor.compute_output_shape((1, h, w, c))
         if not isinstance(shapes[0], list | tuple):  # one output: one shape rather than a list of them
             shapes = [shapes]
@@ -414,11 +420,12 @@ class AscentProgram:
         outs = self.extractor(self.model.preprocess((x + 1.0) * 127.5), training=False)
         return list(outs) if isinstance(outs, list | tuple) else [outs]
 
-    def _objective(self, outs: list[tf.Tensor], t: dict[str, tf.Tensor]) -> tf.Tensor:
+    def _objective(self, outs: list[tf.Tensor], t: dict[str, tf.Tensor], canvas: bool = False) -> tf.Tensor:
         """Per-sample objective of the sample's own layer, kind and unit. The channel mean picks the
         sample's channel before the mean (in float32); all kinds are computed and one is selected per
-        sample, so a batch may mix them (the others' gradients are exact zeros)."""
-        b = self.recipe.border
+        sample, so a batch may mix them (the others' gradients are exact zeros). `canvas`: `outs` are of
+        the views of `_views` (the padded canvas) rather than of the image itself."""
+        b, pad = self.recipe.border, self.recipe.pad
         value = tf.zeros(tf.shape(outs[0])[:1], tf.float32)
         for i, (out, channels) in enumerate(zip(outs, self.channels, strict=True)):
             inner = out
@@ -429,8 +436,13 @@ class AscentProgram:
             mine = tf.reduce_mean(tf.cast(picked, tf.float32), axis=[1, 2])
             hh, ww = tf.shape(out)[1], tf.shape(out)[2]
             mh, mw = self._map_sizes[i]
-            y = tf.where(t["pos"][:, 0] < 0, hh // 2, t["pos"][:, 0] + (hh - mh) // 2)
-            x = tf.where(t["pos"][:, 1] < 0, ww // 2, t["pos"][:, 1] + (ww - mw) // 2)
+            py, px = t["pos"][:, 0], t["pos"][:, 1]
+            if canvas and self._zoomed:
+                py, px = zoomed_cell(py, self.size[0], mh, pad), zoomed_cell(px, self.size[1], mw, pad)
+            else:  # the same map, or the larger map of the canvas of a free-size model
+                py, px = py + (hh - mh) // 2, px + (ww - mw) // 2
+            y = tf.where(t["pos"][:, 0] < 0, hh // 2, py)
+            x = tf.where(t["pos"][:, 1] < 0, ww // 2, px)
             y, x = tf.clip_by_value(y, 0, hh - 1), tf.clip_by_value(x, 0, ww - 1)
             neuron = tf.cast(tf.gather_nd(out, tf.stack([y, x, f], axis=1), batch_dims=1), tf.float32)
             inner32 = tf.cast(inner, tf.float32)
@@ -516,7 +528,7 @@ class AscentProgram:
                 tape.watch(z)
                 img = self.param.image(z)
                 outs = self._outputs(self._views(img, step, t))
-                act = self._mean_over(self._objective(outs, tk), k)
+                act = self._mean_over(self._objective(outs, tk, canvas=True), k)
                 objective = act - r.tv * total_variation(img) if r.tv else act
                 if r.diversity_weight:
                     penalty = tf.cond(

@@ -81,8 +81,9 @@ class ClassModelProgram(AscentProgram):
     def _objective_outputs(self) -> list[Any]:
         return [self.model.logits_output]
 
-    def _objective(self, outs: list[tf.Tensor], t: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Each sample's class logit (its `filter` is the class index), in float32."""
+    def _objective(self, outs: list[tf.Tensor], t: dict[str, tf.Tensor], canvas: bool = False) -> tf.Tensor:
+        """Each sample's class logit (its `filter` is the class index), in float32; a logit has no
+        position, so it is the same on the canvas (`canvas`) as on the image."""
         return tf.gather(tf.cast(outs[0], tf.float32), t["filter"], batch_dims=1)
 
     def _logits(self, pixels: tf.Tensor) -> tf.Tensor:

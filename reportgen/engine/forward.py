@@ -6,13 +6,16 @@ output])` runs inside a `tf.function` with a fixed input signature, so the graph
 (model, layers, input size) and reused for every batch and every section; the maps are reduced to
 channel means on the device, batch by batch, so full activation maps never accumulate on the host.
 Images stream through `datasets.stream` (parallel decode/resize, prefetch); files that fail to decode
-never arrive and are reported by index.
+never arrive and are reported by index. Bottom-k statistics read a ReLU layer's output before its ReLU:
+the extractor is then built on the model's graph with that ReLU split off (`relu_split`), so the one
+convolution gives both the pre-activation and the activation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -55,12 +58,65 @@ def peak_positions(tensor: tf.Tensor, largest: bool) -> tuple[tf.Tensor, tf.Tens
     return value, where // width, where % width
 
 
-def pre_relu_output(layer: object) -> object:
-    """The layer's symbolic output before a fused ReLU (its own output when it has none): the most
-    negative responses, which a ReLU flattens to 0, are what bottom-k exemplars show."""
-    from reportgen.engine.ascent import _objective_output
+def fused_relu(layer: Any) -> bool:
+    """Whether the layer applies a ReLU as its own activation (a Conv2D/Dense with `activation="relu"`)."""
+    return getattr(getattr(layer, "activation", None), "__name__", "") == "relu"
 
-    return _objective_output(layer, True)
+
+def linear_twin(layer: Any) -> Any:
+    """A copy of a layer with a linear activation and the same weights: its output is the layer's before
+    the fused activation."""
+    config = dict(layer.get_config(), activation="linear", name=f"{layer.name}_pre_relu")
+    twin = type(layer).from_config(config)
+    twin.build(layer.input.shape)
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+def pre_relu_output(layer: Any) -> Any:
+    """The layer's symbolic output before a fused ReLU (its own output when it has none): the most
+    negative responses, which a ReLU flattens to 0, are what bottom-k exemplars show. Computed by a second
+    convolution on the layer's input; `relu_split` avoids it where the model's graph can be rebuilt."""
+    return linear_twin(layer)(layer.input) if fused_relu(layer) else layer.output
+
+
+@dataclass
+class SplitGraph:
+    """The model's graph rebuilt with some layers' fused ReLU split off (`relu_split`)."""
+
+    inputs: list[Any]
+    outputs: list[Any]  # the model's outputs
+    layers: dict[str, Any]  # every layer's symbolic output (after its ReLU)
+    pre: dict[str, Any]  # each split layer's output before its ReLU
+
+
+def relu_split(model: Any, names: set[str]) -> SplitGraph | None:
+    """The model's graph with each named layer (all with a fused ReLU) computed as its linear twin followed
+    by a ReLU, so one convolution gives both the pre-activation (bottom-k) and the activation, which is
+    relu(pre) exactly, for the layer itself and for every layer after it. The other layers are the model's
+    own (shared weights). None where Keras cannot rebuild the graph (Sequential or subclassed models)."""
+    import keras
+
+    layers: dict[str, Any] = {}
+    pre: dict[str, Any] = {}
+
+    def call(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        if layer.name in names and layer.name not in pre:  # a shared layer: its first call is its output
+            pre[layer.name] = linear_twin(layer)(*args, **kwargs)
+            relu = keras.layers.Activation("relu", name=f"{layer.name}_split_relu", dtype=layer.dtype_policy)
+            out = relu(pre[layer.name])
+        else:
+            out = layer(*args, **kwargs)
+        layers.setdefault(layer.name, out)
+        return out
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
+    except ValueError:
+        return None
+    if not names <= pre.keys():
+        return None
+    return SplitGraph(list(clone.inputs), list(clone.outputs), layers, pre)
 
 
 def class_count(model: LoadedModel) -> int:
@@ -89,16 +145,25 @@ class ForwardProgram:
 
         self.model, self.layers, self.with_outputs = model, tuple(layers), with_outputs
         self.peaks = tuple(peaks)
-        outputs = [model.layer(name).output for name in self.layers]
+        # bottom-k reads the output before a fused ReLU: one convolution for it and the activation where
+        # the graph can be rebuilt with the ReLU split off, a second convolution otherwise
+        split = {name for stat, name in self.peaks if stat == "bottomk" and fused_relu(model.layer(name))}
+        graph = relu_split(model.model, split) if split else None
+        inputs = graph.inputs if graph else model.model.inputs
+
+        def output(name: str, stat: str = "topk") -> Any:
+            if graph:
+                return graph.pre[name] if stat == "bottomk" and name in split else graph.layers[name]
+            return model.layer(name).output if stat == "topk" else pre_relu_output(model.layer(name))
+
+        outputs = [output(name) for name in self.layers]
         if with_outputs:
             class_count(model)
-            outputs.append(model.model.outputs[0])
-        for stat, name in self.peaks:
-            layer = model.layer(name)
-            outputs.append(layer.output if stat == "topk" else pre_relu_output(layer))
+            outputs.append(graph.outputs[0] if graph else model.model.outputs[0])
+        outputs += [output(name, stat) for stat, name in self.peaks]
         if not outputs:
             raise ValueError("a forward pass needs at least one layer or the model output")
-        self.extractor = keras.Model(model.model.inputs, outputs)
+        self.extractor = keras.Model(inputs, outputs)
         self.size = model.input_size
         self.trace_count = 0
         spec = [tf.TensorSpec((None, *self.size, model.channels), tf.float32)]

@@ -29,6 +29,17 @@ from reportgen.work import CLASS_TAG, AscentRequest
 # ascent-3: objectives, diversity, Fourier parameterisations; quality figures stored with each result.
 # ascent-4: starts seeded by the spec's model key instead of the weights digest (`ascent.sample_seed`).
 ASCENT_CODE_VERSION = "ascent-4"
+
+
+def unit_revision(lm: Any, recipe: Recipe, unit: tuple[Any, ...]) -> tuple[str, ...]:
+    """A mark for results whose numbers changed without a version bump, which would recompute all of them:
+    a `neuron` at a given position on a fixed-size model with `pad` reads another cell since issue 9
+    (`ascent.zoomed_cell`)."""
+    if unit[:1] != ("neuron",) or unit[1] is None:
+        return ()
+    return ("zoomed-cell",) if lm.fixed_input and recipe.pad and not recipe.crops else ()
+
+
 def ascent_key(
     lm: Any, layer: str, filt: int, recipe: Recipe, seed: int, precision: str, unit: tuple[Any, ...] = ()
 ) -> str:
@@ -36,6 +47,7 @@ def ascent_key(
     `unit`: (objective, position, direction, variant, diversity) when not the default channel objective."""
     return content_key(
         *unit,
+        *unit_revision(lm, recipe, unit),
         ASCENT_CODE_VERSION,
         lm.digest,
         lm.preprocessing.model_dump(),
