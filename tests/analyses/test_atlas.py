@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
+from projects import tinted_class_folders, tiny_classifier
 from pypdf import PdfReader
 
 from reportgen.analyses import analysis_for
@@ -33,7 +34,6 @@ from reportgen.report.layout import atlas_layout
 from reportgen.runner import run
 from reportgen.spec.load import load_spec
 from reportgen.store import Store
-from tests.projects import tinted_class_folders, tiny_classifier
 
 CLASSES = ("red", "green", "blue")
 NAMES = sorted(CLASSES)  # class folders are labelled in sorted order
