@@ -29,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 
 from reportgen import TF_LOG_LEVEL_FROM_USER, __version__
-from reportgen.errors import ReportgenError, SpecError
+from reportgen.errors import ReportgenError, SpecError, suggest
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 MESSAGE_CAP = 300  # characters of an exception's message in the one-line error
@@ -114,7 +114,7 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reportgen.gate import EXIT_CHANGED, check_rules, evaluate
+    from reportgen.gate import check_rules, evaluate
     from reportgen.runner import run
     from reportgen.spec.load import load_spec
 
@@ -145,12 +145,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     if rules:  # after publishing: the report of a failing night is what people open
         manifest = json.loads((summary.output / "manifest.json").read_text(encoding="utf-8"))
-        fired = evaluate(rules, manifest.get("changes"))
-        if fired:
-            more = f" (and {len(fired) - 1} more rules)" if len(fired) > 1 else ""
-            print(f"reportgen: {fired[0]}{more}", file=sys.stderr)
-            return EXIT_CHANGED
+        return gate_exit(evaluate(rules, manifest.get("changes")))
     return 0
+
+
+def gate_exit(fired: list[str]) -> int:
+    """The exit code of a published report whose `--fail-on-change` rules fired (one stderr line), or 0."""
+    from reportgen.gate import EXIT_CHANGED
+
+    if not fired:
+        return 0
+    more = f" (and {len(fired) - 1} more rules)" if len(fired) > 1 else ""
+    print(f"reportgen: {fired[0]}{more}", file=sys.stderr)
+    return EXIT_CHANGED
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -194,11 +201,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
         spec = load_spec(args.model)
         if args.model_key not in spec.models:
-            import difflib
-
-            close = difflib.get_close_matches(args.model_key, list(spec.models), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(spec.models)}"
-            raise ReportgenError(f"{args.model}: no model {args.model_key!r}{hint}")
+            hint = suggest(args.model_key, list(spec.models))
+            raise ReportgenError(f"{args.model}: no model {args.model_key!r}; {hint}")
         lm = load_model(args.model_key, spec.models[args.model_key])
     else:
         lm = load_model(args.model, model_spec_from_reference(args.model))
@@ -218,27 +222,21 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from reportgen.diff import diff
-    from reportgen.gate import EXIT_CHANGED, check_report_rules, evaluate
-    from reportgen.history.changes import read_manifest
 
-    rules = []
-    if args.fail_on_change:  # checked against NEW's sections before anything is written
-        sections = read_manifest(Path(args.new).resolve(), "reportgen diff", "NEW").get("sections", [])
-        rules = check_report_rules(args.fail_on_change, sections)
     summary = diff(
-        Path(args.old), Path(args.new), Path(args.output), pdf=not args.no_pdf, thresholds=args.threshold
+        Path(args.old),
+        Path(args.new),
+        Path(args.output),
+        pdf=not args.no_pdf,
+        thresholds=args.threshold,
+        rules=args.fail_on_change,
     )
     if not args.quiet:
         counts = ", ".join(f"{v} {k}" for k, v in summary.counts.items())
         plural = "s" if summary.pages != 1 else ""
         pages = f" and report.pdf ({summary.pages} page{plural})" if summary.pages else ""
         print(f"change report: {summary.output / 'report.html'}{pages}; {counts}")
-    fired = evaluate(rules, summary.changes)
-    if fired:
-        more = f" (and {len(fired) - 1} more rules)" if len(fired) > 1 else ""
-        print(f"reportgen: {fired[0]}{more}", file=sys.stderr)
-        return EXIT_CHANGED
-    return 0
+    return gate_exit(summary.fired)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

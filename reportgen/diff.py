@@ -14,7 +14,6 @@ run's report: built in a staging folder and swapped in, and only over a folder r
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -26,7 +25,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from reportgen import __version__
-from reportgen.errors import SpecError, echo
+from reportgen.errors import SpecError, echo, suggest
+from reportgen.gate import check_report_rules, evaluate
 from reportgen.history.changes import compare, folder_alignments, from_manifest, read_manifest
 from reportgen.publish import clean_stale, new_staging, publish, run_lock, safe_to_replace
 from reportgen.report.context import now
@@ -39,7 +39,7 @@ class DiffSummary:
     output: Path
     pages: int
     counts: dict[str, int]  # changed / unchanged / new / removed over all sections
-    changes: dict[str, Any]  # the manifest's "changes" (what `--fail-on-change` rules read)
+    fired: list[str]  # the message of each `--fail-on-change` rule the change report crossed
 
 
 THRESHOLD_FORM = "TYPE.FIELD=NUMBER, e.g. filters.ssim=0.8 or predictions.confidence=0.1"
@@ -58,12 +58,12 @@ def thresholds_from(recorded: dict[str, Any] | None, overrides: list[str]) -> An
             raise SpecError([f"--threshold {echo(text)}: write {THRESHOLD_FORM}"])
         kind, name = m["kind"], m["field"]
         if kind not in kinds:
-            raise SpecError([f"--threshold {echo(text)}: no section type {echo(kind)} has thresholds"
-                             f"{_did_you_mean(kind, list(kinds))}"])  # fmt: skip
+            raise SpecError([f"--threshold {echo(text)}: no section type {echo(kind)} has thresholds; "
+                             f"{suggest(kind, list(kinds))}"])  # fmt: skip
         fields = kinds[kind].annotation.model_fields
         if name not in fields:
-            raise SpecError([f"--threshold {echo(text)}: {kind} has no threshold {echo(name)}"
-                             f"{_did_you_mean(name, list(fields))}"])  # fmt: skip
+            raise SpecError([f"--threshold {echo(text)}: {kind} has no threshold {echo(name)}; "
+                             f"{suggest(name, list(fields))}"])  # fmt: skip
         try:
             value = float(m["value"])
         except ValueError:
@@ -80,16 +80,18 @@ def thresholds_from(recorded: dict[str, Any] | None, overrides: list[str]) -> An
         raise SpecError([f"--threshold {where}: {first['msg']}"]) from None
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f"; one of: {', '.join(sorted(choices))}"
-
-
 def diff(
-    old: Path, new: Path, output: Path, *, pdf: bool = True, thresholds: list[str] | None = None
+    old: Path,
+    new: Path,
+    output: Path,
+    *,
+    pdf: bool = True,
+    thresholds: list[str] | None = None,
+    rules: list[str] | None = None,
 ) -> DiffSummary:
-    """Compare the reports in `old` and `new` and publish the change report to `output`; `thresholds`:
-    `--threshold` overrides (see `thresholds_from`), checked before anything is written."""
+    """Compare the reports in `old` and `new` and publish the change report to `output`. `thresholds`:
+    `--threshold` overrides (see `thresholds_from`); `rules`: `--fail-on-change` rules, whose sections must
+    be NEW's; both are checked before anything is written, the rules evaluated after publishing."""
     old, new, output = old.resolve(), new.resolve(), output.resolve()
     old_manifest = read_manifest(old, "reportgen diff", "OLD")
     new_manifest = read_manifest(new, "reportgen diff", "NEW")
@@ -97,6 +99,7 @@ def diff(
         raise SpecError([f"reportgen diff: -o {output} holds files reportgen did not write; choose an empty "
                          "or new folder (or one reportgen published)"])  # fmt: skip
     limits = thresholds_from((new_manifest.get("changes") or {}).get("thresholds"), thresholds or [])
+    gates = check_report_rules(rules or [], new_manifest["sections"])
     with run_lock(output):
         clean_stale(output)
         staging = new_staging(output)
@@ -128,7 +131,7 @@ def diff(
         k: sum(s["counts"][k] for s in changes["sections"])
         for k in ("changed", "unchanged", "new", "removed")
     }
-    return DiffSummary(output, pages, totals, changes)
+    return DiffSummary(output, pages, totals, evaluate(gates, changes))
 
 
 def _context(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 ECHO_CHARS = 80  # longest user value quoted whole in an error line
@@ -13,6 +14,17 @@ def echo(value: Any) -> str:
     if len(text) <= ECHO_CHARS:
         return text
     return f"{text[: ECHO_CHARS - 1]}… ({len(text)} characters)"
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    """"did you mean 'x'?" for the closest of `choices`, else the known names ("" when there are none):
+    the hint of every error about an unknown name (spec keys, section types, models, thresholds)."""
+    # a long word is no typo of a short name (and would make the comparison slow)
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6) if len(str(word)) < 100 else []
+    if close or not choices:
+        return f"did you mean {echo(close[0])}?" if close else ""
+    names = [c if len(c) <= ECHO_CHARS else echo(c) for c in choices[:20]]  # the spec's own keys may be long
+    return f"known: {', '.join(names)}" + (f" and {len(choices) - 20} more" if len(choices) > 20 else "")
 
 
 class ReportgenError(Exception):

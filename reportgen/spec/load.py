@@ -6,7 +6,6 @@ logs turn into links.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import re
@@ -16,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from reportgen.engine.recipes import recipe_problems
-from reportgen.errors import ECHO_CHARS, SpecError, echo
+from reportgen.errors import ECHO_CHARS, SpecError, echo, suggest
 from reportgen.spec import schema
 from reportgen.spec.changes import baseline_problems
 from reportgen.spec.output_check import check_output
@@ -83,15 +82,6 @@ def _unwrap(ann: Any, node: Any) -> Any:
     return ann
 
 
-def _suggest(word: str, choices: list[str]) -> str:
-    # a long word is no typo of a short name (and would make the comparison slow)
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6) if len(str(word)) < 100 else []
-    if close or not choices:
-        return f"did you mean {echo(close[0])}?" if close else ""
-    names = [c if len(c) <= ECHO_CHARS else echo(c) for c in choices[:20]]  # the spec's own keys may be long
-    return f"known: {', '.join(names)}" + (f" and {len(choices) - 20} more" if len(choices) > 20 else "")
-
-
 def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> str:
     loc = tuple(err["loc"])
     # A section's discriminator tag follows its index in the loc: ("sections", 0, "filters", "titel").
@@ -119,11 +109,11 @@ def _format_pydantic(err: dict[str, Any], located: Located, filename: str) -> st
     if etype == "extra_forbidden":
         owner = _model_for_loc(tuple(data_loc[:-1]), located.data)
         known = list(owner.model_fields) if owner else []
-        msg = f"unknown key {echo(data_loc[-1])}; {_suggest(data_loc[-1], known)}".rstrip("; ")
+        msg = f"unknown key {echo(data_loc[-1])}; {suggest(data_loc[-1], known)}".rstrip("; ")
     elif etype == "missing":
         msg = "required field is missing; add it"
     elif etype == "union_tag_invalid":
-        msg = f"unknown section type {echo(err.get('input', {}).get('type'))}; " + _suggest(
+        msg = f"unknown section type {echo(err.get('input', {}).get('type'))}; " + suggest(
             str(err.get("input", {}).get("type")), schema.SECTION_TYPES
         )
     elif etype == "union_tag_not_found":
@@ -170,10 +160,10 @@ def _cross_check(located: Located, filename: str) -> list[str]:
             continue
         model = sec.get("model")
         if isinstance(model, str) and models is not None and model not in models:
-            at(("sections", i, "model"), f"unknown model {echo(model)}; {_suggest(model, list(models))}")
+            at(("sections", i, "model"), f"unknown model {echo(model)}; {suggest(model, list(models))}")
         dataset = sec.get("dataset")
         if isinstance(dataset, str) and dataset not in datasets:
-            hint = _suggest(dataset, datasets) if datasets else "declare it under `datasets:`"
+            hint = suggest(dataset, datasets) if datasets else "declare it under `datasets:`"
             at(("sections", i, "dataset"), f"unknown dataset {echo(dataset)}; {hint}")
         recipe = sec.get("recipe", recipes.get(sec.get("type")))
         params = sec.get("params") or {}
@@ -182,7 +172,7 @@ def _cross_check(located: Located, filename: str) -> list[str]:
             numeric = {k: v for k, v in params.items() if isinstance(v, int | float | bool)}
             for exc in recipe_problems(recipe, numeric):
                 at(("sections", i, "params", exc.param) if exc.param else ("sections", i, "recipe"), str(exc))
-    baseline_problems(data, at, _suggest)
+    baseline_problems(data, at, suggest)
     return problems
 
 
