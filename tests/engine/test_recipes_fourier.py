@@ -19,7 +19,9 @@ FOURIER = resolve_recipe(
     "fourier",
     {"size": SIZE, "steps": 40, "pad": 2, "jitter": 2, "jitter_after": 1, "rotate": 5, "scale": 0.05},
 )
-MACO = resolve_recipe("maco", {"size": SIZE, "steps": 64, "crops": 4, "crop_start": 0.7, "crop_end": 0.5})
+# maco keeps its own crop schedule (whole image -> half): with xplique's 50% -> 5% on a canvas the size of
+# the model's input the final image did not drive the unit as a whole (this test's `not res.dead` failed)
+MACO = resolve_recipe("maco", {"size": SIZE, "steps": 64, "crops": 4})
 
 
 def ramp_model() -> LoadedModel:
